@@ -1,0 +1,56 @@
+# layerfuse: the README's commands are the contract.
+#   make extract   phase one on the embedded default (creates .venv and installs on first use)
+#   make test      the test suite
+#
+# Installation knobs (see README "Installation"):
+#   TORCH_SPEC   what to install when the venv has no torch yet. Default torch==2.13.0 (a CPU wheel where
+#                one is provided locally; PyPI's CUDA build elsewhere). Pin your own, e.g.
+#                TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+#   VENV_FLAGS   e.g. --system-site-packages to reuse a container's torch (NGC images): a torch that is
+#                already importable is always kept, never replaced.
+#   EXTRAS       extra pip extras, e.g. EXTRAS=dev,s3
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+VENV_FLAGS ?=
+EXTRAS ?= dev
+PIP_FLAGS ?= -q
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.layerfuse-installed
+
+# Embedded default run: built-in synthetic data, tiny random CLIP, MiniLM instruction embeddings.
+RUN ?= runs/default
+N ?= 2000
+SEED ?= 0
+EXTRACT_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install extract test bench kernel clean
+
+help:
+	@sed -n '2,14p' Makefile
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	   echo "layerfuse: keeping the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	 else echo "layerfuse: installing $(TORCH_SPEC)"; $(BIN)/pip install $(PIP_FLAGS) $(TORCH_SPEC); fi
+	$(BIN)/pip install $(PIP_FLAGS) -e ".[$(EXTRAS)]"
+	@touch $@
+
+install: $(STAMP)
+
+extract: $(STAMP)
+	$(BIN)/layerfuse extract --run-dir $(RUN) --builtin $(N) --seed $(SEED) $(EXTRACT_ARGS)
+	$(BIN)/layerfuse cache verify $(RUN)/cache
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/extract.py --out BENCHMARKS.md
+
+clean:
+	rm -rf $(RUN) .pytest_cache
