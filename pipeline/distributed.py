@@ -1,0 +1,55 @@
+"""Process-group context for `torchrun`: rank/world from the environment, gloo barriers, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @classmethod
+    def from_env(cls, timeout_s: float = 24 * 3600) -> "DistContext":
+        """Join the process group that torchrun describes in WORLD_SIZE/RANK/MASTER_ADDR; a no-op otherwise.
+
+        Coordination only needs barriers, so the group is gloo even on GPU machines; the long default
+        timeout covers ranks that finish their shards hours apart.
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        owns = False
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+            owns = True
+        return cls(rank=rank, world=world, local_rank=local, owns_group=owns)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def device(self, requested: str = "auto") -> torch.device:
+        """`auto` is this rank's GPU when CUDA is available, else the CPU."""
+        if requested != "auto":
+            return torch.device(requested)
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
