@@ -205,21 +205,23 @@ class FeatureCache:
     def features(self, rows: Sequence[int] | np.ndarray | slice | None, layers: Sequence[int] | None = None) -> torch.Tensor:
         """Hidden states of the given reader rows and layers: [n, k, T, D] in the stored dtype.
 
-        Only the (row, layer) chunks asked for are read and decompressed.
+        Only the chunks holding the asked-for (row, layer) pairs are read and decompressed: rows are merged
+        into spans of neighbouring chunks and layers into runs, and each span x run is one slice read
+        (much faster in zarr than orthogonal integer indexing).
         """
         srows = self._storage_rows(rows)
-        lay = self.resolve_layers(layers)
-        if srows.size == 0:
-            return to_torch(np.zeros((0, len(lay), self.num_tokens, self.hidden_size), self._features.dtype), self.storage_dtype)
-        order = np.argsort(srows, kind="stable")
-        sorted_rows = srows[order]
-        uniq, inverse = np.unique(sorted_rows, return_inverse=True)
-        ulay, linv = np.unique(np.asarray(lay), return_inverse=True)
-        data = self._features.oindex[uniq, ulay]  # [u, k', T, D]
-        data = data[inverse][:, linv]
-        out = np.empty_like(data)
-        out[order] = data
-        return to_torch(out, self.storage_dtype)
+        lay = np.asarray(self.resolve_layers(layers), dtype=np.int64)
+        uniq, rinv = np.unique(srows, return_inverse=True)
+        ulay, linv = np.unique(lay, return_inverse=True)
+        block = np.empty((len(uniq), len(ulay), self.num_tokens, self.hidden_size), self._features.dtype)
+        chunk = int(self._features.chunks[0])
+        for r0, r1 in _runs(uniq, gap=chunk):
+            rsel = slice(int(np.searchsorted(uniq, r0)), int(np.searchsorted(uniq, r1, side="right")))
+            for l0, l1 in _runs(ulay, gap=1):
+                lsel = slice(int(np.searchsorted(ulay, l0)), int(np.searchsorted(ulay, l1, side="right")))
+                data = np.asarray(self._features[r0 : r1 + 1, l0 : l1 + 1])
+                block[rsel, lsel] = data[uniq[rsel] - r0]
+        return to_torch(block[rinv][:, linv], self.storage_dtype)
 
     def text_embeddings(self, rows: Sequence[int] | np.ndarray | slice | None = None, *, per_turn: bool = False):
         """Instruction embeddings: mean [n, d_s], or (turns [n, M, d_s], num_turns [n]) with per_turn=True.
@@ -246,6 +248,16 @@ class FeatureCache:
             f"FeatureCache('{self.url}', samples={len(self)}, layers={self.num_layers}, tokens={self.num_tokens}, "
             f"hidden={self.hidden_size}, dtype={self.storage_dtype})"
         )
+
+
+def _runs(sorted_values: np.ndarray, gap: int) -> list[tuple[int, int]]:
+    """Inclusive (first, last) runs of sorted values whose neighbours are at most `gap` apart."""
+    if sorted_values.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(sorted_values) > gap)
+    starts = np.concatenate([[0], breaks + 1])
+    ends = np.concatenate([breaks, [sorted_values.size - 1]])
+    return [(int(sorted_values[a]), int(sorted_values[b])) for a, b in zip(starts, ends)]
 
 
 def _take(arr: zarr.Array, rows: np.ndarray) -> np.ndarray:

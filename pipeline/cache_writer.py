@@ -111,18 +111,20 @@ class CacheWriter:
         """Create (overwriting) the cache layout and write the per-sample tables of the plan.
 
         meta must hold encoder.num_layers (L), encoder.num_tokens (T), encoder.hidden_size (D), text.dim,
-        text.max_turns, storage.dtype and storage.shard_samples.
+        text.max_turns, storage.dtype, storage.shard_samples and storage.chunk_samples.
         """
         n = len(records)
         enc, text, storage = meta["encoder"], meta["text"], meta["storage"]
         n_layers, tokens, hidden = enc["num_layers"] + 1, enc["num_tokens"], enc["hidden_size"]
-        s = int(storage["shard_samples"])
+        s, c = int(storage["shard_samples"]), int(storage["chunk_samples"])
+        if s % c:
+            raise ValueError(f"shard_samples {s} is not a multiple of chunk_samples {c}")
         zdtype = STORAGE_DTYPES[storage["dtype"]][0]
         g = open_group(url, "w", storage_options)
         g.create_array(
             "features",
             shape=(n, n_layers, tokens, hidden),
-            chunks=(1, 1, tokens, hidden),
+            chunks=(c, 1, tokens, hidden),
             shards=(s, n_layers, tokens, hidden),
             dtype=zdtype,
             compressors=_compressor(),

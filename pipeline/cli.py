@@ -100,6 +100,7 @@ def data_synthetic(out_dir: str, n: int, seed: int, shard_size: int, quiet: bool
 @click.option("--suffix", "suffixes", multiple=True, help="Answer-format suffix to strip before embedding (repeat; replaces the LLaVA defaults).")
 @click.option("--shard-samples", type=click.IntRange(min=1), default=None, help="Samples per output shard. [default: from --shard-mib]")
 @click.option("--shard-mib", type=click.IntRange(min=1), default=512, show_default=True, help="Target uncompressed size of an output shard.")
+@click.option("--chunk-kib", type=click.IntRange(min=1), default=256, show_default=True, help="Target size of a chunk (one layer of several samples, for tiny encoders).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=89_478_485, show_default=True, help="Decompression-bomb guard: larger images are skipped.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers for decoding.")
@@ -149,8 +150,15 @@ def extract(out: str | None, run_dir: str, suffixes: tuple[str, ...], quiet: boo
         f"cache {res.url}: {s['ok']} images, {s['text_only']} text-only, {s['skipped']} skipped at decode, "
         f"{s['plan_skipped']} malformed records, {s['notes']} repaired; {res.seconds:.1f}s"
     )
-    if s["skipped"] or s["plan_skipped"]:
-        click.echo("skipped samples are listed by `layerfuse cache info " + res.url + "`")
+    if s["skipped"] or s["plan_skipped"] or s["notes"]:
+        from layerfuse.pipeline.cache import FeatureCache
+
+        issues = FeatureCache(res.url).issues()
+        for i in issues[:10]:
+            what = "repaired" if i["stage"] == "note" else "skipped"
+            click.echo(f"  {what}: {i['id']}: {i['reason']}" + (f" ({i['where']})" if i["where"] else ""))
+        if len(issues) > 10:
+            click.echo(f"  ... {len(issues) - 10} more: `layerfuse cache info {res.url} --json` lists all")
 
 
 # --- cache ----------------------------------------------------------------------------------------------------------

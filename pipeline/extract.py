@@ -58,6 +58,7 @@ class ExtractConfig:
     suffixes: tuple[str, ...] = DEFAULT_SUFFIXES
     shard_samples: int | None = None  # None: chosen from shard_mib
     shard_mib: int = 512
+    chunk_kib: int = 256
     max_pixels: int = 89_478_485
     # runtime only: does not change the cache
     run_dir: str = "runs/default"
@@ -207,8 +208,8 @@ class _ShardBuffer:
 
 
 # --- orchestration ------------------------------------------------------------------------------------------------
-def _config_record(cfg: ExtractConfig, enc: VisionEncoder, vision_path: str, text: InstructionEmbedder, shard_samples: int) -> dict[str, Any]:
-    rec = {
+def _config_record(cfg: ExtractConfig, enc: VisionEncoder, vision_path: str, shard_samples: int, chunk_samples: int) -> dict[str, Any]:
+    return {
         "source": cfg.source_spec(),
         "vision": {"name": cfg.vision, "path": vision_path, "revision": cfg.vision_revision, "config_hash": enc.info.config_hash},
         "pad_to_square": cfg.pad_to_square,
@@ -216,20 +217,27 @@ def _config_record(cfg: ExtractConfig, enc: VisionEncoder, vision_path: str, tex
         "text_model": cfg.text_model,
         "suffixes": list(cfg.suffixes),
         "shard_samples": shard_samples,
+        "chunk_samples": chunk_samples,
         "max_pixels": cfg.max_pixels,
     }
-    return rec
 
 
 def _hash(d: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _auto_shard_samples(cfg: ExtractConfig, enc: VisionEncoder) -> int:
-    if cfg.shard_samples:
-        return int(cfg.shard_samples)
-    bytes_per = (enc.info.num_layers + 1) * enc.info.num_tokens * enc.info.hidden_size * (4 if cfg.dtype == "float32" else 2)
-    return int(max(1, min(256, (cfg.shard_mib << 20) // bytes_per)))
+def storage_layout(cfg: ExtractConfig, enc: VisionEncoder) -> tuple[int, int]:
+    """(shard_samples, chunk_samples) for this encoder and dtype.
+
+    A chunk is [c, 1, T, D]: one layer of c samples, c chosen so a chunk holds about `chunk_kib` (1 for real
+    encoders, whose single-layer slices are already ~1 MiB; more for tiny ones, where per-chunk overhead
+    would dominate). A shard is [S, L+1, T, D] with S a multiple of c, about `shard_mib` uncompressed.
+    """
+    layer_bytes = enc.info.num_tokens * enc.info.hidden_size * (4 if cfg.dtype == "float32" else 2)
+    shard = int(cfg.shard_samples or max(1, min(256, (cfg.shard_mib << 20) // (layer_bytes * (enc.info.num_layers + 1)))))
+    want = max(1, min(shard, -(-(cfg.chunk_kib << 10) // layer_bytes)))
+    chunk = max(d for d in range(1, want + 1) if shard % d == 0)
+    return shard, chunk
 
 
 def _existing_meta(cfg: ExtractConfig) -> dict[str, Any] | None:
@@ -275,8 +283,8 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
         ctx.barrier()
     enc = load_vision_encoder(vision_path, revision=cfg.vision_revision, device=device, dtype=_compute_dtype(cfg.compute_dtype, device))
     text = InstructionEmbedder(cfg.text_model, device=str(device), suffixes=cfg.suffixes, batch_size=cfg.text_batch_size)
-    shard_samples = _auto_shard_samples(cfg, enc)
-    config = _config_record(cfg, enc, vision_path, text, shard_samples)
+    shard_samples, chunk_samples = storage_layout(cfg, enc)
+    config = _config_record(cfg, enc, vision_path, shard_samples, chunk_samples)
     chash = _hash(config)
 
     if ctx.is_main:
@@ -302,7 +310,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
                     "path": vision_path,
                 },
                 "processor": {**enc.info.processor, "pad_to_square": cfg.pad_to_square, "pad_fill": list(enc.preprocessor(cfg.pad_to_square).fill)},
-                "storage": {"dtype": cfg.dtype, "shard_samples": shard_samples, "compressor": "blosc-zstd-3-shuffle"},
+                "storage": {"dtype": cfg.dtype, "shard_samples": shard_samples, "chunk_samples": chunk_samples, "compressor": "blosc-zstd-3-shuffle"},
                 "text": {"model": cfg.text_model, "path": text.path, "dim": text.dim, "max_turns": max_human_turns([r.conversations for r in plan.records]), "suffixes": list(cfg.suffixes)},
             }
             CacheWriter.create(cfg.out, meta, plan.records, plan.issues, storage_options=cfg.storage_options or None)

@@ -79,3 +79,16 @@ def test_wheel_installs_only_under_layerfuse(tmp_path):
     for sub in ("pipeline", "fusion", "export", "plugins_trt"):
         assert f"layerfuse/{sub}/__init__.py" in names
     assert "layerfuse/pipeline/cache.py" in names
+
+
+def test_extract_ends_with_a_summary_naming_skipped_samples(tmp_path, vision_dir):
+    conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]
+    (tmp_path / "z.png").write_bytes(b"")
+    js = tmp_path / "d.json"
+    js.write_text(json.dumps([{"id": "gone", "image": "missing.png", "conversations": conv},
+                              {"id": "zero", "image": "z.png", "conversations": conv}, {"id": "bad"}]))
+    r = subprocess.run(layerfuse_cmd("extract", "--llava", str(js), "--out", str(tmp_path / "c"), "--vision", str(vision_dir), "--workers", "0", "--quiet"),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "0 images" in r.stdout and "2 skipped at decode" in r.stdout and "1 malformed records" in r.stdout
+    assert "skipped: gone: image not found" in r.stdout and "skipped: zero: empty file" in r.stdout and "skipped: bad:" in r.stdout
