@@ -9,10 +9,13 @@ and batches never straddle shards, so the cache is bit-for-bit the one a single 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +29,7 @@ from tqdm.auto import tqdm
 
 from layerfuse.pipeline import __version__
 from layerfuse.pipeline.cache import ATTRS_KEY, OK, SKIPPED, TEXT_ONLY, CacheError, from_torch, open_group, split_url
-from layerfuse.pipeline.cache_writer import CacheWriter, ShardResult
+from layerfuse.pipeline.cache_writer import COMPRESSOR, CacheWriter, ShardResult
 from layerfuse.pipeline.distributed import DistContext
 from layerfuse.pipeline.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, build_default_vision, load_vision_encoder
 from layerfuse.pipeline.records import Plan, SampleError, SampleIssue, SampleRecord
@@ -142,8 +145,24 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"items": items, "pixels": pixels}
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(worker_id: int, parent: int) -> None:
     torch.set_num_threads(1)
+    _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: a DataLoader worker is killed with its parent, even when the parent is SIGKILLed.
+
+    Without this, a worker of a killed extraction can block forever on its result queue as an orphan.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def shard_batches(writer: CacheWriter, shards: Sequence[int], batch_size: int) -> Iterator[list[int]]:
@@ -310,7 +329,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
                     "path": vision_path,
                 },
                 "processor": {**enc.info.processor, "pad_to_square": cfg.pad_to_square, "pad_fill": list(enc.preprocessor(cfg.pad_to_square).fill)},
-                "storage": {"dtype": cfg.dtype, "shard_samples": shard_samples, "chunk_samples": chunk_samples, "compressor": "blosc-zstd-3-shuffle"},
+                "storage": {"dtype": cfg.dtype, "shard_samples": shard_samples, "chunk_samples": chunk_samples, "compressor": COMPRESSOR},
                 "text": {"model": cfg.text_model, "path": text.path, "dim": text.dim, "max_turns": max_human_turns([r.conversations for r in plan.records]), "suffixes": list(cfg.suffixes)},
             }
             CacheWriter.create(cfg.out, meta, plan.records, plan.issues, storage_options=cfg.storage_options or None)
@@ -358,7 +377,7 @@ def _process(
         num_workers=cfg.workers,
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if cfg.workers else None,
+        worker_init_fn=functools.partial(_worker_init, parent=os.getpid()) if cfg.workers else None,
         prefetch_factor=4 if cfg.workers else None,
     )
     sink = _ShardWriterThread(writer)

@@ -124,11 +124,15 @@ class InstructionEmbedder:
                 texts.append(t)
                 owners.append((i, j))
         if texts:
+            # identical instructions (templated questions, caption prompts) are embedded once per batch; batches
+            # are fixed by the cache layout, so this stays deterministic across resumes and ranks
+            unique = sorted(set(texts))
             emb = self.model.encode(
-                texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
+                unique, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
             ).astype(np.float32)
-            for (i, j), e in zip(owners, emb):
-                turns[i, j] = e
+            index = {t: k for k, t in enumerate(unique)}
+            for (i, j), t in zip(owners, texts):
+                turns[i, j] = emb[index[t]]
                 num[i] = j + 1
             for i in range(n):
                 if num[i]:

@@ -69,8 +69,13 @@ def test_user_errors_are_one_line(tmp_path):
 def test_wheel_installs_only_under_layerfuse(tmp_path):
     """No generic top-level names (pipeline, export, ...) land in site-packages."""
     pytest.importorskip("setuptools", reason="building the wheel needs setuptools in this environment")
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)], capture_output=True, text=True)
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # build from a copy: setuptools leaves build/ behind in the tree it builds
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "data", "build", "*.egg-info", "__pycache__"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = tmp_path.glob("layerfuse-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

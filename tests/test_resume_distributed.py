@@ -51,6 +51,24 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
+def _assert_no_survivors(marker: str, timeout: float = 15) -> None:
+    """No process of the killed run (e.g. an orphaned DataLoader worker) is left running."""
+    t0 = time.monotonic()
+    while True:
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmd and "pytest" not in cmd:
+                alive.append(pid)
+        if not alive:
+            return
+        assert time.monotonic() - t0 < timeout, f"processes of the killed extraction still alive: {alive}"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("kill_after", ["zarr.json", "progress/shard-000002.json"])
 def test_sigkill_then_resume(tmp_path, vision_dir, reference, kill_after):
     """Kill while planning/starting or mid-shards; the rerun finishes and holds every sample exactly once."""
@@ -60,6 +78,7 @@ def test_sigkill_then_resume(tmp_path, vision_dir, reference, kill_after):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    _assert_no_survivors(str(out))
     done_before = sorted(p.name for p in (out / "progress").glob("shard-*.json")) if (out / "progress").exists() else []
     assert len(done_before) < 8, "the run finished before it was killed; the test proved nothing"
     r = subprocess.run(_extract(vision_dir, out), capture_output=True, text=True)
