@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from layerfuse.pipeline import __version__
 from layerfuse.pipeline.cache import ATTRS_KEY, OK, SKIPPED, TEXT_ONLY, CacheError, from_torch, open_group, split_url
-from layerfuse.pipeline.cache_writer import COMPRESSOR, CacheWriter, ShardResult
+from layerfuse.pipeline.cache_writer import CacheWriter, ShardResult, compressor_name
 from layerfuse.pipeline.distributed import DistContext
 from layerfuse.pipeline.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, build_default_vision, load_vision_encoder
 from layerfuse.pipeline.records import Plan, SampleError, SampleIssue, SampleRecord
@@ -62,6 +62,7 @@ class ExtractConfig:
     shard_samples: int | None = None  # None: chosen from shard_mib
     shard_mib: int = 512
     chunk_kib: int = 256
+    clevel: int = 3
     max_pixels: int = 89_478_485
     # runtime only: does not change the cache
     run_dir: str = "runs/default"
@@ -237,6 +238,7 @@ def _config_record(cfg: ExtractConfig, enc: VisionEncoder, vision_path: str, sha
         "suffixes": list(cfg.suffixes),
         "shard_samples": shard_samples,
         "chunk_samples": chunk_samples,
+        "clevel": cfg.clevel,
         "max_pixels": cfg.max_pixels,
     }
 
@@ -329,7 +331,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
                     "path": vision_path,
                 },
                 "processor": {**enc.info.processor, "pad_to_square": cfg.pad_to_square, "pad_fill": list(enc.preprocessor(cfg.pad_to_square).fill)},
-                "storage": {"dtype": cfg.dtype, "shard_samples": shard_samples, "chunk_samples": chunk_samples, "compressor": COMPRESSOR},
+                "storage": {"dtype": cfg.dtype, "shard_samples": shard_samples, "chunk_samples": chunk_samples, "clevel": cfg.clevel, "compressor": compressor_name(cfg.clevel)},
                 "text": {"model": cfg.text_model, "path": text.path, "dim": text.dim, "max_turns": max_human_turns([r.conversations for r in plan.records]), "suffixes": list(cfg.suffixes)},
             }
             CacheWriter.create(cfg.out, meta, plan.records, plan.issues, storage_options=cfg.storage_options or None)
