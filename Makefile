@@ -51,6 +51,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/extract.py --out BENCHMARKS.md
+	$(PY) bench/msda.py --out BENCHMARKS.md
 
 clean:
 	rm -rf $(RUN) .pytest_cache

@@ -25,8 +25,6 @@ import argparse
 import contextlib
 import datetime
 import os
-import re
-import shlex
 import statistics
 import sys
 import tempfile
@@ -48,20 +46,12 @@ from layerfuse.pipeline.extract import ExtractConfig, run_extract, storage_layou
 from layerfuse.pipeline.sources import load_image  # noqa: E402
 from layerfuse.pipeline.synthetic import synthetic_plan  # noqa: E402
 from layerfuse.pipeline.text import InstructionEmbedder  # noqa: E402
+from report import command, machine, median_time, write_section  # noqa: E402  (bench/report.py)
 
 SECTION = "## Extraction (`bench/extract.py`)"
 LAYERS = [3, 18, 23]
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def build_vitb(out: Path) -> Path:
@@ -195,14 +185,6 @@ def layer_reads(url: Path, n_rows: int, repeats: int) -> list[dict]:
     return out
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1).strip()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
-
-
 def render(cmd: str, pipes: list[dict], reads: list[dict]) -> str:
     ms = lambda s: f"{s * 1e3:.2f} ms"  # noqa: E731
     rows = []
@@ -272,24 +254,13 @@ def render(cmd: str, pipes: list[dict], reads: list[dict]) -> str:
     ])
 
 
-def write_section(path: Path, section: str) -> None:
-    if path.exists():
-        old = path.read_text()
-        pat = re.compile(r"^" + re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-        new = pat.sub(lambda _: section + "\n", old, count=1) if pat.search(old) else old.rstrip("\n") + "\n\n" + section
-    else:
-        new = "# layerfuse benchmarks\n\nAll numbers are ratios (and the figures behind them) from a single run per section.\n\n" + section
-    path.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="markdown file; only the extraction section is replaced")
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (numbers are not meaningful)")
     args = ap.parse_args()
     n_tiny, n_vitb, n_rows, repeats, vitb_repeats = (96, 4, 32, 1, 1) if args.quick else (1024, 64, 256, 3, 2)
-    exe = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") else "python"
-    cmd = shlex.join([exe, *sys.argv])
+    cmd = command()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="layerfuse-bench-") as tmp:
         tmp = Path(tmp)
@@ -309,7 +280,7 @@ def main() -> None:
             p["chunk"] = int(fc.meta["storage"]["chunk_samples"])
             p["compressor"] = fc.meta["storage"].get("compressor", "?")
         section = render(cmd, [tiny, vitb], reads)
-    write_section(args.out, section)
+    write_section(args.out, SECTION, section)
     print(section)
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 

@@ -1,1 +1,22 @@
-"""layerfuse.fusion"""
+"""layerfuse.fusion: every multi-layer fusion family, built by name from one registry.
+
+    from layerfuse.fusion import build_fuser, VisionSpec, LLMSpec
+    fuser = build_fuser("mmfuser", VisionSpec.from_cache(cache), LLMSpec.from_config(llm.config))
+    cache.features(rows, fuser.required_layers)  # [B, k, T, D]: only the layers it needs
+
+Fusers: single, concat, sti, mmfuser, igva (external: they produce the visual tokens) and inject, xattn
+(internal: they also act inside the LLM through hooks; see VisionLanguageModel).
+"""
+
+from . import concat, igva, inject, mmfuser, single, sti, xattn  # noqa: F401  (registers the fusers)
+from .base import Fuser, FuserBuildError, FuserConfig, FuserOutput, LLMSpec, VisionSpec
+from .layers import LayerSelection, LayerSpecError, parse_layers
+from .msda import ms_deform_attn
+from .registry import build_fuser, fuser_class, fuser_config, list_fusers, register_fuser
+from .vlm import VisionLanguageModel, VLMOutput
+
+__all__ = [
+    "Fuser", "FuserBuildError", "FuserConfig", "FuserOutput", "LLMSpec", "VisionSpec", "LayerSelection",
+    "LayerSpecError", "parse_layers", "ms_deform_attn", "build_fuser", "fuser_class", "fuser_config",
+    "list_fusers", "register_fuser", "VisionLanguageModel", "VLMOutput",
+]

@@ -39,6 +39,7 @@ def main() -> None:
     Phase one:  layerfuse extract      every vision-encoder layer + instruction embeddings -> zarr cache
     Inspect:    layerfuse cache info | verify
     Data:       layerfuse data synthetic  (the built-in dataset)
+    Fusion:     layerfuse fusers          (registered fusers, their options, layer-spec resolution)
 
     \b
     Example (the embedded default, what `make extract` runs):
@@ -215,6 +216,52 @@ def cache_verify_cmd(path: str, as_json: bool, quiet: bool) -> None:
             click.echo(f"  - {p}", err=True)
     if not rep.ok:
         sys.exit(1)
+
+
+@main.command("fusers")
+@click.option("--layers", "spec", default=None, help="Also resolve this layer spec (preset, dash list, explicit list or groups).")
+@click.option("--depth", type=click.IntRange(min=1), default=24, show_default=True, help="Encoder blocks L to resolve --layers against.")
+@click.option("--cache", "cache_path", default=None, help="Resolve --layers against this cache's encoder instead of --depth.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def fusers_cmd(spec: str | None, depth: int, cache_path: str | None, as_json: bool) -> None:
+    """List the registered fusers with their options, and resolve a layer spec.
+
+    \b
+    Examples:
+      layerfuse fusers
+      layerfuse fusers --layers 3-18-23 --depth 32
+      layerfuse fusers --layers igva --cache runs/default/cache
+    """
+    from dataclasses import MISSING
+
+    from layerfuse.fusion import LayerSpecError, fuser_class, list_fusers, parse_layers
+
+    listing = {}
+    for name in list_fusers():
+        cls = fuser_class(name)
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        opts = {f.name: f.default for f in fields(cls.config_class) if f.default is not MISSING}
+        listing[name] = {"summary": doc[0] if doc else "", "internal": cls.internal, "options": opts}
+    resolved = None
+    if spec is not None:
+        if cache_path is not None:
+            from layerfuse.pipeline.cache import FeatureCache
+
+            depth = _run_cli(FeatureCache, cache_path).num_layers - 1
+        try:
+            sel = parse_layers(spec, depth)
+        except LayerSpecError as e:
+            raise click.ClickException(str(e)) from e
+        resolved = {"spec": spec, "depth": depth, "terms": [list(t) for t in sel.terms], "read": sel.layers, "text": sel.describe()}
+    if as_json:
+        click.echo(json.dumps({"fusers": listing, "layers": resolved}, indent=1, default=str))
+        return
+    for name, info in listing.items():
+        kind = "internal" if info["internal"] else "external"
+        click.echo(f"{name:8s} ({kind}) {info['summary']}")
+        click.echo("         options: " + ", ".join(f"{k}={v!r}" for k, v in info["options"].items()))
+    if resolved:
+        click.echo(f"\nlayers {resolved['text']}\n  reads hidden states {resolved['read']}")
 
 
 if __name__ == "__main__":  # `torchrun -m layerfuse.pipeline.cli extract ...`

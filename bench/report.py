@@ -1,0 +1,51 @@
+"""What every benchmark script shares: the machine line, the command line, timing, and BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+HEADER = "# layerfuse benchmarks\n\nAll numbers are ratios (and the figures behind them) from a single run per section.\n\n"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError, AttributeError):
+        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1).strip()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
+
+
+def command() -> str:
+    """The command line that ran this script, with the interpreter path relative when it is inside the repo."""
+    exe = os.path.relpath(sys.executable)
+    return shlex.join([exe if not exe.startswith("..") else "python", *sys.argv])
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def write_section(path: Path, title: str, section: str) -> None:
+    """Replace the section starting with `title` (up to the next `## `) in `path`, or append it."""
+    if path.exists():
+        old = path.read_text()
+        pat = re.compile(r"^" + re.escape(title) + r".*?(?=^## |\Z)", re.S | re.M)
+        new = pat.sub(lambda _: section.rstrip("\n") + "\n\n", old, count=1) if pat.search(old) else old.rstrip("\n") + "\n\n" + section
+    else:
+        new = HEADER + section
+    path.write_text(new.rstrip("\n") + "\n")

@@ -1,0 +1,159 @@
+"""What every fuser is: the shapes it works on, its config, its inputs and outputs.
+
+A fuser is the visual front end after the (frozen, cached) encoder: it reads the layers it declares,
+fuses them and projects to the LLM width. Data at the boundary:
+
+    layers  [B, k, T, D]  the k = len(fuser.required_layers) cached hidden states, in that order, all T tokens
+    text    [B, d_s]      instruction embedding (only when fuser.needs_text)
+    -> FuserOutput.tokens   [B, N_v, d]   visual tokens placed at the image span of the LLM input
+       FuserOutput.internal {llm layer m: [B, N, d]}  features the internal fusers feed into the LLM
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .layers import LayerSelection, parse_layers
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """The cached encoder features a fuser is built for."""
+
+    num_layers: int  # L blocks; L+1 hidden states
+    hidden_size: int  # D
+    grid: tuple[int, int]  # (h, w) patch grid
+    has_cls: bool
+    text_dim: int = 0  # d_s of the cached instruction embeddings (0 = none)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + int(self.has_cls)
+
+    @classmethod
+    def from_cache(cls, cache: Any) -> "VisionSpec":
+        """From a `layerfuse.pipeline.cache.FeatureCache`."""
+        grid = tuple(cache.meta["encoder"]["grid"])
+        return cls(cache.num_layers - 1, cache.hidden_size, (int(grid[0]), int(grid[1])), bool(cache.has_cls), cache.text_dim)
+
+
+@dataclass(frozen=True)
+class LLMSpec:
+    """What a fuser needs to know about the language model."""
+
+    hidden_size: int  # d
+    num_layers: int = 0  # decoder layers (internal fusers map vision layers onto them)
+    num_heads: int = 0
+
+    @classmethod
+    def from_config(cls, config: Any) -> "LLMSpec":
+        """From a Hugging Face causal-LM config (nested text_config handled)."""
+        config = getattr(config, "text_config", None) or config
+        return cls(int(config.hidden_size), int(config.num_hidden_layers), int(config.num_attention_heads))
+
+
+@dataclass
+class FuserConfig:
+    """Options common to every fuser; each fuser extends it with its own."""
+
+    layers: str = "penultimate"  # a layer spec, see layerfuse.fusion.layers
+    projector_depth: int = 2  # LLaVA-1.5 mlp2x_gelu: Linear(in, d) -> GELU -> Linear(d, d); 1 = one Linear
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class FuserOutput:
+    tokens: torch.Tensor  # [B, N_v, d]
+    internal: dict[int, torch.Tensor] = field(default_factory=dict)  # llm layer -> [B, N, d]
+    weights: torch.Tensor | None = None  # [B, K] per-sample group weights (igva)
+    aux_loss: torch.Tensor | None = None  # scalar added to the LM loss (igva entropy regulariser)
+
+
+class FuserBuildError(ValueError):
+    """A fuser/layer-spec combination that does not make sense (reported, not crashed on, by sweeps)."""
+
+
+class Fuser(nn.Module):
+    """Base class. Subclasses set `name`, `config_class`, build their modules in __init__ and implement
+    `fuse`. `required_layers` are hidden-state indices for the cache reader, `needs_text` says whether
+    instruction embeddings are needed."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[FuserConfig]] = FuserConfig
+    needs_text: ClassVar[bool] = False
+    internal: ClassVar[bool] = False  # acts inside the LLM (inject / xattn)
+
+    def __init__(self, config: FuserConfig, vision: VisionSpec, llm: LLMSpec):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.llm = llm
+        self.selection: LayerSelection = parse_layers(config.layers, vision.num_layers)
+        self._positions = self.selection.positions()
+
+    # -- what the loader reads -------------------------------------------------------------------------
+    @property
+    def required_layers(self) -> list[int]:
+        return self.selection.layers
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.vision.num_patches
+
+    # -- helpers for subclasses ------------------------------------------------------------------------
+    def term(self, layers: torch.Tensor, k: int, *, patches: bool = True) -> torch.Tensor:
+        """Term k of the selection (group terms averaged): [B, k_layers, T, D] -> [B, T or N, D]."""
+        pos = self._positions[k]
+        x = layers[:, pos[0]] if len(pos) == 1 else layers[:, list(pos)].mean(dim=1)
+        return self.patches(x) if patches else x
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Drop CLS where the encoder has one (never for SigLIP): [B, T, D] -> [B, N, D]."""
+        return x[:, 1:] if self.vision.has_cls else x
+
+    def check_input(self, layers: torch.Tensor, text: torch.Tensor | None) -> None:
+        if layers.dim() != 4 or layers.shape[1] != len(self.required_layers) or layers.shape[2] != self.vision.num_tokens:
+            raise ValueError(
+                f"{self.name}: expected layers [B, {len(self.required_layers)}, {self.vision.num_tokens}, "
+                f"{self.vision.hidden_size}] (hidden states {self.required_layers}), got {list(layers.shape)}"
+            )
+        if self.needs_text and text is None:
+            raise ValueError(f"{self.name} needs the instruction embedding `text` [B, {self.vision.text_dim}]")
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters split for separate learning rates: 'projector' (any module named
+        *projector*) and 'fuser' (the rest)."""
+        groups: dict[str, list[nn.Parameter]] = {"fuser": [], "projector": []}
+        for n, p in self.named_parameters():
+            if p.requires_grad:
+                groups["projector" if "projector" in n else "fuser"].append(p)
+        return groups
+
+    # -- the computation -------------------------------------------------------------------------------
+    def forward(self, layers: torch.Tensor, text: torch.Tensor | None = None) -> FuserOutput:
+        """layers [B, k, T, D], text [B, d_s] | None -> FuserOutput (tokens [B, N_v, d])."""
+        self.check_input(layers, text)
+        return self.fuse(layers, text)
+
+    def fuse(self, layers: torch.Tensor, text: torch.Tensor | None) -> FuserOutput:
+        raise NotImplementedError
+
+    # -- LLM-internal fusers override these ------------------------------------------------------------
+    def attach(self, llm: nn.Module) -> None:
+        """Hook into the LLM (internal fusers). External fusers need nothing."""
+
+    def detach(self) -> None:
+        """Remove every hook `attach` installed."""
+
+    def extra_repr(self) -> str:
+        return self.selection.describe()

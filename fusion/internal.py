@@ -1,0 +1,136 @@
+"""Shared machinery of the LLM-internal fusers (MLVF I_D `inject` and I_M `xattn`, SPEC section 6).
+
+The input sequence carries the base layer as usual, `P(hs[base])`. Each extra term k gets its own projector
+P_k and enters the LLM just before decoder layer m(k) = int(k * L_llm / L_vit - 1). The LLM is never forked
+or rewritten: `attach` registers forward pre-hooks on the decoder layers of any Hugging Face decoder-only
+model with a standard `layers` stack (Llama, Qwen2, Mistral, ...). Before each LLM call the model sets the
+batch's features and image span with `set_context`; the hooks read it. The context stays set until the next
+call (or `clear_context`), so recomputation under gradient checkpointing sees the same features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import Fuser, FuserBuildError, FuserConfig, FuserOutput, LLMSpec, VisionSpec
+from .layers import llm_layer_for
+from .projector import Projector
+
+
+def decoder_layers(llm: nn.Module) -> nn.ModuleList:
+    """The decoder-layer stack of a Hugging Face causal LM (`model.layers` of Llama/Qwen2/Mistral...)."""
+    candidates = []
+    get_decoder = getattr(llm, "get_decoder", None)
+    if callable(get_decoder):
+        candidates.append(get_decoder())
+    candidates += [getattr(llm, "model", None), llm]
+    for c in candidates:
+        layers = getattr(c, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers
+    raise TypeError(
+        f"{type(llm).__name__} has no decoder-layer stack `model.layers`; the internal fusers support decoder-only "
+        "Hugging Face LMs with a standard `layers` ModuleList (Llama, Qwen2, Mistral, ...)"
+    )
+
+
+@dataclass
+class ImageSpan:
+    """Where the image sits in the LLM input of the current batch.
+
+    mask  [B, S] bool  the N image-token positions of each sample with an image (rows of samples without one are all False)
+    start [B] long     first image position, -1 when the sample has no image
+    """
+
+    mask: torch.Tensor
+    start: torch.Tensor
+
+    @property
+    def has_image(self) -> torch.Tensor:
+        return self.start >= 0
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "ImageSpan":
+        idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        start = torch.where(mask, idx, mask.shape[1]).min(dim=1).values
+        return cls(mask, torch.where(start < mask.shape[1], start, -1))
+
+
+@dataclass
+class InternalConfig(FuserConfig):
+    layers: str = "3-18-23"
+
+
+class InternalFuser(Fuser):
+    """Base of `inject` and `xattn`: tokens = P(base); per extra term k, features P_k(term_k) [B, N, d]
+    delivered to decoder layer `llm_layer_of[k]`. Subclasses implement `apply(k, hidden, kwargs)`."""
+
+    internal = True
+
+    def __init__(self, config: InternalConfig, vision: VisionSpec, llm: LLMSpec):
+        super().__init__(config, vision, llm)
+        if not self.selection.extra:
+            raise FuserBuildError(f"{self.name} fuses extra layers inside the LLM; {self.selection.describe()} has none")
+        if len(self.selection.base) != 1:
+            raise FuserBuildError(f"{self.name}: the base term must be one layer, got a group in {self.selection.describe()}")
+        if llm.num_layers < 1:
+            raise FuserBuildError(f"{self.name} needs the LLM's number of decoder layers (LLMSpec.num_layers)")
+        d = llm.hidden_size
+        self.projector = Projector(vision.hidden_size, d, config.projector_depth)
+        self.layer_projectors = nn.ModuleList(Projector(vision.hidden_size, d, config.projector_depth) for _ in self.selection.extra)
+        # a group term enters where its last layer would
+        self.llm_layer_of = [llm_layer_for(t[-1], vision.num_layers, llm.num_layers) for t in self.selection.extra]
+        self._handles: list[Any] = []
+        self._context: tuple[dict[int, torch.Tensor], ImageSpan] | None = None
+
+    def fuse(self, layers: torch.Tensor, text: torch.Tensor | None) -> FuserOutput:
+        n = len(self.selection.terms)
+        tokens = self.projector(self.term(layers, n - 1))
+        internal = {k: p(self.term(layers, k)) for k, p in enumerate(self.layer_projectors)}
+        return FuserOutput(tokens, internal=internal)
+
+    # -- context and hooks -----------------------------------------------------------------------------
+    def set_context(self, internal: dict[int, torch.Tensor], span: ImageSpan) -> None:
+        self._context = (internal, span)
+
+    def clear_context(self) -> None:
+        self._context = None
+
+    def attach(self, llm: nn.Module) -> None:
+        self.detach()
+        stack = decoder_layers(llm)
+        if len(stack) != self.llm.num_layers:
+            raise FuserBuildError(f"{self.name} was built for {self.llm.num_layers} decoder layers, the LLM has {len(stack)}")
+        for m in sorted(set(self.llm_layer_of)):
+            terms = [k for k, mk in enumerate(self.llm_layer_of) if mk == m]
+            self._handles.append(stack[m].register_forward_pre_hook(self._hook(terms), with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, terms: list[int]):
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if self._context is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            for k in terms:
+                hidden = self.apply(k, hidden, kwargs)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return pre_hook
+
+    def apply(self, k: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Fuse term k into the residual stream `hidden` [B, S, d] entering its decoder layer."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        where = ", ".join(f"{t[-1]}->{m}" for t, m in zip(self.selection.extra, self.llm_layer_of))
+        return f"{super().extra_repr()}; vision layer -> LLM layer: {where}"

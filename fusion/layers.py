@@ -1,0 +1,209 @@
+"""Layer selection: which hidden states of the vision encoder a fuser reads (SPEC section 1).
+
+A ViT with L blocks gives L+1 hidden states `hs[0..L]` (hs[0] = embeddings, hs[i] = output of block i).
+A selection is an ordered list of *terms*; each term is one layer or a group of layers that is averaged.
+The **last term is the base** (LLaVA's penultimate layer for the presets): the query of MMFuser, the
+input-sequence feature of IGVA and the internal fusers, the last channel block of concat.
+
+Spec syntax (`parse_layers`):
+
+| spec | meaning (for L = 24; other depths are scaled) |
+|---|---|
+| `18`, `3-18`, `3-18-23` | those layers + base 23 (not repeated when already listed) |
+| `former` / `latter` / `all` | mean(hs[1..12]) / mean(hs[13..24]) / both, + base 23 |
+| `mmfuser` | levels 3, 8, 13, 18, query (base) 23 |
+| `igva` | groups 1-6, 7-12, 13-18, 19-24, base 23 |
+| `penultimate` / `last` | 23 alone / 24 alone |
+| `4,12,20`, `-2`, `12,` | explicit indices, exactly these, not scaled; negative counts from the end |
+| `1:6,7:12,13:18,19:24,23` | explicit groups (`a:b` = mean of hs[a..b], inclusive) |
+
+Presets are written for a 24-block encoder; for depth L each index i becomes round(i*L/24) (half up), groups
+keep their partition (a group a..b becomes round((a-1)*L/24)+1 .. round(b*L/24)), the base is the
+penultimate layer L-1, and a single layer that collides with an earlier one or the base moves to the nearest
+free index (the later one on a tie), so the indices stay distinct.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+PRESET_DEPTH = 24
+PRESET_BASE = 23
+
+# name -> (terms, each a list of 24-block indices; a multi-entry term is a group mean), base appended after.
+NAMED_PRESETS: dict[str, tuple[tuple[tuple[int, int], ...], bool]] = {
+    # (first, last) inclusive ranges; True = append the base term
+    "former": (((1, 12),), True),
+    "latter": (((13, 24),), True),
+    "all": (((1, 12), (13, 24)), True),
+    "mmfuser": (((3, 3), (8, 8), (13, 13), (18, 18)), True),
+    "igva": (((1, 6), (7, 12), (13, 18), (19, 24)), True),
+    "penultimate": ((), True),
+    "last": (((24, 24),), False),
+}
+PRESETS = ("18", "3-18", "3-18-23", *NAMED_PRESETS)
+_DASH = re.compile(r"^\d+(-\d+)*$")
+_TERM = re.compile(r"^(-?\d+)(?::(-?\d+))?$")
+
+
+class LayerSpecError(ValueError):
+    """A layer spec that cannot be parsed or does not fit the encoder."""
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Resolved selection: hidden-state indices in 0..num_layers (= L), last term = base.
+
+    terms: e.g. ((3,), (18,), (23,)) for `3-18-23`; ((1, ..., 12), (23,)) for `former`.
+    """
+
+    spec: str
+    num_layers: int  # L, blocks of the encoder
+    terms: tuple[tuple[int, ...], ...]
+
+    @property
+    def base(self) -> tuple[int, ...]:
+        return self.terms[-1]
+
+    @property
+    def extra(self) -> tuple[tuple[int, ...], ...]:
+        """Every term but the base."""
+        return self.terms[:-1]
+
+    @property
+    def layers(self) -> list[int]:
+        """Sorted unique hidden-state indices to read from the cache."""
+        return sorted({i for t in self.terms for i in t})
+
+    @property
+    def has_groups(self) -> bool:
+        return any(len(t) > 1 for t in self.terms)
+
+    def positions(self) -> tuple[tuple[int, ...], ...]:
+        """Each term as positions into `layers` (the order features arrive in from the cache)."""
+        where = {layer: k for k, layer in enumerate(self.layers)}
+        return tuple(tuple(where[i] for i in t) for t in self.terms)
+
+    def describe(self) -> str:
+        def term(t: tuple[int, ...]) -> str:
+            return str(t[0]) if len(t) == 1 else f"mean({t[0]}..{t[-1]})" if _contiguous(t) else f"mean{list(t)}"
+
+        return f"{self.spec!r} on {self.num_layers} blocks: [{', '.join(term(t) for t in self.extra)}] + base {term(self.base)}"
+
+
+def _contiguous(t: tuple[int, ...]) -> bool:
+    return list(t) == list(range(t[0], t[-1] + 1))
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def scale_index(i: int, num_layers: int) -> int:
+    """A 24-block preset index on an L-block encoder: round(i*L/24), at least 1 for i >= 1."""
+    if num_layers == PRESET_DEPTH:
+        return i
+    return max(1, min(num_layers, _round_half_up(i * num_layers / PRESET_DEPTH))) if i > 0 else 0
+
+
+def _scale_range(first: int, last: int, num_layers: int) -> tuple[int, ...]:
+    if first == last:
+        return (scale_index(first, num_layers),)
+    lo = _round_half_up((first - 1) * num_layers / PRESET_DEPTH) + 1
+    hi = _round_half_up(last * num_layers / PRESET_DEPTH)
+    lo, hi = max(1, min(lo, num_layers)), max(1, min(hi, num_layers))
+    return tuple(range(lo, max(lo, hi) + 1))
+
+
+def _distinct(terms: list[tuple[int, ...]], singles: list[bool], num_layers: int, spec: str) -> list[tuple[int, ...]]:
+    """Keep single-layer terms distinct (scaling a preset to a shallow encoder can merge them).
+
+    The base (last term) stays where it is; a colliding extra layer moves to the nearest free index,
+    preferring the later one. Group terms may overlap single layers (the base lies inside `latter`).
+    """
+    used = {terms[-1][0]} if len(terms[-1]) == 1 else set()
+    out = []
+    for t, single in zip(terms[:-1], singles):
+        if single:
+            i = t[0]
+            free = [j for j in range(1, num_layers + 1) if j not in used]
+            if not free:
+                raise LayerSpecError(f"layer spec {spec!r} needs more distinct layers than a {num_layers}-block encoder has")
+            if i in used:
+                i = min(free, key=lambda j: (abs(j - i), -j))
+            used.add(i)
+            t = (i,)
+        out.append(t)
+    return [*out, terms[-1]]
+
+
+def parse_layers(spec: str | int | list[int], num_layers: int) -> LayerSelection:
+    """Parse a layer spec against an encoder with `num_layers` blocks (the cache holds num_layers+1 states)."""
+    if num_layers < 1:
+        raise LayerSpecError(f"an encoder needs at least one block, got num_layers={num_layers}")
+    if isinstance(spec, int):
+        spec = str(spec)
+    if isinstance(spec, (list, tuple)):
+        spec = ",".join(str(int(i)) for i in spec) + ("," if len(spec) == 1 else "")
+    text = str(spec).strip().replace(" ", "")
+    if not text:
+        raise LayerSpecError("empty layer spec; use e.g. 'penultimate', '3-18-23', 'igva' or '4,12,20'")
+    base = (num_layers - 1 if num_layers > 1 else num_layers,)
+    if text in NAMED_PRESETS:
+        ranges, with_base = NAMED_PRESETS[text]
+        terms = [_scale_range(a, b, num_layers) for a, b in ranges]
+        singles = [a == b for a, b in ranges]
+        if with_base:
+            terms.append(base)
+    elif _DASH.match(text):
+        listed = [int(x) for x in text.split("-")]
+        for i in listed:
+            if not 0 <= i <= PRESET_DEPTH:
+                raise LayerSpecError(f"layer {i} in preset {text!r} is outside 0..24 (presets are written for 24 blocks)")
+        if len(set(listed)) != len(listed):
+            raise LayerSpecError(f"layer spec {text!r} repeats a layer")
+        terms = [base if i == PRESET_BASE else (scale_index(i, num_layers),) for i in listed]
+        if base not in terms:
+            terms.append(base)
+        singles = [True] * len(terms)
+    elif "," in text or text.startswith("-"):
+        terms = [_explicit_term(part, num_layers, text) for part in text.split(",") if part]
+        if not terms:
+            raise LayerSpecError(f"layer spec {text!r} lists no layers")
+        return LayerSelection(text, num_layers, tuple(terms))
+    else:
+        raise LayerSpecError(
+            f"unknown layer spec {text!r}: use a preset ({', '.join(PRESETS)}), a dash list like '3-18' "
+            "(those layers + the penultimate), or explicit indices like '4,12,20', '-2', '12,' or groups '1:6,7:12,23'"
+        )
+    terms = _distinct(terms, singles, num_layers, text)
+    return LayerSelection(text, num_layers, tuple(terms))
+
+
+def _explicit_term(part: str, num_layers: int, spec: str) -> tuple[int, ...]:
+    m = _TERM.match(part)
+    if not m:
+        raise LayerSpecError(f"cannot read {part!r} in layer spec {spec!r}: expected an index like 12 or -2, or a group 1:6")
+
+    def absolute(x: str) -> int:
+        i = int(x)
+        j = i + num_layers + 1 if i < 0 else i
+        if not 0 <= j <= num_layers:
+            raise LayerSpecError(
+                f"layer {i} in spec {spec!r} does not exist: the encoder has {num_layers} blocks, "
+                f"hidden states 0..{num_layers} (negative indices count from the end, -1 = {num_layers})"
+            )
+        return j
+
+    first = absolute(m.group(1))
+    last = absolute(m.group(2)) if m.group(2) is not None else first
+    if last < first:
+        raise LayerSpecError(f"group {part!r} in layer spec {spec!r} runs backwards")
+    return tuple(range(first, last + 1))
+
+
+def llm_layer_for(vision_layer: int, vision_depth: int, llm_depth: int) -> int:
+    """MLVF's injection point m(k) = int(k * L_llm / L_vit - 1), 0-based, clamped to the LLM (SPEC section 6)."""
+    return max(0, min(llm_depth - 1, int(vision_layer * llm_depth / vision_depth - 1)))

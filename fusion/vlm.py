@@ -1,0 +1,83 @@
+"""The vision-language model of phase two: fuser (+ projector) + a Hugging Face causal LM.
+
+Input ids carry `num_visual_tokens` copies of `image_token_id` where the image goes (the tokenizer side
+expands `<image>`); their embeddings are replaced by the fuser's visual tokens, in order, like transformers'
+LLaVA. Internal fusers get their features and the image span through `set_context` before the LLM runs.
+
+    input_ids [B, S], layers [B, k, T, D], text [B, d_s] | None, has_image [B] -> logits [B, S, V]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import Fuser, FuserOutput
+from .internal import ImageSpan, InternalFuser
+
+
+@dataclass
+class VLMOutput:
+    logits: torch.Tensor  # [B, S, V]
+    loss: torch.Tensor | None  # LM loss (+ the fuser's aux loss)
+    lm_loss: torch.Tensor | None
+    fused: FuserOutput
+    past_key_values: object | None = None
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, fuser: Fuser, llm: nn.Module, image_token_id: int):
+        super().__init__()
+        self.fuser = fuser
+        self.llm = llm
+        self.image_token_id = int(image_token_id)
+        fuser.attach(llm)
+
+    def embed(self, input_ids: torch.Tensor, fused: FuserOutput, has_image: torch.Tensor | None = None) -> tuple[torch.Tensor, ImageSpan]:
+        """input_ids [B, S] -> inputs_embeds [B, S, d] with the visual tokens in place, and the image span."""
+        mask = input_ids == self.image_token_id  # [B, S]
+        b = input_ids.shape[0]
+        if has_image is None:
+            has_image = mask.any(dim=1)
+        has_image = has_image.to(mask.device, torch.bool)
+        n_v = fused.tokens.shape[1]
+        counts = mask.sum(dim=1)
+        expected = has_image.long() * n_v
+        if not torch.equal(counts, expected):
+            bad = (counts != expected).nonzero().flatten().tolist()
+            raise ValueError(
+                f"image placeholders do not match the visual tokens for batch rows {bad}: found "
+                f"{counts[bad].tolist()} tokens {self.image_token_id}, expected {expected[bad].tolist()} "
+                f"({n_v} per sample with an image)"
+            )
+        embeds_layer = self.llm.get_input_embeddings()
+        safe_ids = input_ids.masked_fill(mask, 0)
+        embeds = embeds_layer(safe_ids)
+        visual = fused.tokens[has_image.to(fused.tokens.device)].to(embeds.dtype)  # [B_img, N_v, d]
+        embeds = embeds.masked_scatter(mask.unsqueeze(-1), visual)
+        if b and not has_image.any():
+            embeds = embeds + 0.0 * fused.tokens.sum()  # keep the fuser in the graph (DDP needs every param used)
+        return embeds, ImageSpan.from_mask(mask)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        layers: torch.Tensor,
+        text: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **llm_kwargs,
+    ) -> VLMOutput:
+        fused = self.fuser(layers, text)
+        embeds, span = self.embed(input_ids, fused, has_image)
+        if isinstance(self.fuser, InternalFuser):
+            self.fuser.set_context(fused.internal, span)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+        lm_loss = getattr(out, "loss", None)
+        loss = lm_loss
+        if loss is not None and fused.aux_loss is not None:
+            loss = loss + fused.aux_loss
+        return VLMOutput(out.logits, loss, lm_loss, fused, getattr(out, "past_key_values", None))

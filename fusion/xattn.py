@@ -1,0 +1,87 @@
+"""`xattn`: MLVF Internal Modular fusion (I_M), Flamingo-style gated cross-attention.
+
+Before decoder layer m(k) a block is run on the residual stream (the pretrained layer itself is untouched):
+
+    y = x + tanh(a1) * XAttn(RMSNorm(x), P_k(h_k))
+    y = y + tanh(a2) * MLP(RMSNorm(y))
+
+a1 = a2 = 0 at init, so the LLM's outputs are unchanged until the gates open. Token t may attend to the
+image features only if the image span starts before t; other tokens (and samples without an image) get 0
+from the attention. It runs at every step, decoding included (cross-attention needs no KV cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import FuserBuildError, LLMSpec, VisionSpec
+from .internal import InternalConfig, InternalFuser
+from .registry import register_fuser
+
+
+@dataclass
+class XAttnConfig(InternalConfig):
+    heads: int = 0  # 0 = the LLM's number of attention heads
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """x [B, S, d], image [B, N, d], allowed [B, S] bool -> [B, S, d]."""
+
+    def __init__(self, d: int, heads: int, mlp_ratio: float, eps: float):
+        super().__init__()
+        if d % heads:
+            raise FuserBuildError(f"xattn: width {d} is not divisible by {heads} heads")
+        self.heads = heads
+        self.norm_x = nn.RMSNorm(d, eps=eps)
+        self.q = nn.Linear(d, d, bias=False)
+        self.kv = nn.Linear(d, 2 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+        self.gate_attn = nn.Parameter(torch.zeros(1))
+        self.norm_mlp = nn.RMSNorm(d, eps=eps)
+        hidden = int(round(d * mlp_ratio))
+        self.mlp = nn.Sequential(nn.Linear(d, hidden, bias=False), nn.GELU(), nn.Linear(hidden, d, bias=False))
+        self.gate_mlp = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        h = self.heads
+        q = self.q(self.norm_x(x)).view(b, s, h, d // h).transpose(1, 2)  # [B, h, S, dh]
+        k, v = self.kv(image.to(x.dtype)).view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [B, h, N, dh] each
+        attn = F.scaled_dot_product_attention(q, k, v)  # every token sees the whole image ...
+        attn = attn.transpose(1, 2).reshape(b, s, d) * allowed.unsqueeze(-1).to(x.dtype)  # ... then masked out
+        y = x + torch.tanh(self.gate_attn) * self.out(attn)
+        return y + torch.tanh(self.gate_mlp) * self.mlp(self.norm_mlp(y))
+
+
+@register_fuser
+class XAttnFuser(InternalFuser):
+    """One gated cross-attention block per extra term, run before decoder layer m(k)."""
+
+    name = "xattn"
+    config_class = XAttnConfig
+
+    def __init__(self, config: XAttnConfig, vision: VisionSpec, llm: LLMSpec):
+        super().__init__(config, vision, llm)
+        heads = config.heads or llm.num_heads
+        if heads < 1:
+            raise FuserBuildError("xattn needs a head count (config.heads or LLMSpec.num_heads)")
+        self.blocks = nn.ModuleList(
+            GatedCrossAttentionBlock(llm.hidden_size, heads, config.mlp_ratio, config.norm_eps) for _ in self.selection.extra
+        )
+
+    def apply(self, k: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        internal, span = self._context  # type: ignore[misc]
+        b, s, _ = hidden.shape
+        pos = kwargs.get("cache_position")
+        if pos is None:  # no cache bookkeeping: the hidden states are the whole sequence
+            pos = torch.arange(s, device=hidden.device)
+        pos = pos.to(hidden.device).view(1, -1).expand(b, s)
+        start = span.start.to(hidden.device).view(b, 1)
+        allowed = (start >= 0) & (pos > start)  # [B, S]
+        return self.blocks[k](hidden, internal[k], allowed)
