@@ -6,7 +6,7 @@ fuses them and projects to the LLM width. Data at the boundary:
     layers  [B, k, T, D]  the k = len(fuser.required_layers) cached hidden states, in that order, all T tokens
     text    [B, d_s]      instruction embedding (only when fuser.needs_text)
     -> FuserOutput.tokens   [B, N_v, d]   visual tokens placed at the image span of the LLM input
-       FuserOutput.internal {llm layer m: [B, N, d]}  features the internal fusers feed into the LLM
+       FuserOutput.internal {k: [B, N, d]}  features the internal fusers feed into LLM layer llm_layer_of[k]
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class FuserConfig:
 @dataclass
 class FuserOutput:
     tokens: torch.Tensor  # [B, N_v, d]
-    internal: dict[int, torch.Tensor] = field(default_factory=dict)  # llm layer -> [B, N, d]
+    internal: dict[int, torch.Tensor] = field(default_factory=dict)  # fused term k -> [B, N, d], enters LLM layer llm_layer_of[k]
     weights: torch.Tensor | None = None  # [B, K] per-sample group weights (igva)
     aux_loss: torch.Tensor | None = None  # scalar added to the LM loss (igva entropy regulariser)
 

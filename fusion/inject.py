@@ -1,8 +1,8 @@
 """`inject`: MLVF Internal Direct fusion (I_D).
 
 Before decoder layer m(k), P_k(h_k) is added to the residual stream at the image-token positions, during
-the prefill only: decoding steps with a KV cache (whose hidden states no longer span the prompt) add nothing,
-their keys/values already carry the injected image positions.
+the prefill only: decoding steps with a KV cache (whose tokens lie after the prompt) add nothing, the cached
+keys/values of the image positions already carry the injection. Samples without an image get nothing.
 """
 
 from __future__ import annotations
@@ -27,12 +27,17 @@ class InjectFuser(InternalFuser):
     name = "inject"
     config_class = InjectConfig
 
-    def apply(self, k: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    def apply(self, k: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         internal, span = self._context  # type: ignore[misc]
-        if hidden.shape[1] != span.mask.shape[1]:
-            return hidden  # a decoding step, not the prefill
-        feats = internal[k][span.has_image].to(hidden.dtype)  # [B_img, N, d]
-        if feats.numel() == 0:
-            return hidden
-        delta = torch.zeros_like(hidden).masked_scatter(span.mask.unsqueeze(-1), feats)
-        return hidden + delta
+        mask = span.mask.to(hidden.device)
+        length = mask.shape[1]
+        inside = positions < length  # [s]
+        if not bool(inside.any()):
+            return hidden  # a decoding step: the prompt's keys/values already carry the injection
+        at = positions.clamp(max=length - 1)
+        add = mask[:, at] & inside  # [B, s] image positions among these tokens
+        slot = (mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, at]  # [B, s] which of the N features goes there
+        feats = internal[k].to(hidden.dtype)  # [B, N, d]
+        delta = feats.gather(1, slot.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))  # [B, s, d]
+        # always in the graph (zero where nothing is added), so text-only batches still reach every parameter
+        return hidden + torch.where(add.unsqueeze(-1), delta, 0.0)

@@ -1,11 +1,16 @@
 """Shared machinery of the LLM-internal fusers (MLVF I_D `inject` and I_M `xattn`, SPEC section 6).
 
-The input sequence carries the base layer as usual, `P(hs[base])`. Each extra term k gets its own projector
-P_k and enters the LLM just before decoder layer m(k) = int(k * L_llm / L_vit - 1). The LLM is never forked
-or rewritten: `attach` registers forward pre-hooks on the decoder layers of any Hugging Face decoder-only
-model with a standard `layers` stack (Llama, Qwen2, Mistral, ...). Before each LLM call the model sets the
-batch's features and image span with `set_context`; the hooks read it. The context stays set until the next
-call (or `clear_context`), so recomputation under gradient checkpointing sees the same features.
+The input sequence carries the base layer as usual, `P(hs[base])`. Each extra term k (and the base too when the
+spec lists it: `3-18-23` fuses 3, 18 and 23, `3-18` only 3 and 18) gets its own projector P_k and enters the LLM
+just before decoder layer m(k) = int(k * L_llm / L_vit - 1). The LLM is never forked or rewritten: `attach`
+registers forward pre-hooks on the decoder layers of any Hugging Face decoder-only model with a standard `layers`
+stack (Llama, Qwen2, Mistral, ...). Before each LLM call the model sets the batch's features and image span with
+`set_context`; the hooks read it. The context stays set until the next call (or `clear_context`), so
+recomputation under gradient checkpointing and the decoding steps after a cached prefill see the same features.
+
+Positions: the hooks work in sequence indices (0..S-1 of the prefill, the image span's coordinates; left padding
+included), not in `position_ids`. transformers 4.x passes `cache_position` to the decoder layers; 5.x does not, so
+the offset of a decoding step is the length of the layer's own KV cache (not yet updated for this step).
 """
 
 from __future__ import annotations
@@ -38,6 +43,33 @@ def decoder_layers(llm: nn.Module) -> nn.ModuleList:
     )
 
 
+def cached_tokens(past: Any, layer_idx: int = 0) -> int:
+    """Tokens already in a KV cache (a transformers `Cache`, or the legacy tuple of (key, value) per layer)."""
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length(layer_idx))
+    if isinstance(past, (tuple, list)) and len(past) > layer_idx and past[layer_idx] is not None:
+        return int(past[layer_idx][0].shape[-2])
+    return 0
+
+
+def sequence_positions(hidden: torch.Tensor, kwargs: dict, layer_idx: int) -> torch.Tensor:
+    """Sequence indices [s] of the hidden states [B, s, d] entering decoder layer `layer_idx`.
+
+    `cache_position` where the model passes it (transformers 4.x); otherwise the tokens already in this layer's
+    KV cache (5.x: a layer's cache is updated inside the layer, so its pre-hook sees the length before this step;
+    sliding-window caches count every token seen); without a cache the hidden states are the whole sequence.
+    """
+    s = hidden.shape[1]
+    pos = kwargs.get("cache_position")
+    if pos is not None and pos.numel() == s:
+        return pos.to(hidden.device, torch.long).reshape(s)
+    past = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    offset = cached_tokens(past, layer_idx)
+    return torch.arange(offset, offset + s, device=hidden.device)
+
+
 @dataclass
 class ImageSpan:
     """Where the image sits in the LLM input of the current batch.
@@ -66,14 +98,18 @@ class InternalConfig(FuserConfig):
 
 
 class InternalFuser(Fuser):
-    """Base of `inject` and `xattn`: tokens = P(base); per extra term k, features P_k(term_k) [B, N, d]
-    delivered to decoder layer `llm_layer_of[k]`. Subclasses implement `apply(k, hidden, kwargs)`."""
+    """Base of `inject` and `xattn`: tokens = P(base); per fused term k (`fused_terms[k]` indexes
+    `selection.terms`), features P_k(term) [B, N, d] delivered to decoder layer `llm_layer_of[k]`.
+    Subclasses implement `apply(k, hidden, positions)`."""
 
     internal = True
 
     def __init__(self, config: InternalConfig, vision: VisionSpec, llm: LLMSpec):
         super().__init__(config, vision, llm)
-        if not self.selection.extra:
+        n = len(self.selection.terms)
+        # the extra terms, and the base when the spec lists it (SPEC section 6: 3-18-23 -> three LLM layers)
+        self.fused_terms = list(range(n - 1)) + ([n - 1] if self.selection.base_listed else [])
+        if not self.fused_terms:
             raise FuserBuildError(f"{self.name} fuses extra layers inside the LLM; {self.selection.describe()} has none")
         if len(self.selection.base) != 1:
             raise FuserBuildError(f"{self.name}: the base term must be one layer, got a group in {self.selection.describe()}")
@@ -81,16 +117,16 @@ class InternalFuser(Fuser):
             raise FuserBuildError(f"{self.name} needs the LLM's number of decoder layers (LLMSpec.num_layers)")
         d = llm.hidden_size
         self.projector = Projector(vision.hidden_size, d, config.projector_depth)
-        self.layer_projectors = nn.ModuleList(Projector(vision.hidden_size, d, config.projector_depth) for _ in self.selection.extra)
+        self.layer_projectors = nn.ModuleList(Projector(vision.hidden_size, d, config.projector_depth) for _ in self.fused_terms)
         # a group term enters where its last layer would
-        self.llm_layer_of = [llm_layer_for(t[-1], vision.num_layers, llm.num_layers) for t in self.selection.extra]
+        self.llm_layer_of = [llm_layer_for(self.selection.terms[t][-1], vision.num_layers, llm.num_layers) for t in self.fused_terms]
         self._handles: list[Any] = []
         self._context: tuple[dict[int, torch.Tensor], ImageSpan] | None = None
 
     def fuse(self, layers: torch.Tensor, text: torch.Tensor | None) -> FuserOutput:
         n = len(self.selection.terms)
         tokens = self.projector(self.term(layers, n - 1))
-        internal = {k: p(self.term(layers, k)) for k, p in enumerate(self.layer_projectors)}
+        internal = {k: p(self.term(layers, t)) for k, (t, p) in enumerate(zip(self.fused_terms, self.layer_projectors))}
         return FuserOutput(tokens, internal=internal)
 
     # -- context and hooks -----------------------------------------------------------------------------
@@ -100,6 +136,11 @@ class InternalFuser(Fuser):
     def clear_context(self) -> None:
         self._context = None
 
+    @property
+    def context(self) -> tuple[dict[int, torch.Tensor], ImageSpan] | None:
+        """(features by fused term, image span) of the last `set_context`, or None."""
+        return self._context
+
     def attach(self, llm: nn.Module) -> None:
         self.detach()
         stack = decoder_layers(llm)
@@ -107,30 +148,40 @@ class InternalFuser(Fuser):
             raise FuserBuildError(f"{self.name} was built for {self.llm.num_layers} decoder layers, the LLM has {len(stack)}")
         for m in sorted(set(self.llm_layer_of)):
             terms = [k for k, mk in enumerate(self.llm_layer_of) if mk == m]
-            self._handles.append(stack[m].register_forward_pre_hook(self._hook(terms), with_kwargs=True))
+            self._handles.append(stack[m].register_forward_pre_hook(self._hook(m, terms), with_kwargs=True))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
 
-    def _hook(self, terms: list[int]):
+    def _hook(self, m: int, terms: list[int]):
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if self._context is None:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
+            span = self._context[1]
+            if hidden.shape[0] != span.mask.shape[0]:
+                raise RuntimeError(
+                    f"{self.name}: the fuser's context is for a batch of {span.mask.shape[0]} samples, decoder layer {m} "
+                    f"got {hidden.shape[0]}; run the batch through VisionLanguageModel (which sets the context) or call "
+                    "fuser.clear_context() to use the LLM without the image"
+                )
+            layer_idx = getattr(getattr(module, "self_attn", None), "layer_idx", m)
+            positions = sequence_positions(hidden, kwargs, layer_idx)
             for k in terms:
-                hidden = self.apply(k, hidden, kwargs)
+                hidden = self.apply(k, hidden, positions)
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
 
         return pre_hook
 
-    def apply(self, k: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """Fuse term k into the residual stream `hidden` [B, S, d] entering its decoder layer."""
+    def apply(self, k: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Fuse term k into the residual stream `hidden` [B, s, d] entering its decoder layer; `positions` [s]
+        are the sequence indices of those s tokens (0..S-1 in a prefill, S.. in decoding steps)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        where = ", ".join(f"{t[-1]}->{m}" for t, m in zip(self.selection.extra, self.llm_layer_of))
+        where = ", ".join(f"{self.selection.terms[t][-1]}->{m}" for t, m in zip(self.fused_terms, self.llm_layer_of))
         return f"{super().extra_repr()}; vision layer -> LLM layer: {where}"

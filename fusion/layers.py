@@ -19,8 +19,8 @@ Spec syntax (`parse_layers`):
 
 Presets are written for a 24-block encoder; for depth L each index i becomes round(i*L/24) (half up), groups
 keep their partition (a group a..b becomes round((a-1)*L/24)+1 .. round(b*L/24)), the base is the
-penultimate layer L-1, and a single layer that collides with an earlier one or the base moves to the nearest
-free index (the later one on a tie), so the indices stay distinct.
+penultimate layer L-1, and a single layer that collides with an earlier one or the base moves to the free
+index nearest its unrounded position i*L/24 (the later one on a tie), so the indices stay distinct.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ class LayerSelection:
     spec: str
     num_layers: int  # L, blocks of the encoder
     terms: tuple[tuple[int, ...], ...]
+    # the base was written in the spec (`3-18-23`, explicit lists) rather than appended (`3-18`, named presets);
+    # the internal fusers then fuse it inside the LLM too (SPEC section 6: `3-18-23` -> LLM layers {2, 17, 22})
+    base_listed: bool = False
 
     @property
     def base(self) -> tuple[int, ...]:
@@ -117,22 +120,23 @@ def _scale_range(first: int, last: int, num_layers: int) -> tuple[int, ...]:
     return tuple(range(lo, max(lo, hi) + 1))
 
 
-def _distinct(terms: list[tuple[int, ...]], singles: list[bool], num_layers: int, spec: str) -> list[tuple[int, ...]]:
+def _distinct(terms: list[tuple[int, ...]], targets: list[float | None], num_layers: int, spec: str) -> list[tuple[int, ...]]:
     """Keep single-layer terms distinct (scaling a preset to a shallow encoder can merge them).
 
-    The base (last term) stays where it is; a colliding extra layer moves to the nearest free index,
-    preferring the later one. Group terms may overlap single layers (the base lies inside `latter`).
+    The base (last term) stays where it is; a colliding extra layer (targets[k] = its unrounded scaled
+    position, None for group terms) moves to the free index nearest that position, the later one on a tie.
+    Group terms may overlap single layers (the base lies inside `latter`).
     """
     used = {terms[-1][0]} if len(terms[-1]) == 1 else set()
     out = []
-    for t, single in zip(terms[:-1], singles):
-        if single:
+    for t, target in zip(terms[:-1], targets):
+        if target is not None:
             i = t[0]
             free = [j for j in range(1, num_layers + 1) if j not in used]
             if not free:
                 raise LayerSpecError(f"layer spec {spec!r} needs more distinct layers than a {num_layers}-block encoder has")
             if i in used:
-                i = min(free, key=lambda j: (abs(j - i), -j))
+                i = min(free, key=lambda j: (abs(j - target), -j))
             used.add(i)
             t = (i,)
         out.append(t)
@@ -151,10 +155,11 @@ def parse_layers(spec: str | int | list[int], num_layers: int) -> LayerSelection
     if not text:
         raise LayerSpecError("empty layer spec; use e.g. 'penultimate', '3-18-23', 'igva' or '4,12,20'")
     base = (num_layers - 1 if num_layers > 1 else num_layers,)
+    base_listed = False
     if text in NAMED_PRESETS:
         ranges, with_base = NAMED_PRESETS[text]
         terms = [_scale_range(a, b, num_layers) for a, b in ranges]
-        singles = [a == b for a, b in ranges]
+        targets = [a * num_layers / PRESET_DEPTH if a == b else None for a, b in ranges]
         if with_base:
             terms.append(base)
     elif _DASH.match(text):
@@ -164,22 +169,25 @@ def parse_layers(spec: str | int | list[int], num_layers: int) -> LayerSelection
                 raise LayerSpecError(f"layer {i} in preset {text!r} is outside 0..24 (presets are written for 24 blocks)")
         if len(set(listed)) != len(listed):
             raise LayerSpecError(f"layer spec {text!r} repeats a layer")
+        if PRESET_BASE in listed[:-1]:
+            raise LayerSpecError(f"layer spec {text!r}: the base layer {PRESET_BASE} comes last (it is the query / input-sequence layer)")
         terms = [base if i == PRESET_BASE else (scale_index(i, num_layers),) for i in listed]
+        base_listed = PRESET_BASE in listed
         if base not in terms:
             terms.append(base)
-        singles = [True] * len(terms)
+        targets = [i * num_layers / PRESET_DEPTH for i in listed if i != PRESET_BASE]
     elif "," in text or text.startswith("-"):
         terms = [_explicit_term(part, num_layers, text) for part in text.split(",") if part]
         if not terms:
             raise LayerSpecError(f"layer spec {text!r} lists no layers")
-        return LayerSelection(text, num_layers, tuple(terms))
+        return LayerSelection(text, num_layers, tuple(terms), base_listed=True)
     else:
         raise LayerSpecError(
             f"unknown layer spec {text!r}: use a preset ({', '.join(PRESETS)}), a dash list like '3-18' "
             "(those layers + the penultimate), or explicit indices like '4,12,20', '-2', '12,' or groups '1:6,7:12,23'"
         )
-    terms = _distinct(terms, singles, num_layers, text)
-    return LayerSelection(text, num_layers, tuple(terms))
+    terms = _distinct(terms, targets, num_layers, text)
+    return LayerSelection(text, num_layers, tuple(terms), base_listed=base_listed)
 
 
 def _explicit_term(part: str, num_layers: int, spec: str) -> tuple[int, ...]:

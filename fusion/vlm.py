@@ -5,6 +5,11 @@ expands `<image>`); their embeddings are replaced by the fuser's visual tokens, 
 LLaVA. Internal fusers get their features and the image span through `set_context` before the LLM runs.
 
     input_ids [B, S], layers [B, k, T, D], text [B, d_s] | None, has_image [B] -> logits [B, S, V]
+
+Decoding with a KV cache: call it again with the new token(s) and `past_key_values` (`layers` may be None).
+Such a step carries no image; the internal fusers keep the context of the prefill (inject adds nothing, xattn
+still attends to the image). Calling the LLM directly after a prefill through this model (e.g. transformers'
+`generate(inputs_embeds=...)`) works the same way, as long as the fuser context is that prefill's.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from torch import nn
 
 from .base import Fuser, FuserOutput
-from .internal import ImageSpan, InternalFuser
+from .internal import ImageSpan, InternalFuser, cached_tokens
 
 
 @dataclass
@@ -23,7 +28,7 @@ class VLMOutput:
     logits: torch.Tensor  # [B, S, V]
     loss: torch.Tensor | None  # LM loss (+ the fuser's aux loss)
     lm_loss: torch.Tensor | None
-    fused: FuserOutput
+    fused: FuserOutput | None  # None in a decoding step (the fuser does not run)
     past_key_values: object | None = None
 
 
@@ -64,13 +69,18 @@ class VisionLanguageModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        layers: torch.Tensor,
+        layers: torch.Tensor | None,
         text: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         **llm_kwargs,
     ) -> VLMOutput:
+        past = cached_tokens(llm_kwargs.get("past_key_values"))
+        if past > 0:
+            return self._decode_step(input_ids, past, attention_mask, labels, llm_kwargs)
+        if layers is None:
+            raise ValueError("`layers` (the cached vision features) are needed unless this is a decoding step with a filled KV cache")
         fused = self.fuser(layers, text)
         embeds, span = self.embed(input_ids, fused, has_image)
         if isinstance(self.fuser, InternalFuser):
@@ -81,3 +91,31 @@ class VisionLanguageModel(nn.Module):
         if loss is not None and fused.aux_loss is not None:
             loss = loss + fused.aux_loss
         return VLMOutput(out.logits, loss, lm_loss, fused, getattr(out, "past_key_values", None))
+
+    def _decode_step(self, input_ids: torch.Tensor, past: int, attention_mask: torch.Tensor | None,
+                     labels: torch.Tensor | None, llm_kwargs: dict) -> VLMOutput:
+        """Tokens after a cached prefill: text only; the internal fusers keep the prefill's context."""
+        placeholders = input_ids == self.image_token_id
+        if placeholders.any():
+            bad = placeholders.any(dim=1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"image placeholders in a decoding step (batch rows {bad}, {past} tokens already cached): "
+                "the image must be part of the prefill"
+            )
+        if isinstance(self.fuser, InternalFuser):
+            context = self.fuser.context
+            if context is None:
+                raise RuntimeError(
+                    f"{self.fuser.name}: a decoding step with a filled KV cache but no image context; run the prefill "
+                    "through this VisionLanguageModel first (and do not clear_context() in between)"
+                )
+            b, s = context[1].mask.shape
+            if b != input_ids.shape[0] or s > past:
+                raise RuntimeError(
+                    f"{self.fuser.name}: the fuser's context is for a batch of {b} samples x {s} tokens, this decoding "
+                    f"step has {input_ids.shape[0]} samples after {past} cached tokens; run its prefill through this "
+                    "VisionLanguageModel first"
+                )
+        out = self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+        lm_loss = getattr(out, "loss", None)
+        return VLMOutput(out.logits, lm_loss, lm_loss, None, getattr(out, "past_key_values", None))

@@ -6,8 +6,10 @@ Before decoder layer m(k) a block is run on the residual stream (the pretrained 
     y = y + tanh(a2) * MLP(RMSNorm(y))
 
 a1 = a2 = 0 at init, so the LLM's outputs are unchanged until the gates open. Token t may attend to the
-image features only if the image span starts before t; other tokens (and samples without an image) get 0
-from the attention. It runs at every step, decoding included (cross-attention needs no KV cache).
+image features only if the image span starts before t; the whole block (attention and MLP) acts on those
+tokens only, so tokens up to the image start and samples without an image pass through unchanged (the LLM
+stays exactly the pretrained one on text). It runs at every step, decoding included (cross-attention needs no
+KV cache; a decoding step's sequence position comes from the KV cache, see internal.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class XAttnConfig(InternalConfig):
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    """x [B, S, d], image [B, N, d], allowed [B, S] bool -> [B, S, d]."""
+    """x [B, S, d], image [B, N, d], allowed [B, S] bool -> [B, S, d] (x itself where not allowed)."""
 
     def __init__(self, d: int, heads: int, mlp_ratio: float, eps: float):
         super().__init__()
@@ -53,15 +55,16 @@ class GatedCrossAttentionBlock(nn.Module):
         h = self.heads
         q = self.q(self.norm_x(x)).view(b, s, h, d // h).transpose(1, 2)  # [B, h, S, dh]
         k, v = self.kv(image.to(x.dtype)).view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [B, h, N, dh] each
-        attn = F.scaled_dot_product_attention(q, k, v)  # every token sees the whole image ...
-        attn = attn.transpose(1, 2).reshape(b, s, d) * allowed.unsqueeze(-1).to(x.dtype)  # ... then masked out
-        y = x + torch.tanh(self.gate_attn) * self.out(attn)
-        return y + torch.tanh(self.gate_mlp) * self.mlp(self.norm_mlp(y))
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, d)  # every token sees the image ...
+        keep = allowed.unsqueeze(-1)  # ... the update is kept only where allowed (where, not a product: no NaN leaks)
+        y = x + torch.where(keep, torch.tanh(self.gate_attn) * self.out(attn), 0.0)
+        y = y + torch.where(keep, torch.tanh(self.gate_mlp) * self.mlp(self.norm_mlp(y)), 0.0)
+        return y.to(x.dtype)  # the residual stream keeps its dtype (fp32 gates would promote a bf16 stream)
 
 
 @register_fuser
 class XAttnFuser(InternalFuser):
-    """One gated cross-attention block per extra term, run before decoder layer m(k)."""
+    """One gated cross-attention block per fused term, run before decoder layer m(k)."""
 
     name = "xattn"
     config_class = XAttnConfig
@@ -72,16 +75,11 @@ class XAttnFuser(InternalFuser):
         if heads < 1:
             raise FuserBuildError("xattn needs a head count (config.heads or LLMSpec.num_heads)")
         self.blocks = nn.ModuleList(
-            GatedCrossAttentionBlock(llm.hidden_size, heads, config.mlp_ratio, config.norm_eps) for _ in self.selection.extra
+            GatedCrossAttentionBlock(llm.hidden_size, heads, config.mlp_ratio, config.norm_eps) for _ in self.fused_terms
         )
 
-    def apply(self, k: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    def apply(self, k: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         internal, span = self._context  # type: ignore[misc]
-        b, s, _ = hidden.shape
-        pos = kwargs.get("cache_position")
-        if pos is None:  # no cache bookkeeping: the hidden states are the whole sequence
-            pos = torch.arange(s, device=hidden.device)
-        pos = pos.to(hidden.device).view(1, -1).expand(b, s)
-        start = span.start.to(hidden.device).view(b, 1)
-        allowed = (start >= 0) & (pos > start)  # [B, S]
+        start = span.start.to(hidden.device).view(-1, 1)
+        allowed = (start >= 0) & (positions.view(1, -1) > start)  # [B, s]: the image starts before the token
         return self.blocks[k](hidden, internal[k], allowed)

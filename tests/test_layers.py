@@ -72,13 +72,13 @@ def test_scaling_examples():
     assert parse_layers("former", 12).terms == (tuple(range(1, 7)), (11,))
     assert scale_index(18, 32) == 24 and scale_index(3, 32) == 4
     # a preset that collides on a shallow encoder moves the later layer up ...
-    assert parse_layers("mmfuser", 6).terms == ((1,), (2,), (3,), (6,), (5,))
+    assert parse_layers("mmfuser", 6).terms == ((1,), (2,), (3,), (4,), (5,))  # 18 -> 4.5 -> 5 = base -> 4
     # ... and a depth too shallow for distinct layers is an error
     with pytest.raises(LayerSpecError, match="distinct"):
         parse_layers("mmfuser", 3)
 
 
-@pytest.mark.parametrize("bad, msg", [("", "empty"), ("foo", "unknown layer spec"), ("3-3", "repeats"), ("3-30", "outside"), ("6:1,", "backwards"), ("1,x", "cannot read")])
+@pytest.mark.parametrize("bad, msg", [("", "empty"), ("foo", "unknown layer spec"), ("3-3", "repeats"), ("23-18", "comes last"), ("3-30", "outside"), ("6:1,", "backwards"), ("1,x", "cannot read")])
 def test_bad_specs(bad, msg):
     with pytest.raises(LayerSpecError, match=msg):
         parse_layers(bad, 24)
