@@ -9,13 +9,10 @@ and batches never straddle shards, so the cache is bit-for-bit the one a single 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import queue
-import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,11 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from layerfuse.pipeline import __version__
-from layerfuse.pipeline.cache import ATTRS_KEY, OK, SKIPPED, TEXT_ONLY, CacheError, from_torch, open_group, split_url
+from layerfuse.pipeline.cache import ATTRS_KEY, OK, SKIPPED, TEXT_ONLY, from_torch, open_group
 from layerfuse.pipeline.cache_writer import CacheWriter, ShardResult, compressor_name
 from layerfuse.pipeline.distributed import DistContext
 from layerfuse.pipeline.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, build_default_vision, load_vision_encoder
 from layerfuse.pipeline.records import Plan, SampleError, SampleIssue, SampleRecord
+from layerfuse.pipeline.workers import worker_init_fn
 from layerfuse.pipeline.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL, InstructionEmbedder, max_human_turns
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -144,26 +142,6 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [it for it in items if it["pixels"] is not None]
     pixels = torch.from_numpy(np.stack([it["pixels"] for it in ok])) if ok else None
     return {"items": items, "pixels": pixels}
-
-
-def _worker_init(worker_id: int, parent: int) -> None:
-    torch.set_num_threads(1)
-    _die_with_parent(parent)
-
-
-def _die_with_parent(parent: int) -> None:
-    """Linux: a DataLoader worker is killed with its parent, even when the parent is SIGKILLed.
-
-    Without this, a worker of a killed extraction can block forever on its result queue as an orphan.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def shard_batches(writer: CacheWriter, shards: Sequence[int], batch_size: int) -> Iterator[list[int]]:
@@ -379,7 +357,7 @@ def _process(
         num_workers=cfg.workers,
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
-        worker_init_fn=functools.partial(_worker_init, parent=os.getpid()) if cfg.workers else None,
+        worker_init_fn=worker_init_fn(cfg.workers),
         prefetch_factor=4 if cfg.workers else None,
     )
     sink = _ShardWriterThread(writer)
