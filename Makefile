@@ -53,5 +53,15 @@ bench: $(STAMP)
 	$(PY) bench/extract.py --out BENCHMARKS.md
 	$(PY) bench/msda.py --out BENCHMARKS.md
 
+# MSDeformAttn CUDA kernel, its CPU build and (when TENSORRT_ROOT or the system has TensorRT headers) the TensorRT
+# plugin, into plugins_trt/build/: CMake when installed, else plain nvcc (plugins_trt/build.py). CUDA_ARCHS="80;90".
+CUDA_ARCHS ?= 80;90
+kernel: $(STAMP)
+	@if command -v cmake >/dev/null 2>&1; then \
+	   cmake -S plugins_trt -B plugins_trt/build/cmake -DCMAKE_CUDA_ARCHITECTURES="$(CUDA_ARCHS)" \
+	     -DCMAKE_LIBRARY_OUTPUT_DIRECTORY=$(CURDIR)/plugins_trt/build -DPython3_EXECUTABLE=$(abspath $(PY)) && \
+	   cmake --build plugins_trt/build/cmake -j; \
+	 else $(PY) -m layerfuse.plugins_trt.build --archs "$(CUDA_ARCHS)"; fi
+
 clean:
 	rm -rf $(RUN) .pytest_cache

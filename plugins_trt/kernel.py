@@ -107,6 +107,9 @@ def _library_path(env: str, name: str, builder, build: bool, build_dir: Path | N
             raise MSDAKernelError(f"{env}={path} does not exist")
         return path
     build_dir = Path(build_dir) if build_dir else msda_build.DEFAULT_BUILD_DIR
+    built_by_cmake = (build_dir / name).is_file() and not (build_dir / (name + ".stamp")).is_file()
+    if built_by_cmake:  # `make kernel` with CMake: used as it is (rerun `make kernel` after changing csrc/)
+        return build_dir / name
     if not build:
         path = build_dir / name
         if not path.is_file():
