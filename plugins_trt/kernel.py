@@ -215,3 +215,11 @@ def unregister() -> None:
 
     _LIBS.clear()
     unregister_kernel()
+
+
+def bound_library(device: str | torch.device) -> MSDALibrary:
+    """The library bound by register() for this device type ("cuda" or "cpu")."""
+    key = torch.device(device).type
+    if key not in _LIBS:
+        raise MSDAKernelError(f"no MSDeformAttn library bound for {key}: call register() first")
+    return _LIBS[key]

@@ -104,8 +104,10 @@ struct Corners {
 
 MSDA_HD Corners bilinear_corners(float x, float y, int32_t h, int32_t w) {
     Corners c;
-    // The comparisons also reject NaN and keep the float -> int conversion below in range.
-    c.any = x > -1.0f && y > -1.0f && x < static_cast<float>(w) && y < static_cast<float>(h);
+    // The comparisons also reject NaN and keep the float -> int conversion below in range. x == -1 is kept (all its
+    // weight is on an outside corner, so it samples 0) for its location gradient: the right derivative, as
+    // grid_sample's backward takes it at a corner (floor convention).
+    c.any = x >= -1.0f && y >= -1.0f && x < static_cast<float>(w) && y < static_cast<float>(h);
     const float xf = c.any ? floorf(x) : 0.0f;
     const float yf = c.any ? floorf(y) : 0.0f;
     const int32_t x0 = static_cast<int32_t>(xf);
