@@ -147,8 +147,10 @@ def _header_paths() -> list[Path]:
     return [CSRC / h for h in HEADERS if (CSRC / h).is_file()]
 
 
-def build_kernel(build_dir: Path = DEFAULT_BUILD_DIR, archs: str | None = None, verbose: bool = False) -> Path:
-    """libmsda_kernel.so: the CUDA kernels and the C ABI (cudart linked statically)."""
+def build_kernel(build_dir: Path = DEFAULT_BUILD_DIR, archs: str | None = None, verbose: bool = False,
+                 keep_dir: Path | None = None) -> Path:
+    """libmsda_kernel.so: the CUDA kernels and the C ABI (cudart linked statically); keep_dir keeps nvcc's
+    intermediate files (the .ptx among them)."""
     tc = toolchain(archs)
     if tc.nvcc is None:
         raise BuildError("nvcc not found (set NVCC or CUDA_HOME, or put nvcc on PATH); the CUDA kernel needs it")
@@ -156,6 +158,9 @@ def build_kernel(build_dir: Path = DEFAULT_BUILD_DIR, archs: str | None = None, 
     sources = [CSRC / s for s in KERNEL_SOURCES]
     cmd = [tc.nvcc, "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden,-fno-strict-aliasing",
            "--threads", "2", *gencode_flags(tc.archs), "-I", str(CSRC), *map(str, sources), "-o", str(out)]
+    if keep_dir is not None:
+        Path(keep_dir).mkdir(parents=True, exist_ok=True)
+        cmd[1:1] = ["-keep", "-keep-dir", str(keep_dir)]
     return _run(cmd, out, sources + _header_paths(), verbose)
 
 

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -62,8 +63,11 @@ inline int vector_width(int value_dtype, int64_t channels, int max_v, const void
     return 1;
 }
 
-// 64-bit offsets when any element count the kernels index exceeds int32.
+// 64-bit offsets when any element count the kernels index exceeds int32. LAYERFUSE_MSDA_WIDE_OFFSETS=1 forces them
+// (tests exercise the 64-bit instantiations on small problems that way).
 inline bool needs_int64(const Problem& pb) {
+    const char* force = std::getenv("LAYERFUSE_MSDA_WIDE_OFFSETS");
+    if (force != nullptr && force[0] == '1') return true;
     const int64_t limit = INT32_MAX;
     const int64_t bqh = pb.batch * pb.queries * pb.heads;
     return pb.batch * pb.spatial * pb.heads * pb.channels > limit || bqh * pb.channels > limit ||
