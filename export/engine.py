@@ -1,6 +1,6 @@
 """TensorRT engines of an exported front end: build (ONNX -> plan), run, compare with PyTorch, time.
 
-    info = build_engine("front.onnx", "front.plan", precision="fp16", plugin_library="plugins_trt/build/libmsda.so")
+    info = build_engine("front.onnx", "front.plan", precision="fp16", plugin_library=default_plugin_library())
     outs = run_engine("front.plan", {"layers": x}, plugin_library=...)           # name -> numpy array
     report = compare_engine("front.plan", fuser, plugin_library=...)             # VerifyReport vs PyTorch eager
     rows = bench_engine("front.plan", fuser, batch_sizes=(1, 8), plugin_library=...)
@@ -130,6 +130,14 @@ def _check_build_args(onnx_path: Path, precision: str, plugin_library: Path | No
             "--msda hybrid / gather"
         )
     return header
+
+
+def default_plugin_library() -> Path | None:
+    """`plugins_trt/build/libmsda_plugin.so` (what `make kernel` builds when TensorRT headers are found), if built."""
+    from layerfuse.plugins_trt.build import DEFAULT_BUILD_DIR
+
+    path = DEFAULT_BUILD_DIR / "libmsda_plugin.so"
+    return path if path.is_file() else None
 
 
 def load_plugin_library(trt: Any, plugin_library: str | Path) -> Any:
