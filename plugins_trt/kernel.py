@@ -71,12 +71,15 @@ class MSDALibrary:
         """value [B,S,H,Dh], shapes [L,2], starts [L], loc [B,Q,H,L,P,2] fp32, attn [B,Q,H,L,P] fp32 -> out [B,Q,H*Dh]."""
         b, s, h, dh = value.shape
         q, n_levels, n_points = loc.shape[1], loc.shape[3], loc.shape[4]
-        status = self._forward(
-            value.data_ptr(), spatial_shapes.data_ptr(), level_start_index.data_ptr(), loc.data_ptr(),
-            attn.data_ptr(), out.data_ptr(), b, s, h, dh, q, n_levels, n_points,
-            VALUE_DTYPES[value.dtype], INDEX_DTYPES[spatial_shapes.dtype], stream,
-        )
-        self._check(status, "msda_forward")
+        pointers = (value.data_ptr(), spatial_shapes.data_ptr(), level_start_index.data_ptr(), loc.data_ptr(),
+                    attn.data_ptr(), out.data_ptr())
+        self.forward_pointers(pointers, (b, s, h, dh, q, n_levels, n_points), VALUE_DTYPES[value.dtype],
+                              INDEX_DTYPES[spatial_shapes.dtype], stream)
+
+    def forward_pointers(self, pointers: tuple[int, ...], sizes: tuple[int, ...], value_dtype: int, index_dtype: int,
+                         stream: int = 0) -> None:
+        """msda_forward on raw addresses (value, shapes, starts, loc, attn, out) and sizes (B, S, H, Dh, Q, L, P)."""
+        self._check(self._forward(*pointers, *sizes, value_dtype, index_dtype, stream), "msda_forward")
 
     def workspace_bytes(self, value: torch.Tensor) -> int:
         b, s, h, dh = value.shape
