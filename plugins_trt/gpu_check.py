@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import re
@@ -30,9 +31,9 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -309,30 +310,38 @@ def timing_cases(quick: bool, device: str) -> list[Case]:
     return cases
 
 
+def _time_impl(impl: str, inputs, backward: bool, device: str, repeats: int) -> float:
+    """Median ms of ms_deform_attn(impl=...) forward (no grad) or forward+backward."""
+    value, shapes, starts, loc, attn = inputs
+    if backward:
+        v, l, a = (t.detach().clone().requires_grad_(True) for t in (value, loc, attn))
+        return time_ms(lambda: ms_deform_attn(v, shapes, starts, l, a, impl=impl).sum().backward(), device, repeats)
+
+    def forward() -> None:
+        with torch.no_grad():
+            ms_deform_attn(value, shapes, starts, loc, attn, impl=impl)
+
+    return time_ms(forward, device, repeats)
+
+
+def _time_launcher(case: Case, inputs, device: str, repeats: int) -> float:
+    """Median ms of msda_forward alone: no dispatcher checks, output preallocated."""
+    value, shapes, starts, loc, attn = inputs
+    lib = kernel.bound_library(device)
+    out = torch.empty(case.b, case.q, case.h * case.dh, dtype=case.dtype, device=device)
+    stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
+    return time_ms(lambda: lib.forward(value, shapes, starts, loc, attn, out, stream), device, repeats)
+
+
 def run_timings(quick: bool, device: str, repeats: int) -> list[Timing]:
     results = []
     for case in timing_cases(quick, device):
-        value, shapes, starts, loc, attn = make_inputs(case, device)
+        inputs = make_inputs(case, device)
+        value, _, _, loc, attn = inputs
         for backward in (False, True):
-            ms = {}
-            if not backward:  # the launcher alone: no dispatcher checks, output preallocated
-                lib = kernel.bound_library(device)
-                out = torch.empty(case.b, case.q, case.h * case.dh, dtype=case.dtype, device=device)
-                stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
-                ms["raw"] = time_ms(lambda: lib.forward(value, shapes, starts, loc, attn, out, stream), device, repeats)
-            for impl in ("kernel", "grid_sample", "gather"):
-                if backward:
-                    v, l, a = (t.detach().clone().requires_grad_(True) for t in (value, loc, attn))
-
-                    def step(impl=impl, v=v, l=l, a=a):
-                        ms_deform_attn(v, shapes, starts, l, a, impl=impl).sum().backward()
-                else:
-
-                    def step(impl=impl):
-                        with torch.no_grad():
-                            ms_deform_attn(value, shapes, starts, loc, attn, impl=impl)
-
-                ms[impl] = time_ms(step, device, repeats)
+            ms = {impl: _time_impl(impl, inputs, backward, device, repeats) for impl in ("kernel", "grid_sample", "gather")}
+            if not backward:
+                ms["raw"] = _time_launcher(case, inputs, device, repeats)
             results.append(Timing(case.name, case.dtype, backward, ms, compulsory_bytes(value, loc, attn, backward)))
     return results
 
@@ -354,11 +363,13 @@ def render(outcomes: list[Outcome], determinism: bool, auto_ok: bool, timings: l
         "",
         f"Machine: {machine(device)}. Command: `{cmd}`. Date: {datetime.date.today().isoformat()}.",
         "",
-        f"**Correctness**: {sum(o.passed for o in outcomes)}/{len(outcomes)} cases pass against grid_sample in "
-        "float64 (normalised error max|out - ref| / max(max|ref|, 1); bounds fp32 "
-        f"{FORWARD_TOL[torch.float32]:g}, fp16 {FORWARD_TOL[torch.float16]:g}, bf16 {FORWARD_TOL[torch.bfloat16]:g} "
-        f"forward). Forward bitwise deterministic: {'yes' if determinism else 'NO'}. "
-        f"`impl=\"auto\"` uses the kernel on CUDA: {'yes' if auto_ok else 'NO'}.",
+        (
+            f"**Correctness**: {sum(o.passed for o in outcomes)}/{len(outcomes)} cases pass against grid_sample in "
+            "float64 (normalised error max|out - ref| / max(max|ref|, 1); bounds fp32 "
+            f"{FORWARD_TOL[torch.float32]:g}, fp16 {FORWARD_TOL[torch.float16]:g}, bf16 {FORWARD_TOL[torch.bfloat16]:g} "
+            f"forward). Forward bitwise deterministic: {'yes' if determinism else 'NO'}. "
+            f"`impl=\"auto\"` uses the kernel on CUDA: {'yes' if auto_ok else 'NO'}."
+        ),
         "",
         "| case | forward err | grad value | grad locations | grad weights | pass |",
         "|---|---|---|---|---|---|",
@@ -369,10 +380,12 @@ def render(outcomes: list[Outcome], determinism: bool, auto_ok: bool, timings: l
         lines.append(f"| {o.case.name} | {o.forward_err:.1e} | {' | '.join(cells)} | {'yes' if o.passed else '**NO**'} |")
     lines += [
         "",
-        f"**Timing** (median of CUDA-event timings; peak bandwidth {peak / 1e12:.2f} TB/s, {peak_how}). \"kernel\", "
-        "grid_sample and gather: `ms_deform_attn(impl=...)` with its input checks (speed-ups compare these); "
-        "\"launcher\": msda_forward alone. Bandwidth = compulsory bytes (value, locations, weights, output once; for "
-        "fwd+bwd also the gradients) / launcher time (fwd) or kernel time (fwd+bwd).",
+        (
+            f"**Timing** (median of CUDA-event timings; peak bandwidth {peak / 1e12:.2f} TB/s, {peak_how}). \"kernel\", "
+            "grid_sample and gather: `ms_deform_attn(impl=...)` with its input checks (speed-ups compare these); "
+            "\"launcher\": msda_forward alone. Bandwidth = compulsory bytes (value, locations, weights, output once; "
+            "for fwd+bwd also the gradients) / launcher time (fwd) or kernel time (fwd+bwd)."
+        ),
         "",
         "| shape | pass | kernel ms | launcher ms | grid_sample ms | gather ms | vs grid_sample | vs gather | GB/s | % of peak |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -380,7 +393,7 @@ def render(outcomes: list[Outcome], determinism: bool, auto_ok: bool, timings: l
     for t in timings:
         kernel_ms = t.ms.get("raw", t.ms["kernel"])
         gbs = t.bytes_moved / (kernel_ms * 1e-3) / 1e9
-        frac = f"{100 * gbs * 1e9 / peak:.0f}%" if peak == peak else "-"
+        frac = f"{100 * gbs * 1e9 / peak:.0f}%" if not math.isnan(peak) else "-"
         raw = f"{t.ms['raw']:.3f}" if "raw" in t.ms else "-"
         lines.append(
             f"| {t.name} | {'fwd+bwd' if t.backward else 'fwd'} | {t.ms['kernel']:.3f} | {raw} | "
@@ -394,7 +407,7 @@ def write_section(path: Path, section: str) -> None:
     """Replace this script's section of `path` (up to the next `## `), or append it; other sections are kept."""
     if path.exists():
         old = path.read_text()
-        pat = re.compile(r"^" + re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
+        pat = re.compile(r"^" + re.escape(SECTION) + r".*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
         new = pat.sub(lambda _: section.rstrip("\n") + "\n\n", old, count=1) if pat.search(old) else old.rstrip("\n") + "\n\n" + section
     else:
         new = BENCH_HEADER + section

@@ -13,4 +13,4 @@ PLUGIN_NAMESPACE = "layerfuse"  # TensorRT plugin namespace == ONNX attribute pl
 ONNX_DOMAIN = "layerfuse"  # ONNX domain of the custom node
 ONNX_DOMAIN_VERSION = 1  # opset version of that domain
 
-__all__ = ["PLUGIN_NAME", "PLUGIN_VERSION", "PLUGIN_NAMESPACE", "ONNX_DOMAIN", "ONNX_DOMAIN_VERSION"]
+__all__ = ["ONNX_DOMAIN", "ONNX_DOMAIN_VERSION", "PLUGIN_NAME", "PLUGIN_NAMESPACE", "PLUGIN_VERSION"]

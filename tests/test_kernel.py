@@ -318,7 +318,7 @@ def test_register_without_cuda_says_so():
 
 def run_gpu_check(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "layerfuse.plugins_trt.gpu_check", *args], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **(env or {})})
+                          text=True, timeout=300, env={**os.environ, **(env or {})}, check=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
