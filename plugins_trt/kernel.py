@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from layerfuse.fusion.msda import register_kernel
+from layerfuse.fusion.msda import ms_deform_attn_grid_sample, register_kernel
 
 from . import build as msda_build
 
@@ -177,10 +177,16 @@ def ms_deform_attn_kernel(
     sampling_locations: torch.Tensor,  # [B, Q, H, L, P, 2]
     attention_weights: torch.Tensor,  # [B, Q, H, L, P]
 ) -> torch.Tensor:  # [B, Q, H*Dh] in value's dtype
-    """The registered implementation: the CUDA kernel for CUDA tensors (the host build for CPU ones if bound)."""
+    """The registered implementation: the CUDA kernel for CUDA tensors (the host build for CPU ones if bound).
+
+    float64 value (gradcheck, references) goes to the grid_sample implementation, so that impl="auto" keeps
+    working for it on CUDA once the kernel is registered; other dtypes are refused."""
+    if value.dtype == torch.float64:
+        return ms_deform_attn_grid_sample(value, spatial_shapes, level_start_index, sampling_locations,
+                                          attention_weights)
     if value.dtype not in VALUE_DTYPES:
-        raise TypeError(f"ms_deform_attn kernel: value must be float32, float16 or bfloat16, got {value.dtype} "
-                        "(use impl='grid_sample' for float64)")
+        raise TypeError(f"ms_deform_attn kernel: value must be float32, float16 or bfloat16 (float64 goes to "
+                        f"grid_sample), got {value.dtype}")
     key = "cuda" if value.is_cuda else "cpu"
     lib = _LIBS.get(key)
     if lib is None:

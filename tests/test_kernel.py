@@ -292,10 +292,14 @@ def test_host_forward_is_the_dispatch_target_and_handles_non_contiguous_inputs(h
 # ---- errors --------------------------------------------------------------------------------------------------------
 
 
-def test_kernel_refuses_float64_and_unbound_devices(host_registered, monkeypatch):
+def test_kernel_sends_float64_to_grid_sample_and_refuses_unbound_devices(host_registered, monkeypatch):
+    """float64 (gradcheck) keeps working under impl="auto" on CUDA once the kernel is registered."""
     value, shapes, starts, loc, attn = make_case([(3, 3)], dtype=torch.float64)
+    out = ms_deform_attn(value, shapes, starts, loc, attn, impl="kernel")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ms_deform_attn_grid_sample(value, shapes, starts, loc, attn), rtol=0, atol=0)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        ms_deform_attn(value, shapes, starts, loc, attn, impl="kernel")
+        ms_deform_attn(value.to(torch.int32), shapes, starts, loc, attn, impl="kernel")
     monkeypatch.delitem(msda_kernel._LIBS, "cpu")
     with pytest.raises(msda_kernel.MSDAKernelError, match="needs CUDA tensors"):
         ms_deform_attn(value.float(), shapes, starts, loc, attn, impl="kernel")
