@@ -66,6 +66,16 @@ class VisionLanguageModel(nn.Module):
             embeds = embeds + 0.0 * fused.tokens.sum()  # keep the fuser in the graph (DDP needs every param used)
         return embeds, ImageSpan.from_mask(mask)
 
+    def prepare(
+        self, input_ids: torch.Tensor, layers: torch.Tensor, text: torch.Tensor | None = None, has_image: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, FuserOutput]:
+        """Run the fuser, place its tokens and hand the internal fusers their context: -> inputs_embeds [B, S, d]."""
+        fused = self.fuser(layers, text)
+        embeds, span = self.embed(input_ids, fused, has_image)
+        if isinstance(self.fuser, InternalFuser):
+            self.fuser.set_context(fused.internal, span)
+        return embeds, fused
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -81,10 +91,7 @@ class VisionLanguageModel(nn.Module):
             return self._decode_step(input_ids, past, attention_mask, labels, llm_kwargs)
         if layers is None:
             raise ValueError("`layers` (the cached vision features) are needed unless this is a decoding step with a filled KV cache")
-        fused = self.fuser(layers, text)
-        embeds, span = self.embed(input_ids, fused, has_image)
-        if isinstance(self.fuser, InternalFuser):
-            self.fuser.set_context(fused.internal, span)
+        embeds, fused = self.prepare(input_ids, layers, text, has_image)
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
         lm_loss = getattr(out, "loss", None)
         loss = lm_loss

@@ -125,6 +125,21 @@ class FeatureCache:
     def has_cls(self) -> bool:
         return bool(self.meta["encoder"]["has_cls"])
 
+    @property
+    def chunk_rows(self) -> int:
+        """Samples per feature chunk (one layer of that many samples is decompressed at once)."""
+        return int(self._features.chunks[0])
+
+    @property
+    def shard_rows(self) -> int:
+        """Samples per storage shard (one file on disk / one object in a store)."""
+        shards = getattr(self._features, "shards", None)
+        return int((shards or self._features.chunks)[0])
+
+    def storage_rows(self, rows: Sequence[int] | np.ndarray | slice | None = None) -> np.ndarray:
+        """Storage-row numbers (positions in the arrays on disk) of the given reader rows."""
+        return self._storage_rows(rows)
+
     def __len__(self) -> int:
         return len(self._rows)
 
@@ -147,6 +162,10 @@ class FeatureCache:
     @property
     def ids(self) -> list[str]:
         return [str(x) for x in self._column("id")[self._rows]]
+
+    def sample_ids(self, rows: Sequence[int] | np.ndarray | slice | None = None) -> np.ndarray:
+        """Sample ids of the given reader rows (str array)."""
+        return self._column("id")[self._storage_rows(rows)]
 
     @property
     def categories(self) -> np.ndarray:

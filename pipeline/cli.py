@@ -18,9 +18,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from layerfuse.pipeline.cache import CacheError
     from layerfuse.pipeline.checkpoints import CheckpointError
     from layerfuse.pipeline.extract import ExtractError
+    from layerfuse.fusion import FuserBuildError
+    from layerfuse.pipeline.conversation import TemplateError
     from layerfuse.pipeline.records import SampleError
+    from layerfuse.pipeline.train import TrainError
 
-    return (CacheError, CheckpointError, ExtractError, SampleError, FileNotFoundError)
+    return (CacheError, CheckpointError, ExtractError, SampleError, FileNotFoundError, TrainError, FuserBuildError, TemplateError)
 
 
 def _run_cli(fn, *args: Any, **kwargs: Any) -> Any:
@@ -40,10 +43,12 @@ def main() -> None:
     Inspect:    layerfuse cache info | verify
     Data:       layerfuse data synthetic  (the built-in dataset)
     Fusion:     layerfuse fusers          (registered fusers, their options, layer-spec resolution)
+    Phase two:  layerfuse train | eval | infer
 
     \b
-    Example (the embedded default, what `make extract` runs):
+    Example (the embedded default, what `make extract` and `make train` run):
       layerfuse extract --run-dir runs/default --builtin 2000
+      layerfuse train --cache runs/default/cache --stage 1 --out runs/default/stage1 ...
     """
 
 
@@ -262,6 +267,185 @@ def fusers_cmd(spec: str | None, depth: int, cache_path: str | None, as_json: bo
         click.echo("         options: " + ", ".join(f"{k}={v!r}" for k, v in info["options"].items()))
     if resolved:
         click.echo(f"\nlayers {resolved['text']}\n  reads hidden states {resolved['read']}")
+
+
+# --- phase two ------------------------------------------------------------------------------------------------------
+def _option_value(text: str) -> Any:
+    """A --fuser-opt value: JSON when it parses (numbers, true/false, lists), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _fuser_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--fuser-opt")
+        k, v = pair.split("=", 1)
+        out[k.strip().replace("-", "_")] = _option_value(v.strip())
+    return out
+
+
+@main.command("train")
+@click.option("--cache", required=True, help="Feature cache (phase one output).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--stage", type=click.IntRange(1, 2), default=1, show_default=True, help="1: fuser + projector, LLM frozen. 2: also the LLM (from --init-from).")
+@click.option("--fuser", default="concat", show_default=True, help="Fuser name (`layerfuse fusers` lists them).")
+@click.option("--layers", default=None, help="Layer spec (preset, dash list, explicit list, groups). [default: the fuser's]")
+@click.option("--fuser-opt", "fuser_opts", multiple=True, metavar="KEY=VALUE", help="Another fuser option, e.g. heads=4 (repeat).")
+@click.option("--llm", default="default", show_default=True, help="Causal LM: hub id or folder; 'default' = the embedded tiny Llama (random weights).")
+@click.option("--llm-default-dir", default=None, help="Where the embedded default LLM is built. [default: OUT/default-llm]")
+@click.option("--init-from", default=None, type=click.Path(file_okay=False), help="Stage 2: the stage-1 run to start from.")
+@click.option("--template", type=click.Choice(["plain", "v1", "chat"]), default=None, help="Conversation template. [default: plain (stage 1), v1 (stage 2)]")
+@click.option("--split", default="train", show_default=True, help="Cache split to train on.")
+@click.option("--categories", default=None, help="Only these sample categories (comma-separated), e.g. caption for stage 1.")
+@click.option("--max-length", type=click.IntRange(min=8), default=2048, show_default=True, help="Max tokens per sample (image span included); longer ones are cut, never inside the image.")
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (overrides --epochs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Global batch (all ranks x accumulation).")
+@click.option("--micro-batch-size", type=click.IntRange(min=1), default=None, help="Per rank and forward pass; the rest is gradient accumulation. [default: batch/world]")
+@click.option("--lr-fuser", type=float, default=None, help="[default: 1e-3 stage 1, 2e-5 stage 2]")
+@click.option("--lr-projector", type=float, default=None, help="[default: 1e-3 stage 1, 2e-5 stage 2]")
+@click.option("--lr-llm", type=float, default=None, help="[default: 2e-5 in stage 2]")
+@click.option("--llm-mode", type=click.Choice(["frozen", "full", "lora"]), default=None, help="What stage 2 does to the LLM. [default: full]")
+@click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lora-alpha", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lora-dropout", type=float, default=0.05, show_default=True)
+@click.option("--lora-targets", default="all-linear", show_default=True, help="'all-linear' or module names, comma-separated.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True, help="auto = bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute LLM activations in the backward pass.")
+@click.option("--fsdp", is_flag=True, help="Shard the model over torchrun ranks (FSDP2) instead of DDP.")
+@click.option("--attn-implementation", default="auto", show_default=True, help="auto (flash_attention_2 when installed on CUDA, else sdpa) | sdpa | eager | ...")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--buffer-rows", type=click.IntRange(min=1), default=1024, show_default=True, help="Shuffle buffer in samples (whole global batches).")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers reading the cache.")
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--save-every", type=click.IntRange(min=0), default=200, show_default=True, help="Checkpoint every N steps (0: only at the end).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--no-tensorboard", "tensorboard", flag_value=False, default=True, help="Do not write TensorBoard events.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Start over in an --out that holds a run.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train_cmd(fuser_opts: tuple[str, ...], categories: str | None, resume: bool, overwrite: bool, quiet: bool, **kw: Any) -> None:
+    """Phase two: train fuser + projector (stage 1) or the whole model (stage 2) from the cache.
+
+    Reads only the layers the fuser needs; the vision encoder never runs. Checkpoints every --save-every
+    steps; a killed run continues exactly with --resume. Under torchrun it trains with DDP (or --fsdp).
+
+    \b
+    Examples:
+      layerfuse train --cache runs/default/cache --stage 1 --categories caption --out runs/default/stage1
+      layerfuse train --cache runs/default/cache --stage 2 --init-from runs/default/stage1 --out runs/default/stage2
+      layerfuse train --cache /data/cache/clip336 --fuser mmfuser --llm lmsys/vicuna-7b-v1.5 --batch-size 256 \\
+          --micro-batch-size 16 --out runs/mmfuser-s1
+      torchrun --nproc_per_node 8 -m layerfuse.pipeline.cli train --cache ... --stage 2 --init-from ... --out ...
+    """
+    import os
+
+    import transformers
+
+    from layerfuse.pipeline.train import TrainConfig, train
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after the tokenizer is loaded
+    transformers.logging.disable_progress_bar()
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(
+        fuser_options=_fuser_options(fuser_opts),
+        categories=[c.strip() for c in categories.split(",") if c.strip()] if categories else None,
+        progress=not quiet,
+        **{k: v for k, v in kw.items() if k in names},
+    )
+    res = _run_cli(train, cfg, resume=resume, overwrite=overwrite)
+    if not res.is_main:
+        return  # under torchrun, rank 0 reports
+    if res.resumed_from >= res.steps:
+        click.echo(f"{res.run_dir}: already trained for {res.steps} steps; nothing to do.")
+        return
+    loss = f"{res.final_loss:.4f}" if res.final_loss is not None else "-"
+    resumed = f" (resumed at step {res.resumed_from})" if res.resumed_from else ""
+    click.echo(f"trained {res.run_dir}: {res.steps} steps{resumed}, {res.samples} samples, final loss {loss}, {res.elapsed_s:.0f}s")
+
+
+@main.command("eval")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run folder.")
+@click.option("--cache", default=None, help="Cache to evaluate on. [default: the run's training cache]")
+@click.option("--split", default="val", show_default=True)
+@click.option("--categories", default=None, help="Only these categories (comma-separated).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N samples of the split.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder. [default: RUN/eval/SPLIT]")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the table.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def eval_cmd(run_dir: str, categories: str | None, as_json: bool, quiet: bool, **kw: Any) -> None:
+    """Greedy answers on a cache split: exact-match accuracy per task category and overall.
+
+    Writes RUN/eval/SPLIT/results.{json,md} and answers.jsonl (LLaVA's answer-file format). The majority
+    column is the accuracy of always giving the training split's most frequent answer of that category.
+
+    \b
+    Example:
+      layerfuse eval --run runs/default/stage2 --split val
+    """
+    import os
+
+    import transformers
+
+    from layerfuse.pipeline.evaluate import EvalConfig, evaluate
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers.logging.disable_progress_bar()
+    cfg = EvalConfig(run=run_dir, categories=[c.strip() for c in categories.split(",")] if categories else None, progress=not quiet, **kw)
+    res = _run_cli(evaluate, cfg)
+    if as_json:
+        click.echo((res.out_dir / "results.json").read_text())
+        return
+    click.echo(f"{run_dir} on {cfg.split}:")
+    click.echo(res.table())
+    if res.skipped:
+        click.echo(f"({len(res.skipped)} samples without an answerable first question were not scored; see results.json)")
+    click.echo(f"written to {res.out_dir}")
+
+
+@main.command("infer")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run folder.")
+@click.option("--image", "images", required=True, multiple=True, type=click.Path(dir_okay=False, exists=True), help="Image file (repeat for several).")
+@click.option("--question", "questions", required=True, multiple=True, help="Question (one, or one per --image).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def infer_cmd(run_dir: str, images: tuple[str, ...], questions: tuple[str, ...], max_new_tokens: int, device: str) -> None:
+    """Answer questions about raw images with a trained run, live: the vision encoder runs, no cache.
+
+    \b
+    Example:
+      layerfuse infer --run runs/default/stage2 --image photo.png --question "What colour is the circle?"
+    """
+    import transformers
+
+    from layerfuse.pipeline.distributed import DistContext
+    from layerfuse.pipeline.infer import LivePipeline, load_image
+    from layerfuse.pipeline.records import SampleError
+
+    transformers.logging.disable_progress_bar()
+    if len(questions) not in (1, len(images)):
+        raise click.BadParameter(f"give one --question, or one per --image ({len(images)})", param_hint="--question")
+    qs = list(questions) * len(images) if len(questions) == 1 else list(questions)
+    loaded = []
+    for path in images:
+        try:
+            loaded.append(load_image(path))
+        except SampleError as e:
+            raise click.ClickException(f"{path}: {e}") from e
+    pipe = _run_cli(LivePipeline, run_dir, device=DistContext().device(device))
+    for path, q, a in zip(images, qs, pipe.answer(loaded, qs, max_new_tokens)):
+        click.echo(a if len(images) == 1 else f"{path}\t{q}\t{a}")
 
 
 if __name__ == "__main__":  # `torchrun -m layerfuse.pipeline.cli extract ...`

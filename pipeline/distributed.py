@@ -18,19 +18,24 @@ class DistContext:
     owns_group: bool = False
 
     @classmethod
-    def from_env(cls, timeout_s: float = 24 * 3600) -> "DistContext":
+    def from_env(cls, timeout_s: float = 24 * 3600, backend: str = "gloo") -> "DistContext":
         """Join the process group that torchrun describes in WORLD_SIZE/RANK/MASTER_ADDR; a no-op otherwise.
 
-        Coordination only needs barriers, so the group is gloo even on GPU machines; the long default
-        timeout covers ranks that finish their shards hours apart.
+        Extraction only needs barriers, so its group is gloo even on GPU machines (the long default timeout
+        covers ranks that finish their shards hours apart). Training all-reduces gradients: backend "auto" is
+        NCCL when CUDA is available, else gloo.
         """
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         owns = False
         if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+            if backend == "nccl":
+                torch.cuda.set_device(local % torch.cuda.device_count())
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
             owns = True
         return cls(rank=rank, world=world, local_rank=local, owns_group=owns)
 
@@ -49,6 +54,13 @@ class DistContext:
         if torch.cuda.is_available():
             return torch.device("cuda", self.local_rank % torch.cuda.device_count())
         return torch.device("cpu")
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of `x` over ranks (x itself on one process)."""
+        if self.world > 1:
+            x = x.clone()
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():

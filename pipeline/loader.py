@@ -1,0 +1,281 @@
+"""Phase two's data: cached features and tokenised conversations, read and collated in DataLoader workers.
+
+    FeatureCache --(the plan's rows; only the fuser's layers; text only when needed)--> worker process:
+        read one window in a few slice reads, tokenise, collate micro-batches
+    -> FeatureBatch: tokens TokenBatch [B, S], layers [B, k, T, D] (stored dtype), text [B, d_s] | None, rows [B]
+
+`scan_training_set` tokenises every candidate sample once before training (in workers too) so that samples the
+settings cannot use (an image span cut by max_length, no assistant turn, ...) are known up front, recorded with
+their id and reason, and left out of the plan; the loader re-tokenises rows in the workers, identically.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from layerfuse.pipeline.cache import FeatureCache
+from layerfuse.pipeline.conversation import SkipSample, TokenBatch, TokenizedSample, collate, tokenize_conversation
+from layerfuse.pipeline.plan import BatchShape, EpochPlan, make_epoch_plan
+from layerfuse.pipeline.workers import worker_init_fn
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """How conversations become token ids for one model."""
+
+    template: str  # plain | v1 | chat
+    num_visual_tokens: int
+    image_token_id: int
+    max_length: int
+    pad_id: int
+
+
+def tokenize_sample(conversations: Sequence[dict[str, str]], has_image: bool, tokenizer: Any, s: TokenSettings) -> TokenizedSample:
+    return tokenize_conversation(
+        conversations, tokenizer, s.template, num_visual_tokens=s.num_visual_tokens, image_token_id=s.image_token_id,
+        max_length=s.max_length, has_image=has_image,
+    )
+
+
+@dataclass
+class FeatureBatch:
+    """A micro-batch as the model consumes it."""
+
+    tokens: TokenBatch
+    layers: torch.Tensor  # [B, k, T, D] in the cache's stored dtype (zeros for text-only samples)
+    text: torch.Tensor | None  # [B, d_s] mean instruction embedding, when the fuser needs it
+    rows: torch.Tensor  # [B] reader rows of the cache
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def pin_memory(self) -> "FeatureBatch":
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        tok = self.tokens
+        return FeatureBatch(TokenBatch(*(pin(t) for t in (tok.input_ids, tok.attention_mask, tok.labels, tok.has_image, tok.image_start))),
+                            pin(self.layers), pin(self.text), self.rows)
+
+    def to(self, device: torch.device | str) -> "FeatureBatch":
+        nb = torch.device(device).type == "cuda"
+        move = lambda t: None if t is None else t.to(device, non_blocking=nb)  # noqa: E731
+        return FeatureBatch(self.tokens.to(device), move(self.layers), move(self.text), self.rows)
+
+
+def own_generator(*seed: int) -> torch.Generator:
+    """A DataLoader's own RNG: starting its workers must not draw from the global torch RNG, which training owns
+    (dropout); otherwise a resumed run, which starts its loader at another moment, would see other dropout masks."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
+
+
+def _as_is(item: Any) -> Any:
+    """collate_fn for items that are already batches (the default would turn numpy arrays into tensors)."""
+    return item
+
+
+class LazyCache:
+    """A FeatureCache opened on first use in each process (zarr handles are not shared across a fork)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None):
+        self.url, self.storage_options = url, storage_options
+        self._cache: FeatureCache | None = None
+        self._pid = -1
+
+    @property
+    def cache(self) -> FeatureCache:
+        if self._cache is None or self._pid != os.getpid():
+            self._cache = FeatureCache(self.url, self.storage_options)
+            self._pid = os.getpid()
+        return self._cache
+
+
+# ------------------------------------------------------------------------------------------ training set
+
+
+@dataclass
+class TrainingSet:
+    """The samples a run trains on: reader rows (ascending) that tokenise under its settings."""
+
+    rows: np.ndarray  # [n] int64
+    lengths: np.ndarray  # [n] int32 tokens per sample
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {"row", "id", "reason"} per left-out sample
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        """Counts per kind of reason (numbers in the reasons masked, so all truncations count together)."""
+        out: dict[str, int] = {}
+        for s in self.skipped:
+            key = re.sub(r"\d+", "N", s["reason"])
+            out[key] = out.get(key, 0) + 1
+        return out
+
+
+class _ScanChunks(Dataset):
+    """Item i: tokenise rows chunk i -> (rows, lengths, skipped)."""
+
+    def __init__(self, lazy: LazyCache, chunks: list[np.ndarray], tokenizer: Any, settings: TokenSettings):
+        self.lazy, self.chunks, self.tokenizer, self.settings = lazy, chunks, tokenizer, settings
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        cache = self.lazy.cache
+        rows = self.chunks[i]
+        convs = cache.conversations(rows)
+        has_image = cache.has_image[rows]
+        ids = cache.sample_ids(rows)
+        ok, lengths, skipped = [], [], []
+        for r, conv, img, sid in zip(rows, convs, has_image, ids):
+            try:
+                lengths.append(len(tokenize_sample(conv, bool(img), self.tokenizer, self.settings)))
+                ok.append(int(r))
+            except SkipSample as e:
+                skipped.append({"row": int(r), "id": str(sid), "reason": e.reason})
+        return np.asarray(ok, dtype=np.int64), np.asarray(lengths, dtype=np.int32), skipped
+
+
+def scan_training_set(
+    cache: FeatureCache,
+    rows: np.ndarray,
+    tokenizer: Any,
+    settings: TokenSettings,
+    *,
+    workers: int = 0,
+    chunk: int = 1024,
+    progress: bool = True,
+) -> TrainingSet:
+    """Tokenise `rows` once; keep those that fit the settings, record the others with the reason."""
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    chunks = [rows[i : i + chunk] for i in range(0, rows.size, chunk)]
+    ds = _ScanChunks(LazyCache(cache.url, None), chunks, tokenizer, settings)
+    n_workers = min(workers, len(chunks))
+    loader = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=n_workers, worker_init_fn=worker_init_fn(n_workers),
+                        generator=own_generator(0))
+    kept, lengths, skipped = [], [], []
+    with tqdm(total=int(rows.size), unit="sample", desc="tokenise", disable=not progress, leave=False) as bar:
+        for r, n, s in loader:
+            kept.append(r)
+            lengths.append(n)
+            skipped += s
+            bar.update(r.size + len(s))
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    return TrainingSet(cat(kept, np.int64), cat(lengths, np.int32), skipped)
+
+
+# ------------------------------------------------------------------------------------------ the windows
+
+
+class WindowReader(Dataset):
+    """Item w: this rank's micro-batches of every global batch in window w of the plan.
+
+    One `features` call per window reads the needed chunks once (neighbouring rows merge into slice reads);
+    tokenisation and collation happen here too, so the training process only moves finished batches.
+    """
+
+    def __init__(self, lazy: LazyCache, plan: EpochPlan, shape: BatchShape, rank: int, layers: Sequence[int],
+                 need_text: bool, tokenizer: Any, settings: TokenSettings):
+        self.lazy, self.plan, self.shape, self.rank = lazy, plan, shape, rank
+        self.layers, self.need_text, self.tokenizer, self.settings = list(layers), need_text, tokenizer, settings
+
+    def __len__(self) -> int:
+        return self.plan.num_windows
+
+    def __getitem__(self, w: int) -> list[list[FeatureBatch]]:
+        cache = self.lazy.cache
+        batches = [self.plan.rank_rows(b, self.shape, self.rank) for b in self.plan.window(w)]
+        rows = np.concatenate(batches)
+        layers = cache.features(rows, self.layers)  # [n, k, T, D]
+        text = cache.text_embeddings(rows) if self.need_text else None  # [n, d_s]
+        convs = cache.conversations(rows)
+        has_image = cache.has_image[rows]
+        samples = [tokenize_sample(c, bool(i), self.tokenizer, self.settings) for c, i in zip(convs, has_image)]
+        out, start, m = [], 0, self.shape.micro_batch
+        for b in batches:
+            micro = []
+            for s in range(start, start + b.size, m):
+                sl = slice(s, s + m)
+                micro.append(FeatureBatch(collate(samples[sl], self.settings.pad_id), layers[sl], None if text is None else text[sl],
+                                          torch.from_numpy(rows[sl])))
+            out.append(micro)
+            start += b.size
+        return out
+
+
+class CacheBatches:
+    """The training steps of a run: `steps(start, stop)` yields (step, this rank's micro-batches of that step).
+
+    Step s is global batch s % steps_per_epoch of epoch s // steps_per_epoch, so a resumed run continues with
+    exactly the batches it would have seen. Windows are read ahead by `workers` processes (`prefetch` windows
+    each), with pinned memory when batches go to a GPU.
+    """
+
+    def __init__(
+        self,
+        cache: FeatureCache,
+        training_set: TrainingSet,
+        *,
+        layers: Sequence[int],
+        need_text: bool,
+        tokenizer: Any,
+        settings: TokenSettings,
+        shape: BatchShape,
+        rank: int = 0,
+        seed: int = 0,
+        buffer_rows: int = 1024,
+        shuffle: bool = True,
+        workers: int = 2,
+        prefetch: int = 2,
+        pin_memory: bool = False,
+    ):
+        self.cache, self.training_set, self.shape, self.rank = cache, training_set, shape, rank
+        self.layers, self.need_text, self.tokenizer, self.settings = list(cache.resolve_layers(layers)), need_text, tokenizer, settings
+        self.seed, self.buffer_rows, self.shuffle = seed, buffer_rows, shuffle
+        self.workers, self.prefetch, self.pin_memory = workers, prefetch, pin_memory
+        self._storage = cache.storage_rows(training_set.rows)
+        self._plans: dict[int, EpochPlan] = {}
+        self.steps_per_epoch = self.plan(0).num_batches
+
+    def plan(self, epoch: int) -> EpochPlan:
+        if epoch not in self._plans:
+            self._plans = {epoch: make_epoch_plan(
+                self.training_set.rows, self._storage, chunk_rows=self.cache.chunk_rows, shard_rows=self.cache.shard_rows,
+                global_batch=self.shape.global_batch, buffer_rows=self.buffer_rows, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
+            )}
+        return self._plans[epoch]
+
+    def _loader(self, plan: EpochPlan, first_window: int) -> DataLoader:
+        ds = WindowReader(LazyCache(self.cache.url, None), plan, self.shape, self.rank, self.layers, self.need_text,
+                          self.tokenizer, self.settings)
+        n = max(0, plan.num_windows - first_window)
+        workers = min(self.workers, n)
+        return DataLoader(
+            ds, batch_size=None, sampler=range(first_window, plan.num_windows), collate_fn=_as_is, num_workers=workers,
+            prefetch_factor=self.prefetch if workers else None, pin_memory=self.pin_memory, worker_init_fn=worker_init_fn(workers),
+            generator=own_generator(self.seed, plan.epoch),
+        )
+
+    def steps(self, start: int, stop: int) -> Iterator[tuple[int, list[FeatureBatch]]]:
+        """Steps start..stop-1, each with this rank's `accumulation` micro-batches."""
+        step = start
+        while step < stop:
+            epoch, first = divmod(step, self.steps_per_epoch)
+            plan = self.plan(epoch)
+            w0 = plan.window_of(first)
+            for w, window in enumerate(self._loader(plan, w0), start=w0):
+                for b, micro in zip(plan.window(w), window):
+                    if b < first:
+                        continue
+                    yield step, micro
+                    step += 1
+                    if step >= stop:
+                        return
