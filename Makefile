@@ -52,6 +52,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/extract.py --out BENCHMARKS.md
 	$(PY) bench/msda.py --out BENCHMARKS.md
+	$(PY) bench/export.py --out BENCHMARKS.md
+	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+	   $(PY) -m layerfuse.plugins_trt.gpu_check --out BENCHMARKS.md; \
+	 else echo "bench: no CUDA device, skipping plugins_trt/gpu_check.py (the MSDeformAttn kernel)"; fi
 
 # MSDeformAttn CUDA kernel, its CPU build and (when TENSORRT_ROOT or the system has TensorRT headers) the TensorRT
 # plugin, into plugins_trt/build/: CMake when installed, else plain nvcc (plugins_trt/build.py). CUDA_ARCHS="80;90".

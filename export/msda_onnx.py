@@ -36,7 +36,7 @@ from onnxscript import opset18 as op
 from onnxscript.values import Opset
 from torch import nn
 
-from layerfuse.fusion.msda import IMPLS, MSDeformAttn, ms_deform_attn_gather
+from layerfuse.fusion.msda import MSDeformAttn, ms_deform_attn_gather, register_impl, unregister_impl
 from layerfuse.plugins_trt.info import ONNX_DOMAIN, ONNX_DOMAIN_VERSION, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 MODES = ("gather", "custom", "hybrid")
@@ -104,7 +104,7 @@ def msda_export_op(
     level_start_index: torch.Tensor,  # [L]
     sampling_locations: torch.Tensor,  # [B, Q, H, L, P, 2]
     attention_weights: torch.Tensor,  # [B, Q, H, L, P]
-) -> torch.Tensor:  # [B, Q, H*Dh] fp32, like every IMPLS entry (the dispatcher casts to value's dtype)
+) -> torch.Tensor:  # [B, Q, H*Dh] fp32, like every MSDA implementation (the dispatcher casts to value's dtype)
     """Marker op for export; eagerly it is the gather implementation."""
     return ms_deform_attn_gather(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
@@ -136,10 +136,10 @@ def translation_table() -> dict:
 @contextlib.contextmanager
 def msda_as_export_op(model: nn.Module) -> Iterator[int]:
     """Route the core call of every MSDeformAttn in `model` to the export op; yields how many modules.
-    Restores each module's `impl` (and the IMPLS table) on exit."""
+    Restores each module's `impl` and unregisters the export impl on exit."""
     modules = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
     saved = [m.impl for m in modules]
-    IMPLS[EXPORT_IMPL] = msda_export_op
+    register_impl(EXPORT_IMPL, msda_export_op)
     try:
         for m in modules:
             m.impl = EXPORT_IMPL
@@ -147,7 +147,7 @@ def msda_as_export_op(model: nn.Module) -> Iterator[int]:
     finally:
         for m, impl in zip(modules, saved):
             m.impl = impl
-        IMPLS.pop(EXPORT_IMPL, None)
+        unregister_impl(EXPORT_IMPL)
 
 
 # -- the gather body: bilinear sampling by index gathering, shape-generic ------------------------------------

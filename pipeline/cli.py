@@ -44,6 +44,7 @@ def main() -> None:
     Data:       layerfuse data synthetic  (the built-in dataset)
     Fusion:     layerfuse fusers          (registered fusers, their options, layer-spec resolution)
     Phase two:  layerfuse train | eval | infer
+    Deploy:     layerfuse export onnx | engine,  layerfuse bench engine
 
     \b
     Example (the embedded default, what `make extract` and `make train` run):
@@ -446,6 +447,131 @@ def infer_cmd(run_dir: str, images: tuple[str, ...], questions: tuple[str, ...],
     pipe = _run_cli(LivePipeline, run_dir, device=DistContext().device(device))
     for path, q, a in zip(images, qs, pipe.answer(loaded, qs, max_new_tokens)):
         click.echo(a if len(images) == 1 else f"{path}\t{q}\t{a}")
+
+
+# --- deployment -----------------------------------------------------------------------------------------------------
+@main.group("export")
+def export_group() -> None:
+    """Deploy a trained run's visual front end: ONNX graphs and TensorRT engines.
+
+    \b
+    Examples:
+      layerfuse export onnx --run runs/default/stage2 --out front.onnx --msda hybrid
+      layerfuse export engine --onnx front.onnx --precision fp16 --out front.plan --run runs/default/stage2
+    """
+
+
+def _export_user_errors() -> tuple[type[BaseException], ...]:
+    from layerfuse.export.engine import EngineBuildError, TensorRTUnavailable
+    from layerfuse.export.onnx import OnnxExportError
+    from layerfuse.export.verify import OnnxMismatchError
+
+    return (OnnxExportError, OnnxMismatchError, TensorRTUnavailable, EngineBuildError)
+
+
+def _run_export(fn, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return _run_cli(fn, *args, **kwargs)
+    except _export_user_errors() as e:
+        raise click.ClickException(str(e)) from e
+
+
+def _encoder_of(run_dir: str):
+    from layerfuse.pipeline.encoder import load_vision_encoder
+    from layerfuse.pipeline.model import read_run_model
+
+    enc = read_run_model(run_dir).encoder
+    if not enc.get("path"):
+        raise click.ClickException(f"run {run_dir} does not record its vision encoder; export without --with-encoder")
+    return _run_cli(load_vision_encoder, enc["path"], revision=enc.get("revision"))
+
+
+@export_group.command("onnx")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run folder.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--msda", type=click.Choice(["gather", "custom", "hybrid"]), default="gather", show_default=True,
+              help="MSDeformAttn as plain ops, as one custom node (TensorRT plugin), or the node carrying its gather graph.")
+@click.option("--with-encoder", is_flag=True, help="Put the vision encoder in front (input: pixel_values).")
+@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True)
+@click.option("--check-batches", default="1,3", show_default=True, help="Batch sizes to compare with PyTorch after export ('' to skip).")
+def export_onnx_cmd(run_dir: str, out: str, msda: str, with_encoder: bool, opset: int, check_batches: str) -> None:
+    """The run's fuser + projector (and, with --with-encoder, the vision tower) as an ONNX graph.
+
+    Inputs: layers [B, k, T, D] (or pixel_values), text [B, d_s] for igva; outputs: tokens [B, N, d] (igva: weights,
+    internal fusers: their per-LLM-layer features). Dynamic batch. The file is checked with onnx.checker and shape
+    inference and compared with PyTorch (onnxruntime, or onnx.reference for --msda custom).
+    """
+    from layerfuse.export.onnx import export_onnx
+    from layerfuse.export.verify import verify_onnx
+    from layerfuse.pipeline.model import load_run_fuser
+
+    fuser, _ = _run_cli(load_run_fuser, run_dir)
+    encoder = _encoder_of(run_dir) if with_encoder else None
+    path = _run_export(export_onnx, fuser, out, msda=msda, encoder=encoder, opset=opset)
+    click.echo(f"wrote {path} ({fuser.name}, msda={msda}{', with encoder' if encoder is not None else ''})")
+    batches = [int(b) for b in check_batches.split(",") if b.strip()]
+    if batches:
+        report = _run_export(verify_onnx, path, fuser, encoder=encoder, batch_sizes=batches)
+        click.echo(report.summary())
+        if not report.ok:
+            sys.exit(1)
+
+
+@export_group.command("engine")
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False, exists=True), help="An exported front end.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Engine (.plan) to write.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--plugin-library", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="libmsda_plugin.so (make kernel with TensorRT). [default: plugins_trt/build/ when built]")
+@click.option("--min-batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--opt-batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False, exists=True), help="Also compare the engine with this run in PyTorch.")
+def export_engine_cmd(onnx_path: str, out: str, precision: str, plugin_library: str | None, min_batch: int, opt_batch: int,
+                      max_batch: int, run_dir: str | None) -> None:
+    """Build a TensorRT engine from an exported front end (with our MSDeformAttn plugin), run it, compare it.
+
+    Needs TensorRT (pip install tensorrt, or TENSORRT_ROOT) and a GPU; not installable on the project's CI machines.
+    """
+    from layerfuse.export.engine import BatchProfile, build_engine, compare_engine, default_plugin_library
+
+    library = plugin_library or default_plugin_library()
+    info = _run_export(build_engine, onnx_path, out, precision, library, batch=BatchProfile(min_batch, opt_batch, max_batch))
+    click.echo(f"wrote {out} ({precision}, batch {min_batch}..{max_batch}, TensorRT {info.tensorrt_version})")
+    for note in info.notes:
+        click.echo(f"  note: {note}")
+    if run_dir:
+        from layerfuse.pipeline.model import load_run_fuser
+
+        fuser, _ = _run_cli(load_run_fuser, run_dir)
+        report = _run_export(compare_engine, out, fuser, onnx_path=onnx_path, plugin_library=library)
+        click.echo(report.summary())
+        if not report.ok:
+            sys.exit(1)
+
+
+@main.group("bench")
+def bench_group() -> None:
+    """Deployment benchmarks (the repository's bench/ scripts cover the rest: make bench)."""
+
+
+@bench_group.command("engine")
+@click.option("--plan", required=True, type=click.Path(dir_okay=False, exists=True), help="A built engine.")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True), help="The run it was exported from.")
+@click.option("--batch-sizes", default="1,8", show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--plugin-library", default=None, type=click.Path(dir_okay=False, exists=True))
+def bench_engine_cmd(plan: str, run_dir: str, batch_sizes: str, repeats: int, plugin_library: str | None) -> None:
+    """TensorRT engine latency against PyTorch eager on the same GPU (median of CUDA-event timings)."""
+    from layerfuse.export.engine import bench_engine, default_plugin_library
+    from layerfuse.pipeline.model import load_run_fuser
+
+    fuser, _ = _run_cli(load_run_fuser, run_dir)
+    rows = _run_export(bench_engine, plan, fuser, batch_sizes=[int(b) for b in batch_sizes.split(",")], repeats=repeats,
+                       plugin_library=plugin_library or default_plugin_library())
+    click.echo("| batch | TensorRT ms | PyTorch ms | speed-up |\n|---|---|---|---|")
+    for r in rows:
+        click.echo(f"| {r.batch} | {r.tensorrt_ms:.3f} | {r.torch_ms:.3f} | {r.speedup:.2f}x |")
 
 
 if __name__ == "__main__":  # `torchrun -m layerfuse.pipeline.cli extract ...`

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from layerfuse.fusion import LLMSpec, VisionLanguageModel, VisionSpec, build_fuser, fuser_config
+from layerfuse.fusion import Fuser, LLMSpec, VisionLanguageModel, VisionSpec, build_fuser, fuser_config
 from layerfuse.pipeline.llm import LLMBundle, load_llm
 
 CONFIG = "config.json"
@@ -131,6 +131,25 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: 
     vlm = build_vlm(model, bundle)
     load_fuser_weights(vlm, Path(run_dir) / FUSER_WEIGHTS)
     return vlm.eval(), bundle, model
+
+
+def load_run_fuser(run_dir: str | Path) -> tuple[Fuser, RunModel]:
+    """Only the trained fuser of a run (eval mode), built against the LLM's config: no LLM weights are loaded
+    (exporting the visual front end of a 7B model needs no 7B model in memory)."""
+    import transformers
+
+    from layerfuse.pipeline.checkpoints import load_pretrained
+
+    run = Path(run_dir)
+    model = read_run_model(run)
+    source = str(run / LLM_DIR) if (run / LLM_DIR).is_dir() else model.llm
+    config = load_pretrained("LLM config", source, transformers.AutoConfig.from_pretrained)
+    fuser = build_fuser(model.fuser, model.vision_spec(), LLMSpec.from_config(config), config=fuser_config(model.fuser, **model.fuser_options))
+    state = load_file(str(run / FUSER_WEIGHTS))
+    missing, unexpected = fuser.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{run / FUSER_WEIGHTS} does not fit fuser {fuser.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return fuser.eval(), model
 
 
 def load_fuser_weights(vlm: VisionLanguageModel, path: str | Path) -> None:

@@ -302,6 +302,26 @@ def test_cli_train_eval_infer(train_cache, tiny_llm_dir, stage1, tmp_path):
     assert res.exit_code != 0 and "bad.png" in res.output and "Traceback" not in res.output
 
 
+def test_cli_export_onnx_and_engine_without_tensorrt(stage1, tmp_path):
+    from click.testing import CliRunner
+
+    from layerfuse.pipeline.cli import main
+
+    out = tmp_path / "front.onnx"
+    res = CliRunner().invoke(main, ["export", "onnx", "--run", str(stage1), "--out", str(out), "--msda", "hybrid", "--check-batches", "1,2"])
+    assert res.exit_code == 0, res.output
+    assert out.is_file() and "OK" in res.output and "onnxruntime-cpu" in res.output
+    res = CliRunner().invoke(main, ["export", "onnx", "--run", str(stage1), "--out", str(tmp_path / "enc.onnx"), "--with-encoder", "--check-batches", "1"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["export", "engine", "--onnx", str(out), "--out", str(tmp_path / "x.plan")])
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert res.exit_code != 0 and "TensorRT is not installed" in res.output and "Traceback" not in res.output
+    else:  # pragma: no cover - a machine with TensorRT
+        pytest.skip("TensorRT is installed: the engine path is exercised by tests/test_onnx_export.py")
+
+
 # -- real processes: kill + resume, DDP, FSDP -------------------------------------------------------------------------
 def cli_args(cache: str, llm_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--cache", cache, "--llm", str(llm_dir), "--out", str(out), "--batch-size", "8", "--max-length", "256",

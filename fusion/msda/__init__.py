@@ -2,12 +2,12 @@
 implementations) and the module (`MSDeformAttn`); compiled kernels plug in through `register_kernel`.
 The operator contract is SPEC section 4 and docs in `function.py`."""
 
-from .function import IMPLS, kernel_available, ms_deform_attn, register_kernel, unregister_kernel
+from .function import IMPLS, kernel_available, ms_deform_attn, register_impl, register_kernel, unregister_impl, unregister_kernel
 from .gather import ms_deform_attn_gather
 from .grid_sample import ms_deform_attn_grid_sample
 from .module import MSDeformAttn, reference_grid
 
 __all__ = [
-    "IMPLS", "kernel_available", "ms_deform_attn", "register_kernel", "unregister_kernel",
+    "IMPLS", "kernel_available", "ms_deform_attn", "register_impl", "register_kernel", "unregister_impl", "unregister_kernel",
     "ms_deform_attn_gather", "ms_deform_attn_grid_sample", "MSDeformAttn", "reference_grid",
 ]

@@ -31,6 +31,18 @@ IMPLS: dict[str, MSDAFunction] = {"grid_sample": ms_deform_attn_grid_sample, "ga
 _KERNEL: dict[str, MSDAFunction] = {}  # the plugin slot: at most one compiled kernel, under key "kernel"
 
 
+def register_impl(name: str, fn: MSDAFunction) -> None:
+    """Make `fn` selectable as impl=`name` (e.g. the ONNX exporter's marker op); same signature and contract."""
+    if name in ("auto", "kernel", "grid_sample", "gather"):
+        raise ValueError(f"impl name {name!r} is built in")
+    IMPLS[name] = fn
+
+
+def unregister_impl(name: str) -> None:
+    if name not in ("grid_sample", "gather"):
+        IMPLS.pop(name, None)
+
+
 def register_kernel(fn: MSDAFunction) -> None:
     """Plug in a compiled kernel with the same signature and contract (it must support autograd to train)."""
     _KERNEL["kernel"] = fn
@@ -99,7 +111,7 @@ def ms_deform_attn(
     elif impl in IMPLS:
         fn = IMPLS[impl]
     else:
-        raise ValueError(f"ms_deform_attn: unknown impl {impl!r}; use auto, grid_sample, gather or kernel")
+        raise ValueError(f"ms_deform_attn: unknown impl {impl!r}; use auto, {', '.join(IMPLS)} or kernel")
     with torch.autocast(value.device.type, enabled=False):
         out = fn(value, spatial_shapes, level_start_index, sampling_locations.float() if value.dtype != torch.float64 else sampling_locations, attention_weights.float() if value.dtype != torch.float64 else attention_weights)
     return out.to(value.dtype)
