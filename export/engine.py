@@ -23,7 +23,6 @@ raises `TensorRTUnavailable` naming how to install it. Running needs a CUDA GPU 
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -341,20 +340,6 @@ class EngineTiming:
         return self.torch_ms / self.tensorrt_ms
 
 
-def _cuda_time_ms(fn: Any, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def bench_engine(
     plan: str | Path,
     fuser: Fuser,
@@ -365,7 +350,9 @@ def bench_engine(
     warmup: int = 10,
     plugin_library: str | Path | None = None,
 ) -> list[EngineTiming]:
-    """Median latency of the engine vs PyTorch eager on the same GPU, per batch size."""
+    """Median latency of the engine vs PyTorch eager on the same GPU, per batch size (CUDA events)."""
+    from layerfuse.plugins_trt.gpu_check import time_ms
+
     precision = _engine_precision(plan)
     runner = EngineRunner(plan, plugin_library)
     front = FrontEnd(fuser, encoder).eval().cuda()
@@ -380,5 +367,5 @@ def bench_engine(
             with torch.no_grad(), torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 front(*inputs)
 
-        rows.append(EngineTiming(batch, _cuda_time_ms(lambda: runner(feeds), repeats, warmup), _cuda_time_ms(eager, repeats, warmup)))
+        rows.append(EngineTiming(batch, time_ms(lambda: runner(feeds), "cuda", repeats, warmup), time_ms(eager, "cuda", repeats, warmup)))
     return rows

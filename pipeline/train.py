@@ -181,6 +181,33 @@ def supervised_tokens(batch: FeatureBatch) -> int:
     return int((batch.tokens.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, trainable: list[nn.Parameter],
+               micro: list[FeatureBatch], *, ctx: DistContext, device: torch.device, global_batch: int, max_grad_norm: float,
+               autocast: Any) -> tuple[float, float, Any, dict[str, float]]:
+    """One optimizer step over this rank's micro-batches -> (this rank's share of the LM loss, of the aux loss,
+    gradient norm, learning rates used). The LM loss is normalised by the supervised tokens of the global batch."""
+    n_tok = ctx.all_sum(torch.tensor(float(sum(supervised_tokens(m) for m in micro)))).item()
+    lm_sum = aux_sum = 0.0
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    for i, mb in enumerate(micro):
+        mb = mb.to(device)
+        sync = i == len(micro) - 1 or not ddp
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+            loss_sum, aux = model(mb.tokens.input_ids, mb.tokens.attention_mask, mb.tokens.labels, mb.tokens.has_image,
+                                  mb.layers.float(), None if mb.text is None else mb.text.float())
+            share = len(mb) / global_batch
+            loss = (loss_sum / n_tok + aux * share) * ctx.world
+        loss.backward()
+        lm_sum += loss_sum.item() / n_tok
+        aux_sum += aux.item() * share
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm) if max_grad_norm > 0 else None
+    lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lm_sum, aux_sum, grad_norm, lrs
+
+
 # -- building the model -----------------------------------------------------------------------------------------------
 def _default_llm_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.llm_default_dir) if cfg.llm_default_dir else Path(cfg.out) / "default-llm"
@@ -330,7 +357,7 @@ def _prepare_out(cfg: TrainConfig, ctx: DistContext, resume: bool, overwrite: bo
     return train_dir
 
 
-def _training_set(cfg: TrainConfig, cache: FeatureCache, bundle: LLMBundle, settings: TokenSettings, train_dir: Path, ctx: DistContext) -> TrainingSet:
+def _training_set(cfg: TrainConfig, cache: FeatureCache, bundle: LLMBundle, settings: TokenSettings, train_dir: Path | None, ctx: DistContext) -> TrainingSet:
     rows = cache.select(split=cfg.split)
     if cfg.categories:
         rows = rows[np.isin(cache.categories[rows], cfg.categories)]
@@ -338,18 +365,35 @@ def _training_set(cfg: TrainConfig, cache: FeatureCache, bundle: LLMBundle, sett
         cats = sorted(set(cache.categories.tolist()))
         raise TrainError(f"cache {cfg.cache} has no samples in split {cfg.split!r}" + (f" with categories {cfg.categories} (it has {cats})" if cfg.categories else ""))
     ts = scan_training_set(cache, rows, bundle.tokenizer, settings, workers=cfg.workers, progress=cfg.progress and ctx.is_main)
-    if ctx.is_main:
+    if ctx.is_main and train_dir is not None:
         with (train_dir / "skipped.jsonl").open("w") as f:
             for s in ts.skipped:
                 f.write(json.dumps(s) + "\n")
     return ts
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, overwrite: bool) -> TrainResult:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+@dataclass
+class TrainingSetup:
+    """Everything a training loop needs, built as `layerfuse train` builds it (also used by bench/train.py)."""
 
-    train_dir = _prepare_out(cfg, ctx, resume, overwrite)
+    vlm: VisionLanguageModel
+    bundle: LLMBundle
+    run_model: RunModel
+    training_set: TrainingSet
+    batches: CacheBatches
+    model: nn.Module  # the TrainObjective, wrapped in DDP / FSDP under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    trainable: list[nn.Parameter]
+    device: torch.device
+    autocast: Any
+    total_steps: int
+
+
+def prepare_training(cfg: TrainConfig, ctx: DistContext, train_dir: Path | None = None) -> TrainingSetup:
+    """Model (from the LLM or a stage-1 run, LLM mode applied), training set, batches, optimizer and schedule.
+
+    `cfg` must be resolved. Samples the settings cannot use are listed in `train_dir/skipped.jsonl` when given."""
     device = ctx.device(cfg.device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     cache = FeatureCache(cfg.cache)
@@ -385,6 +429,19 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, overwrite: bool) ->
     optimizer = torch.optim.AdamW(_param_groups(objective, cfg), betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
     trainable = [p for p in objective.parameters() if p.requires_grad]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return TrainingSetup(vlm, bundle, run_model, ts, batches, model, optimizer, scheduler, trainable, device, autocast, total)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, overwrite: bool) -> TrainResult:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    train_dir = _prepare_out(cfg, ctx, resume, overwrite)
+    setup = prepare_training(cfg, ctx, train_dir)
+    vlm, bundle, run_model, ts, batches = setup.vlm, setup.bundle, setup.run_model, setup.training_set, setup.batches
+    model, optimizer, scheduler, trainable, device, total = setup.model, setup.optimizer, setup.scheduler, setup.trainable, setup.device, setup.total_steps
+    fuser = vlm.fuser
     full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
     start, samples, elapsed0 = 0, 0, 0.0
@@ -417,27 +474,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, overwrite: bool) ->
     bar = tqdm(total=total, initial=start, unit="step", desc=f"train stage {cfg.stage}", disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True)
     window = {"loss": 0.0, "lm": 0.0, "aux": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.perf_counter()}
     last_loss = None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     step = start
     for step, micro in batches.steps(start, total):
-        n_tok = ctx.all_sum(torch.tensor(float(sum(supervised_tokens(m) for m in micro)))).item()
-        lm_sum = aux_sum = 0.0
-        for i, mb in enumerate(micro):
-            mb = mb.to(device)
-            sync = i == len(micro) - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                loss_sum, aux = model(mb.tokens.input_ids, mb.tokens.attention_mask, mb.tokens.labels, mb.tokens.has_image,
-                                      mb.layers.float(), None if mb.text is None else mb.text.float())
-                share = len(mb) / cfg.batch_size
-                loss = (loss_sum / n_tok + aux * share) * ctx.world
-            loss.backward()
-            lm_sum += loss_sum.item() / n_tok
-            aux_sum += aux.item() * share
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lm_sum, aux_sum, grad_norm, lrs = train_step(model, optimizer, scheduler, trainable, micro, ctx=ctx, device=device,
+                                                     global_batch=cfg.batch_size, max_grad_norm=cfg.max_grad_norm, autocast=setup.autocast)
         lm = ctx.all_sum(torch.tensor([lm_sum, aux_sum], dtype=torch.float64))
         samples += cfg.batch_size
         last_loss = float(lm.sum())

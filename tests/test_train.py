@@ -382,3 +382,16 @@ def test_two_processes_follow_the_single_process_loss_curve(train_cache, tiny_ll
     la, lb = llm_params(one / "llm"), llm_params(two / "llm")
     for k in la:
         torch.testing.assert_close(lb[k], la[k], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_training_benchmark_script_writes_its_section(tmp_path):
+    """bench/train.py --quick runs all three feeding modes end to end and replaces only its own section."""
+    out = tmp_path / "BENCH.md"
+    out.write_text("# layerfuse benchmarks\n\n## Other (`x`)\n\nkeep me\n")
+    script = Path(__file__).resolve().parents[1] / "bench" / "train.py"
+    for _ in range(2):
+        subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], check=True, capture_output=True, timeout=600, env=run_env())
+    text = out.read_text()
+    assert "keep me" in text and text.count("## Training from the cache (`bench/train.py`)") == 1
+    assert "| tiny default CLIP (24 blocks, 65x64) | 8 |" in text
