@@ -44,6 +44,7 @@ def main() -> None:
     Data:       layerfuse data synthetic  (the built-in dataset)
     Fusion:     layerfuse fusers          (registered fusers, their options, layer-spec resolution)
     Phase two:  layerfuse train | eval | infer
+    Ablations:  layerfuse ablate | report
     Deploy:     layerfuse export onnx | engine,  layerfuse bench engine
 
     \b
@@ -447,6 +448,110 @@ def infer_cmd(run_dir: str, images: tuple[str, ...], questions: tuple[str, ...],
     pipe = _run_cli(LivePipeline, run_dir, device=DistContext().device(device))
     for path, q, a in zip(images, qs, pipe.answer(loaded, qs, max_new_tokens)):
         click.echo(a if len(images) == 1 else f"{path}\t{q}\t{a}")
+
+
+# --- ablations ------------------------------------------------------------------------------------------------------
+def _ablate_errors() -> tuple[type[BaseException], ...]:
+    from layerfuse.pipeline.ablate import AblateError
+    from layerfuse.pipeline.report import ReportError
+    from layerfuse.pipeline.sweep import SweepError
+
+    return (AblateError, ReportError, SweepError)
+
+
+def _run_ablate(fn, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return _run_cli(fn, *args, **kwargs)
+    except _ablate_errors() as e:
+        raise click.ClickException(str(e)) from e
+
+
+@main.command("ablate")
+@click.option("--cache", default=None, help="Feature cache to sweep on (or `cache:` in the sweep file).")
+@click.option("--sweep", "sweep_file", default=None, type=click.Path(dir_okay=False), help="YAML or TOML sweep file; command-line values override it.")
+@click.option("--fusers", default=None, help="Fusers, comma-separated, e.g. single,concat,mmfuser,igva.")
+@click.option("--layers", default=None, help="Layer sets, comma-separated (e.g. 18,3-18-23,all); separate with ';' when a set has commas ('4,12,20;12,').")
+@click.option("--seeds", default=None, help="A count (3 = seeds 0,1,2) or a comma list (0,5). [default: 1]")
+@click.option("--probe-layers", default=None, help="Layer-probe study: one single-layer probe per hidden state: 'all' or e.g. 0,3,12,23.")
+@click.option("--mode", type=click.Choice(["probe", "lm"]), default=None, help="probe: fuser + small answer head (minutes); lm: fuser + projector + LLM, greedy exact match. [default: probe]")
+@click.option("--epochs", type=float, default=None, help="Epochs over the training questions. [default: 5]")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps per variant (overrides --epochs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 32]")
+@click.option("--lr", type=float, default=None, help="Probe mode learning rate (fuser, projector, head). [default: 1e-3]")
+@click.option("--probe-width", type=click.IntRange(min=4), default=None, help="Probe mode: the fuser's output width and the head's. [default: 128]")
+@click.option("--fuser-opt", "fuser_opts", multiple=True, metavar="FUSER.KEY=VALUE", help="A fuser option for the whole sweep, e.g. mmfuser.heads=4 (repeat).")
+@click.option("--categories", default=None, help="Train and evaluate on these categories (comma-separated). [default: the closed-answer ones]")
+@click.option("--eval-split", default=None, help="Split to evaluate on. [default: val]")
+@click.option("--eval-limit", type=click.IntRange(min=1), default=None, help="Evaluate on at most N questions.")
+@click.option("--llm", default=None, help="lm mode: causal LM, hub id or folder; 'default' = the embedded tiny Llama. [default: default]")
+@click.option("--stage", type=click.IntRange(1, 2), default=None, help="lm mode: phase two's stage defaults (1: LLM frozen, lr 1e-3; 2: all trained, 2e-5). [default: 1]")
+@click.option("--llm-mode", type=click.Choice(["frozen", "full", "lora"]), default=None, help="lm mode: what happens to the LLM. [default: the stage's]")
+@click.option("--template", type=click.Choice(["plain", "v1", "chat"]), default=None, help="lm mode: conversation template. [default: v1]")
+@click.option("--max-length", type=click.IntRange(min=8), default=None, help="lm mode: max tokens per sample. [default: 2048]")
+@click.option("--micro-batch-size", type=click.IntRange(min=1), default=None, help="lm mode: forward-pass batch (gradient accumulation). [default: batch]")
+@click.option("--group-size", type=click.IntRange(min=1), default=None, help="Variants per shared pass. [default: as many as fit the memory estimate]")
+@click.option("--memory-fraction", type=click.FloatRange(0.01, 1.0), default=0.5, show_default=True, help="Share of the available memory the groups may use.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader reader processes. [default: 1, 2 from 8 cores]")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads. [default: cores - workers]")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep folder (results, plots, per-variant files).")
+@click.option("--overwrite", is_flag=True, help="Start over in an --out that holds a sweep with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def ablate_cmd(sweep_file: str | None, fuser_opts: tuple[str, ...], group_size: int | None, memory_fraction: float, workers: int | None,
+               threads: int | None, device: str, out: str, overwrite: bool, quiet: bool, **cli: Any) -> None:
+    """Fusion ablations: train fusers x layer sets x seeds on one cache, many variants per pass over it.
+
+    Variants that fit in memory together share one pass: each batch is read once (the union of their layers) and
+    fed to every variant, each with its own optimizer, in the same order. Combinations the registry refuses
+    (single x 3-18-23, igva x 18, internal fusers in probe mode) are listed as invalid. A killed sweep continues
+    where it stopped: rerun the same command. Results: OUT/results.{md,csv,json} and OUT/plots/*.png.
+
+    \b
+    Examples:
+      layerfuse ablate --cache runs/default/cache --fusers single,concat,mmfuser,igva \\
+          --layers penultimate,3-18-23,all --seeds 2 --out runs/default/ablate
+      layerfuse ablate --cache runs/default/cache --probe-layers all --seeds 2 --out runs/default/layer-probe
+      layerfuse ablate --sweep sweep.yaml --out runs/ablate-lm --mode lm --steps 200
+      layerfuse report runs/default/ablate
+    """
+    import os
+
+    import transformers
+
+    from layerfuse.pipeline.ablate import AblateOptions, run_ablation
+    from layerfuse.pipeline.cache import FeatureCache
+    from layerfuse.pipeline.sweep import sweep_from_inputs
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers.logging.disable_progress_bar()
+    num_states = lambda path: _run_cli(FeatureCache, path).num_layers  # noqa: E731
+    spec = _run_ablate(sweep_from_inputs, sweep_file, cli, list(fuser_opts), num_states=num_states)
+    opts = AblateOptions(out=out, group_size=group_size, memory_fraction=memory_fraction, workers=workers, threads=threads, device=device,
+                         overwrite=overwrite, progress=not quiet)
+    res = _run_ablate(run_ablation, spec, opts)
+    click.echo(f"ablate: {res.trained} variant(s) trained in {res.groups} shared pass(es), {res.reused} finished earlier, "
+               f"{res.invalid} invalid; {res.wall_s:.0f}s")
+    click.echo(f"results: {res.out / 'results.md'} (also .csv, .json), plots in {res.out / 'plots'}")
+
+
+@main.command("report")
+@click.argument("out", type=click.Path(file_okay=False))
+def report_cmd(out: str) -> None:
+    """Rebuild the tables and plots of an ablation sweep (finished or partial) from its folder.
+
+    \b
+    Example:
+      layerfuse report runs/default/ablate
+    """
+    from layerfuse.pipeline.report import load_results, write_report
+
+    files = _run_ablate(write_report, out)
+    res = load_results(out)
+    valid = [a for a in res.arms if a.status != "invalid"]
+    done = sum(len(a.seeds_done) for a in valid)
+    total = sum(len(a.seeds) for a in valid)
+    click.echo(f"{out}: {done} of {total} variants finished" + ("" if done == total else " (partial: rerun the sweep's command to finish it)"))
+    click.echo(f"wrote {files.markdown}, {files.csv.name}, {files.json.name}" + (f" and {len(files.plots)} plot(s) in {files.plots[0].parent}" if files.plots else ""))
 
 
 # --- deployment -----------------------------------------------------------------------------------------------------
