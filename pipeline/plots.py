@@ -97,7 +97,7 @@ def category_bars(res: SweepResults, path: Path) -> bool:
     cats = res.categories + ["overall"]
     n = len(arms)
     width = 0.8 / n
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(cats) * max(1.0, n / 4)), 4.8), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(min(16.0, 3.0 + 0.16 * n * len(cats)), 5.0), constrained_layout=True)
     colours = plt.get_cmap("tab20" if n > 10 else "tab10")
     x = np.arange(len(cats))
     for k, a in enumerate(arms):
@@ -110,9 +110,12 @@ def category_bars(res: SweepResults, path: Path) -> bool:
     for i, m in enumerate(majority):
         if m is not None:
             ax.hlines(m, i - 0.45, i + 0.45, colors="black", linestyles="--", linewidth=1, label="majority baseline" if i == 0 else None)
+    tops = [s.mean + (s.std or 0.0) for a in arms for s in [*a.per_category.values(), a.overall] if s.mean is not None]
+    tops += [m for m in majority if m is not None]
     ax.set_xticks(x, labels=cats)
     ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.0)
+    ax.set_ylim(0, min(1.0, 1.15 * max(tops)) if tops and max(tops) > 0 else 1.0)
+    ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"Accuracy per task category (mean ± std over seeds, {res.sweep['questions']['eval_split']})")
     ax.legend(fontsize=8, ncol=2 if n > 6 else 1, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.savefig(path, dpi=120)
