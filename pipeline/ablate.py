@@ -256,6 +256,8 @@ def run_ablation(spec: SweepSpec, opts: AblateOptions) -> AblateResult:
             runner = _ProbeSweep if spec.mode == "probe" else _LMSweep
             n_groups = runner(spec, opts, cache, vision, questions, out, device, workers).run(pending, reused=len(valid) - len(pending),
                                                                                               invalid=invalid)
+        elif opts.progress and not valid:
+            tqdm.write(f"ablate: none of the {invalid} variants is valid (the reasons are in {out / 'results.md'})")
         elif opts.progress:
             tqdm.write(f"ablate: all {len(valid)} valid variants of {out} are finished ({invalid} invalid); rebuilding the report")
     finally:

@@ -135,7 +135,9 @@ class LMVariant:
             gen = greedy_generate(self.vlm, chunk["prompts"], layers, text, pad_id=self.bundle.pad_token_id,
                                   eos_id=self.bundle.tokenizer.eos_token_id, max_new_tokens=self.spec.lm.max_new_tokens,
                                   suppress=[self.bundle.image_token_id])
-            weights = fuser(layers.to(self.device), None if text is None else text.to(self.device)).weights
+            weights = None
+            if self.variant.fuser == "igva":  # its per-sample group weights on the evaluation split
+                weights = fuser(layers.to(self.device), None if text is None else text.to(self.device)).weights
         for item, ids in zip(chunk["items"], gen):
             answer = self.bundle.tokenizer.decode(ids, skip_special_tokens=True).strip()
             k = self.eval_index.get(item["id"])

@@ -131,7 +131,7 @@ def layer_probe(res: SweepResults, path: Path) -> bool:
         return False
     plt = _pyplot()
     layers = table["layers"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True, sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), layout="constrained", sharex=True)
     colours = plt.get_cmap("tab10")
     for k, c in enumerate(table["categories"]):
         for ax, key in zip(axes, ("raw", "normalised")):
@@ -144,8 +144,8 @@ def layer_probe(res: SweepResults, path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
     axes[1].set_ylim(0, 1.05)
-    axes[1].legend(fontsize=8, loc="lower left")
-    axes[0].legend(fontsize=8, loc="upper right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="outside right upper", frameon=False)
     fig.suptitle(f"Layer probe: one single-layer probe per hidden state ({res.sweep['questions']['eval_split']})")
     fig.savefig(path, dpi=120)
     plt.close(fig)
