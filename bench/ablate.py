@@ -6,7 +6,7 @@ variants are `concat` on N different layer sets, cheap enough that reading and d
 of a step, which is what the shared pass pays once instead of N times. Goal: the shared pass costs close to the
 variants' own compute (sum of their compute time), i.e. the read/decode cost is paid once.
 
-    python bench/ablate.py --out BENCHMARKS.md [--quick] [--cache runs/default/cache] [--variants 6] [--steps 60]
+    python bench/ablate.py --out BENCHMARKS.md [--quick] [--cache runs/default/cache] [--variants 6] [--steps 100]
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a tiny cache, 3 variants, few steps: a smoke run (numbers are not meaningful)")
     ap.add_argument("--cache", default=None, help=f"cache to use [{DEFAULT_CACHE} when it exists, else a new built-in one]")
     ap.add_argument("--variants", type=int, default=6, help=f"N, at most {len(LAYER_SETS)}")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
     n, steps, batch = (3, 4, 8) if args.quick else (min(args.variants, len(LAYER_SETS)), args.steps, 32)

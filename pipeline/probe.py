@@ -114,23 +114,23 @@ def read_probe_batch(cache: FeatureCache, rows: np.ndarray, labels: np.ndarray, 
 
 
 class _TrainWindows(Dataset):
-    """Item w: the global batches of window w of the epoch plan, read in one go."""
+    """Item i: window i of the steps asked for, [(step, rows)], read in one go -> [(step, ProbeBatch)]."""
 
-    def __init__(self, lazy: LazyCache, plan: EpochPlan, data: QuestionSet, layers: list[int], need_text: bool):
-        self.lazy, self.plan, self.data, self.layers, self.need_text = lazy, plan, data, layers, need_text
+    def __init__(self, lazy: LazyCache, windows: list[list[tuple[int, np.ndarray]]], data: QuestionSet, layers: list[int], need_text: bool):
+        self.lazy, self.windows, self.data, self.layers, self.need_text = lazy, windows, data, layers, need_text
 
     def __len__(self) -> int:
-        return self.plan.num_windows
+        return len(self.windows)
 
-    def __getitem__(self, w: int) -> list[ProbeBatch]:
-        batches = [self.plan.batches[b] for b in self.plan.window(w)]
-        rows = np.concatenate(batches)
+    def __getitem__(self, i: int) -> list[tuple[int, ProbeBatch]]:
+        window = self.windows[i]
+        rows = np.concatenate([r for _, r in window])
         whole = read_probe_batch(self.lazy.cache, rows, self.data.labels_of(rows), self.layers, self.need_text)
         out, start = [], 0
-        for b in batches:
-            sl = slice(start, start + b.size)
-            out.append(ProbeBatch(whole.layers[sl], None if whole.text is None else whole.text[sl], whole.labels[sl], whole.rows[sl]))
-            start += b.size
+        for step, r in window:
+            sl = slice(start, start + r.size)
+            out.append((step, ProbeBatch(whole.layers[sl], None if whole.text is None else whole.text[sl], whole.labels[sl], whole.rows[sl])))
+            start += r.size
         return out
 
 
@@ -172,25 +172,28 @@ class ProbeBatches:
             )}
         return self._plans[epoch]
 
+    def windows(self, start: int, stop: int) -> list[list[tuple[int, np.ndarray]]]:
+        """Steps start..stop-1 as the plan's windows: [[(step, rows [batch])]], epochs one after another."""
+        out = []
+        for epoch in range(start // self.steps_per_epoch, (stop - 1) // self.steps_per_epoch + 1):
+            plan, base = self.plan(epoch), epoch * self.steps_per_epoch
+            for w in range(plan.num_windows):
+                items = [(base + b, plan.batches[b]) for b in plan.window(w) if start <= base + b < stop]
+                if items:
+                    out.append(items)
+        return out
+
     def steps(self, start: int, stop: int) -> Iterator[tuple[int, ProbeBatch]]:
-        step = start
-        while step < stop:
-            epoch, first = divmod(step, self.steps_per_epoch)
-            plan = self.plan(epoch)
-            w0 = plan.window_of(first)
-            ds = _TrainWindows(LazyCache(self.cache.url, None), plan, self.data, self.layers, self.need_text)
-            n = min(self.workers, plan.num_windows - w0)
-            loader = DataLoader(ds, batch_size=None, sampler=range(w0, plan.num_windows), collate_fn=_as_is, num_workers=n,
-                                prefetch_factor=self.prefetch if n else None, worker_init_fn=worker_init_fn(n),
-                                generator=own_generator(self.seed, epoch))
-            for w, window in enumerate(loader, start=w0):
-                for b, batch in zip(plan.window(w), window):
-                    if b < first:
-                        continue
-                    yield step, batch
-                    step += 1
-                    if step >= stop:
-                        return
+        """(step, batch) for steps start..stop-1. One DataLoader for the whole range, so its workers read ahead
+        across epoch boundaries too; only the batches of these steps are read."""
+        if stop <= start:
+            return
+        ds = _TrainWindows(LazyCache(self.cache.url, None), self.windows(start, stop), self.data, self.layers, self.need_text)
+        n = min(self.workers, len(ds))
+        loader = DataLoader(ds, batch_size=None, shuffle=False, collate_fn=_as_is, num_workers=n, prefetch_factor=self.prefetch if n else None,
+                            worker_init_fn=worker_init_fn(n), generator=own_generator(self.seed, start))
+        for window in loader:
+            yield from window
 
     def eval_batches(self, chunk: int = 256) -> Iterator[ProbeBatch]:
         """The evaluation rows in storage order, `chunk` at a time."""
