@@ -1,5 +1,6 @@
 # layerfuse: the README's commands are the contract.
 #   make extract   phase one on the embedded default (creates .venv and installs on first use)
+#   make train     phase two on it: stage 1, stage 2, then per-category accuracy on the val split
 #   make test      the test suite
 #
 # Installation knobs (see README "Installation"):
@@ -26,11 +27,19 @@ N ?= 2000
 SEED ?= 0
 EXTRACT_ARGS ?=
 PYTEST_ARGS ?=
+# Phase two on the embedded default (README "Quick start"): stage 1 on the captions, stage 2 on everything.
+FUSER ?= concat
+LAYERS ?= 3-18-23
+STAGE1_STEPS ?= 100
+STAGE2_STEPS ?= 1200
+STAGE2_LR ?= 1e-3
+TRAIN_ARGS ?=
+QUESTIONS := colour,shape,count,position,glyph,detail
 
-.PHONY: help install extract test bench kernel clean
+.PHONY: help install extract train test bench kernel clean clean-train
 
 help:
-	@sed -n '2,14p' Makefile
+	@sed -n '2,15p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -45,6 +54,17 @@ install: $(STAMP)
 extract: $(STAMP)
 	$(BIN)/layerfuse extract --run-dir $(RUN) --builtin $(N) --seed $(SEED) $(EXTRACT_ARGS)
 	$(BIN)/layerfuse cache verify $(RUN)/cache
+
+# --resume: a fresh run starts, a finished one is left alone, a killed one continues where it stopped.
+# The default LLM starts from random weights, so stage 2 trains it at a from-scratch learning rate.
+train: $(STAMP)
+	@test -f $(RUN)/cache/zarr.json || { echo "make train: no cache at $(RUN)/cache; run make extract first" >&2; exit 1; }
+	$(BIN)/layerfuse train --cache $(RUN)/cache --stage 1 --categories caption --fuser $(FUSER) --layers $(LAYERS) \
+	  --max-steps $(STAGE1_STEPS) --llm-default-dir $(RUN)/llm --out $(RUN)/stage1 --resume $(TRAIN_ARGS)
+	$(BIN)/layerfuse train --cache $(RUN)/cache --stage 2 --fuser $(FUSER) --init-from $(RUN)/stage1 \
+	  --max-steps $(STAGE2_STEPS) --lr-fuser $(STAGE2_LR) --lr-projector $(STAGE2_LR) --lr-llm $(STAGE2_LR) \
+	  --out $(RUN)/stage2 --resume $(TRAIN_ARGS)
+	$(BIN)/layerfuse eval --run $(RUN)/stage2 --split val --categories $(QUESTIONS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -69,3 +89,6 @@ kernel: $(STAMP)
 
 clean:
 	rm -rf $(RUN) .pytest_cache
+
+clean-train:
+	rm -rf $(RUN)/stage1 $(RUN)/stage2 $(RUN)/llm

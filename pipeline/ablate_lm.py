@@ -2,7 +2,7 @@
 `layerfuse train` trains one and scored by greedy exact match, as `layerfuse eval` scores one.
 
     CacheBatches (union of the group's layers, tokens once)  --slice per variant-->  train_step(TrainObjective(vlm))
-    _EvalChunks (prompts of the evaluation questions, once)  --slice per variant-->  greedy_generate -> exact match
+    EvalChunks (prompts of the evaluation questions, once)  --slice per variant-->  greedy_generate -> exact match
 
 The LLM: with the LLM frozen (stage 1) every variant of a group shares one copy; an internal fuser's hooks are
 attached only while its variant runs, so variants never see each other's hooks. When the LLM trains (full or
@@ -24,14 +24,14 @@ from torch.utils.data import DataLoader
 from layerfuse.fusion import LLMSpec, VisionLanguageModel, VisionSpec, build_fuser
 from layerfuse.pipeline.cache import FeatureCache
 from layerfuse.pipeline.distributed import DistContext
-from layerfuse.pipeline.evaluate import _EvalChunks, normalize_answer
+from layerfuse.pipeline.evaluate import EvalChunks, normalize_answer
 from layerfuse.pipeline.generate import greedy_generate
 from layerfuse.pipeline.llm import LLMBundle
 from layerfuse.pipeline.loader import FeatureBatch, LazyCache, TokenSettings, own_generator
 from layerfuse.pipeline.questions import QuestionSet
 from layerfuse.pipeline.shared_pass import MemberStats, VariantRNG
 from layerfuse.pipeline.sweep import LMSettings, SweepSpec, Variant
-from layerfuse.pipeline.train import STAGE_DEFAULTS, TrainConfig, TrainObjective, _apply_llm_mode, _param_groups, lr_factor, train_step
+from layerfuse.pipeline.train import STAGE_DEFAULTS, TrainConfig, TrainObjective, apply_llm_mode, param_groups, lr_factor, train_step
 from layerfuse.pipeline.workers import worker_init_fn
 
 
@@ -48,7 +48,7 @@ def llm_shared(lm: LMSettings) -> bool:
 
 
 def train_config(spec: SweepSpec, variant: Variant) -> TrainConfig:
-    """The phase-two settings of one variant (what `_apply_llm_mode` and `_param_groups` read)."""
+    """The phase-two settings of one variant (what `apply_llm_mode` and `param_groups` read)."""
     lm = resolved_lm(spec.lm)
     return TrainConfig(
         cache=spec.cache, out="", stage=lm.stage, fuser=variant.fuser, layers=variant.layers, fuser_options=dict(variant.options),
@@ -79,11 +79,11 @@ class LMVariant:
             llm = bundle.model if self.shared else copy.deepcopy(bundle.model)
             fuser = build_fuser(variant.fuser, vision, LLMSpec.from_config(llm.config), **variant.build_options()).to(device)
             self.vlm = VisionLanguageModel(fuser, llm, bundle.image_token_id)
-            _apply_llm_mode(self.vlm, self.cfg)
+            apply_llm_mode(self.vlm, self.cfg)
         if self.shared:
             self.vlm.fuser.detach()  # hooks on the shared LLM only while this variant runs (see `attached`)
         self.objective = TrainObjective(self.vlm)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.objective, self.cfg), betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = torch.optim.AdamW(param_groups(self.objective, self.cfg), betas=(0.9, 0.999), eps=1e-8)
         warmup = max(1, round(spec.warmup_ratio * total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total_steps, warmup))
         self.trainable = [p for p in self.objective.parameters() if p.requires_grad]
@@ -161,7 +161,7 @@ def eval_chunks(cache: FeatureCache, questions: QuestionSet, union: list[int], n
     """The evaluation prompts of the group, `batch_size` questions per chunk, read once for every member."""
     rows = questions.eval_rows
     chunks = [rows[i : i + batch_size] for i in range(0, rows.size, batch_size)]
-    ds = _EvalChunks(LazyCache(cache.url, None), chunks, union, need_text, bundle.tokenizer, settings.template,
+    ds = EvalChunks(LazyCache(cache.url, None), chunks, union, need_text, bundle.tokenizer, settings.template,
                      settings.num_visual_tokens, bundle.image_token_id)
     n = min(workers, len(chunks))
     loader = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=n, worker_init_fn=worker_init_fn(n),

@@ -84,7 +84,7 @@ def first_exchange(conversations: list[dict[str, str]]) -> tuple[str, str] | Non
     return conversations[0]["value"], conversations[1]["value"]
 
 
-class _EvalChunks(Dataset):
+class EvalChunks(Dataset):
     """Item i: rows chunk i -> features of the run's layers, first-turn text embeddings, prompts, references."""
 
     def __init__(self, lazy: LazyCache, chunks: list[np.ndarray], layers: list[int], need_text: bool, tokenizer: Any,
@@ -155,7 +155,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     if rows.size == 0:
         raise FileNotFoundError(f"cache {cache_url} has no samples in split {cfg.split!r}" + (f" of categories {cfg.categories}" if cfg.categories else ""))
     chunks = [rows[i : i + cfg.batch_size] for i in range(0, rows.size, cfg.batch_size)]
-    ds = _EvalChunks(LazyCache(cache_url, None), chunks, fuser.required_layers, fuser.needs_text, bundle.tokenizer, model.template,
+    ds = EvalChunks(LazyCache(cache_url, None), chunks, fuser.required_layers, fuser.needs_text, bundle.tokenizer, model.template,
                      fuser.num_visual_tokens, bundle.image_token_id)
     workers = min(cfg.workers, len(chunks))
     loader = DataLoader(ds, batch_size=None, collate_fn=_collate, num_workers=workers, worker_init_fn=worker_init_fn(workers),

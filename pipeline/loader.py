@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -176,23 +176,23 @@ def scan_training_set(
 
 
 class WindowReader(Dataset):
-    """Item w: this rank's micro-batches of every global batch in window w of the plan.
+    """Item (epoch, w): this rank's micro-batches of every global batch in window w of that epoch's plan.
 
     One `features` call per window reads the needed chunks once (neighbouring rows merge into slice reads);
-    tokenisation and collation happen here too, so the training process only moves finished batches.
+    tokenisation and collation happen here too, so the training process only moves finished batches. Plans are
+    index arithmetic, made where they are needed (in the worker) by `plan_of`.
     """
 
-    def __init__(self, lazy: LazyCache, plan: EpochPlan, shape: BatchShape, rank: int, layers: Sequence[int],
+    def __init__(self, lazy: LazyCache, plan_of: Callable[[int], EpochPlan], shape: BatchShape, rank: int, layers: Sequence[int],
                  need_text: bool, tokenizer: Any, settings: TokenSettings):
-        self.lazy, self.plan, self.shape, self.rank = lazy, plan, shape, rank
+        self.lazy, self.plan_of, self.shape, self.rank = lazy, plan_of, shape, rank
         self.layers, self.need_text, self.tokenizer, self.settings = list(layers), need_text, tokenizer, settings
 
-    def __len__(self) -> int:
-        return self.plan.num_windows
-
-    def __getitem__(self, w: int) -> list[list[FeatureBatch]]:
+    def __getitem__(self, key: tuple[int, int]) -> list[list[FeatureBatch]]:
+        epoch, w = key
+        plan = self.plan_of(epoch)
         cache = self.lazy.cache
-        batches = [self.plan.rank_rows(b, self.shape, self.rank) for b in self.plan.window(w)]
+        batches = [plan.rank_rows(b, self.shape, self.rank) for b in plan.window(w)]
         rows = np.concatenate(batches)
         layers = cache.features(rows, self.layers)  # [n, k, T, D]
         text = cache.text_embeddings(rows) if self.need_text else None  # [n, d_s]
@@ -246,36 +246,48 @@ class CacheBatches:
         self.steps_per_epoch = self.plan(0).num_batches
 
     def plan(self, epoch: int) -> EpochPlan:
+        """The plan of `epoch` (the last two are kept; making one is index arithmetic)."""
         if epoch not in self._plans:
-            self._plans = {epoch: make_epoch_plan(
+            if len(self._plans) >= 2:
+                self._plans.pop(min(self._plans))
+            self._plans[epoch] = make_epoch_plan(
                 self.training_set.rows, self._storage, chunk_rows=self.cache.chunk_rows, shard_rows=self.cache.shard_rows,
                 global_batch=self.shape.global_batch, buffer_rows=self.buffer_rows, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
-            )}
+            )
         return self._plans[epoch]
 
-    def _loader(self, plan: EpochPlan, first_window: int) -> DataLoader:
-        ds = WindowReader(LazyCache(self.cache.url, None), plan, self.shape, self.rank, self.layers, self.need_text,
-                          self.tokenizer, self.settings)
-        n = max(0, plan.num_windows - first_window)
-        workers = min(self.workers, n)
-        return DataLoader(
-            ds, batch_size=None, sampler=range(first_window, plan.num_windows), collate_fn=_as_is, num_workers=workers,
-            prefetch_factor=self.prefetch if workers else None, pin_memory=self.pin_memory, worker_init_fn=worker_init_fn(workers),
-            generator=own_generator(self.seed, plan.epoch),
-        )
+    def windows(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """(epoch, window) keys covering steps start..stop-1, in order."""
+        keys: list[tuple[int, int]] = []
+        per_window = self.plan(0).window_batches
+        for step in range(start, stop):
+            epoch, b = divmod(step, self.steps_per_epoch)
+            key = (epoch, b // per_window)
+            if not keys or keys[-1] != key:
+                keys.append(key)
+        return keys
 
     def steps(self, start: int, stop: int) -> Iterator[tuple[int, list[FeatureBatch]]]:
-        """Steps start..stop-1, each with this rank's `accumulation` micro-batches."""
+        """Steps start..stop-1, each with this rank's `accumulation` micro-batches.
+
+        One DataLoader serves every epoch, so its workers read ahead across epoch boundaries too."""
+        if start >= stop:
+            return
+        keys = self.windows(start, stop)
+        ds = WindowReader(LazyCache(self.cache.url, None), self.plan, self.shape, self.rank, self.layers, self.need_text,
+                          self.tokenizer, self.settings)
+        workers = min(self.workers, len(keys))
+        loader = DataLoader(
+            ds, batch_size=None, sampler=keys, collate_fn=_as_is, num_workers=workers,
+            prefetch_factor=self.prefetch if workers else None, pin_memory=self.pin_memory, worker_init_fn=worker_init_fn(workers),
+            generator=own_generator(self.seed, start),
+        )
         step = start
-        while step < stop:
-            epoch, first = divmod(step, self.steps_per_epoch)
-            plan = self.plan(epoch)
-            w0 = plan.window_of(first)
-            for w, window in enumerate(self._loader(plan, w0), start=w0):
-                for b, micro in zip(plan.window(w), window):
-                    if b < first:
-                        continue
-                    yield step, micro
-                    step += 1
-                    if step >= stop:
-                        return
+        for (epoch, w), window in zip(keys, loader):
+            for b, micro in zip(self.plan(epoch).window(w), window):
+                if epoch * self.steps_per_epoch + b < step:
+                    continue  # the first window of a resumed run: batches before the resume point
+                yield step, micro
+                step += 1
+                if step >= stop:
+                    return

@@ -271,7 +271,7 @@ def _absolute(path: str | None) -> str | None:
     return path
 
 
-def _apply_llm_mode(vlm: VisionLanguageModel, cfg: TrainConfig) -> None:
+def apply_llm_mode(vlm: VisionLanguageModel, cfg: TrainConfig) -> None:
     llm = vlm.llm
     if cfg.llm_mode == "frozen":
         llm.requires_grad_(False)
@@ -288,13 +288,16 @@ def _apply_llm_mode(vlm: VisionLanguageModel, cfg: TrainConfig) -> None:
         vlm.llm = get_peft_model(llm, lora)
         vlm.fuser.attach(vlm.llm)
     if cfg.gradient_checkpointing:
-        enable = getattr(vlm.llm, "gradient_checkpointing_enable")
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(vlm.llm, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+            vlm.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            vlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if cfg.llm_mode != "full" and hasattr(vlm.llm, "enable_input_require_grads"):
             vlm.llm.enable_input_require_grads()
 
 
-def _param_groups(objective: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+def param_groups(objective: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     groups: dict[str, list[nn.Parameter]] = {"fuser": [], "projector": [], "llm": []}
     decay: dict[str, list[nn.Parameter]] = {k: [] for k in groups}
     for name, p in objective.named_parameters():
@@ -400,7 +403,7 @@ def prepare_training(cfg: TrainConfig, ctx: DistContext, train_dir: Path | None 
     vlm, bundle, run_model = _load_model(cfg, cache, device, torch.float32)
     max_pos = getattr(bundle.model.config, "max_position_embeddings", None)
     max_length = min(cfg.max_length, int(max_pos)) if max_pos else cfg.max_length
-    _apply_llm_mode(vlm, cfg)
+    apply_llm_mode(vlm, cfg)
     fuser = vlm.fuser
     settings = TokenSettings(cfg.template, fuser.num_visual_tokens, bundle.image_token_id, max_length, bundle.pad_token_id)
     ts = _training_set(cfg, cache, bundle, settings, train_dir, ctx)
@@ -426,7 +429,7 @@ def prepare_training(cfg: TrainConfig, ctx: DistContext, train_dir: Path | None 
         model = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         model = objective
-    optimizer = torch.optim.AdamW(_param_groups(objective, cfg), betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(param_groups(objective, cfg), betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
     trainable = [p for p in objective.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
