@@ -123,7 +123,7 @@ def run_scenario(sc: Scenario, root: Path) -> dict:
     stored = STORAGE_DTYPES[fc.storage_dtype][1]
     steps_rows = [np.concatenate([m.rows.numpy() for m in micro]) for micro in held]
     live = LiveSteps(steps_rows, data / "images", fc.sample_ids(), fc.conversations(), encoder.preprocessor(False),
-                     setup.bundle.tokenizer, setup.batches.settings)
+                     setup.bundle.tokenizer, setup.batches.fmt.settings)
     loader = DataLoader(live, batch_size=None, collate_fn=_identity, num_workers=2, prefetch_factor=2, worker_init_fn=worker_init_fn(2))
     for i, (pixels, tokens, rows) in enumerate(loader):
         if i == sc.warmup:

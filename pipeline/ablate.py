@@ -369,7 +369,7 @@ class _LMSweep(_Sweep):
 
     def train_group(self, group: list[Variant], index: int, total_groups: int):
         from layerfuse.pipeline.ablate_lm import LMVariant, eval_chunks, token_settings
-        from layerfuse.pipeline.loader import CacheBatches, scan_training_set
+        from layerfuse.pipeline.loader import CacheBatches, ConversationFormat, scan_training_set
         from layerfuse.pipeline.plan import BatchShape
 
         union = self.union(group)
@@ -382,7 +382,7 @@ class _LMSweep(_Sweep):
         micro = self.lm.micro_batch_size or self.spec.batch_size
         try:
             shape = BatchShape(self.spec.batch_size, micro, 1)
-            batches = CacheBatches(self.cache, ts, layers=union, need_text=need_text, tokenizer=self.bundle.tokenizer, settings=settings,
+            batches = CacheBatches(self.cache, ts.rows, ConversationFormat(self.bundle.tokenizer, settings, need_text), layers=union,
                                    shape=shape, seed=group[0].seed, buffer_rows=self.spec.buffer_rows, workers=self.workers,
                                    pin_memory=self.device.type == "cuda")
         except ValueError as e:

@@ -3,6 +3,7 @@
     FeatureCache --(the plan's rows; only the fuser's layers; text only when needed)--> worker process:
         read one window in a few slice reads, tokenise, collate micro-batches
     -> FeatureBatch: tokens TokenBatch [B, S], layers [B, k, T, D] (stored dtype), text [B, d_s] | None, rows [B]
+       (the batch format is pluggable: `ConversationFormat` here; the ablation probe's answer labels in probe.py)
 
 `scan_training_set` tokenises every candidate sample once before training (in workers too) so that samples the
 settings cannot use (an image span cut by max_length, no assistant turn, ...) are known up front, recorded with
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -175,39 +176,61 @@ def scan_training_set(
 # ------------------------------------------------------------------------------------------ the windows
 
 
+class BatchFormat(Protocol):
+    """What a micro-batch holds besides the features: `ConversationFormat` (tokens, for LM training) here, the probe's
+    answer labels in pipeline/probe.py. Both run in the DataLoader workers, once per window."""
+
+    def text(self, cache: FeatureCache, rows: np.ndarray) -> torch.Tensor | None:
+        """Instruction embeddings of `rows` [n, d_s], or None when no model needs them."""
+
+    def batches(self, cache: FeatureCache, rows: np.ndarray, layers: torch.Tensor, text: torch.Tensor | None,
+                slices: list[slice]) -> list[Any]:
+        """One micro-batch per slice of `rows` (layers [n, k, T, D] and text [n, d_s] of those rows)."""
+
+
+class ConversationFormat:
+    """Micro-batches for LM training: conversations tokenised with the run's settings -> FeatureBatch."""
+
+    def __init__(self, tokenizer: Any, settings: TokenSettings, need_text: bool):
+        self.tokenizer, self.settings, self.need_text = tokenizer, settings, need_text
+
+    def text(self, cache: FeatureCache, rows: np.ndarray) -> torch.Tensor | None:
+        return cache.text_embeddings(rows) if self.need_text else None  # [n, d_s] mean over human turns
+
+    def batches(self, cache: FeatureCache, rows: np.ndarray, layers: torch.Tensor, text: torch.Tensor | None,
+                slices: list[slice]) -> list[FeatureBatch]:
+        convs, has_image = cache.conversations(rows), cache.has_image[rows]
+        samples = [tokenize_sample(c, bool(i), self.tokenizer, self.settings) for c, i in zip(convs, has_image)]
+        return [FeatureBatch(collate(samples[sl], self.settings.pad_id), layers[sl], None if text is None else text[sl],
+                             torch.from_numpy(rows[sl])) for sl in slices]
+
+
 class WindowReader(Dataset):
     """Item (epoch, w): this rank's micro-batches of every global batch in window w of that epoch's plan.
 
-    One `features` call per window reads the needed chunks once (neighbouring rows merge into slice reads);
-    tokenisation and collation happen here too, so the training process only moves finished batches. Plans are
-    index arithmetic, made where they are needed (in the worker) by `plan_of`.
+    One `features` call per window reads the needed chunks once (neighbouring rows merge into slice reads); the
+    format (tokenisation, labels) and collation run here too, so the training process only moves finished batches.
+    Plans are index arithmetic, made where they are needed (in the worker) by `plan_of`.
     """
 
     def __init__(self, lazy: LazyCache, plan_of: Callable[[int], EpochPlan], shape: BatchShape, rank: int, layers: Sequence[int],
-                 need_text: bool, tokenizer: Any, settings: TokenSettings):
-        self.lazy, self.plan_of, self.shape, self.rank = lazy, plan_of, shape, rank
-        self.layers, self.need_text, self.tokenizer, self.settings = list(layers), need_text, tokenizer, settings
+                 fmt: BatchFormat):
+        self.lazy, self.plan_of, self.shape, self.rank, self.layers, self.fmt = lazy, plan_of, shape, rank, list(layers), fmt
 
-    def __getitem__(self, key: tuple[int, int]) -> list[list[FeatureBatch]]:
+    def __getitem__(self, key: tuple[int, int]) -> list[list[Any]]:
         epoch, w = key
         plan = self.plan_of(epoch)
         cache = self.lazy.cache
         batches = [plan.rank_rows(b, self.shape, self.rank) for b in plan.window(w)]
         rows = np.concatenate(batches)
         layers = cache.features(rows, self.layers)  # [n, k, T, D]
-        text = cache.text_embeddings(rows) if self.need_text else None  # [n, d_s]
-        convs = cache.conversations(rows)
-        has_image = cache.has_image[rows]
-        samples = [tokenize_sample(c, bool(i), self.tokenizer, self.settings) for c, i in zip(convs, has_image)]
-        out, start, m = [], 0, self.shape.micro_batch
-        for b in batches:
-            micro = []
-            for s in range(start, start + b.size, m):
-                sl = slice(s, s + m)
-                micro.append(FeatureBatch(collate(samples[sl], self.settings.pad_id), layers[sl], None if text is None else text[sl],
-                                          torch.from_numpy(rows[sl])))
-            out.append(micro)
-            start += b.size
+        m, bounds = self.shape.micro_batch, np.cumsum([0] + [b.size for b in batches])
+        slices = [[slice(s, s + m) for s in range(lo, hi, m)] for lo, hi in zip(bounds[:-1], bounds[1:])]
+        micro = self.fmt.batches(cache, rows, layers, self.fmt.text(cache, rows), [sl for per in slices for sl in per])
+        out, k = [], 0
+        for per in slices:
+            out.append(micro[k : k + len(per)])
+            k += len(per)
         return out
 
 
@@ -216,18 +239,16 @@ class CacheBatches:
 
     Step s is global batch s % steps_per_epoch of epoch s // steps_per_epoch, so a resumed run continues with
     exactly the batches it would have seen. Windows are read ahead by `workers` processes (`prefetch` windows
-    each), with pinned memory when batches go to a GPU.
+    each), with pinned memory when batches go to a GPU. `fmt` decides what a micro-batch holds.
     """
 
     def __init__(
         self,
         cache: FeatureCache,
-        training_set: TrainingSet,
+        rows: np.ndarray,
+        fmt: BatchFormat,
         *,
         layers: Sequence[int],
-        need_text: bool,
-        tokenizer: Any,
-        settings: TokenSettings,
         shape: BatchShape,
         rank: int = 0,
         seed: int = 0,
@@ -237,11 +258,11 @@ class CacheBatches:
         prefetch: int = 2,
         pin_memory: bool = False,
     ):
-        self.cache, self.training_set, self.shape, self.rank = cache, training_set, shape, rank
-        self.layers, self.need_text, self.tokenizer, self.settings = list(cache.resolve_layers(layers)), need_text, tokenizer, settings
+        self.cache, self.rows, self.fmt, self.shape, self.rank = cache, np.asarray(rows, dtype=np.int64), fmt, shape, rank
+        self.layers = list(cache.resolve_layers(layers))
         self.seed, self.buffer_rows, self.shuffle = seed, buffer_rows, shuffle
         self.workers, self.prefetch, self.pin_memory = workers, prefetch, pin_memory
-        self._storage = cache.storage_rows(training_set.rows)
+        self._storage = cache.storage_rows(self.rows)
         self._plans: dict[int, EpochPlan] = {}
         self.steps_per_epoch = self.plan(0).num_batches
 
@@ -251,7 +272,7 @@ class CacheBatches:
             if len(self._plans) >= 2:
                 self._plans.pop(min(self._plans))
             self._plans[epoch] = make_epoch_plan(
-                self.training_set.rows, self._storage, chunk_rows=self.cache.chunk_rows, shard_rows=self.cache.shard_rows,
+                self.rows, self._storage, chunk_rows=self.cache.chunk_rows, shard_rows=self.cache.shard_rows,
                 global_batch=self.shape.global_batch, buffer_rows=self.buffer_rows, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
             )
         return self._plans[epoch]
@@ -274,8 +295,7 @@ class CacheBatches:
         if start >= stop:
             return
         keys = self.windows(start, stop)
-        ds = WindowReader(LazyCache(self.cache.url, None), self.plan, self.shape, self.rank, self.layers, self.need_text,
-                          self.tokenizer, self.settings)
+        ds = WindowReader(LazyCache(self.cache.url, None), self.plan, self.shape, self.rank, self.layers, self.fmt)
         workers = min(self.workers, len(keys))
         loader = DataLoader(
             ds, batch_size=None, sampler=keys, collate_fn=_as_is, num_workers=workers,

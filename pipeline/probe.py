@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from layerfuse.fusion import Fuser, FuserOutput, LLMSpec, VisionSpec, build_fuser
 from layerfuse.pipeline.cache import FeatureCache
-from layerfuse.pipeline.loader import LazyCache, own_generator
-from layerfuse.pipeline.plan import EpochPlan, make_epoch_plan
+from layerfuse.pipeline.loader import CacheBatches, LazyCache, own_generator
+from layerfuse.pipeline.plan import BatchShape, EpochPlan
 from layerfuse.pipeline.questions import QuestionSet
 from layerfuse.pipeline.shared_pass import MemberStats, VariantRNG
 from layerfuse.pipeline.sweep import SweepSpec, Variant
@@ -103,35 +103,32 @@ class ProbeBatch:
         return ProbeBatch(move(self.layers), move(self.text), self.labels.to(device), self.rows)
 
 
+def first_question_embedding(cache: FeatureCache, rows: np.ndarray) -> torch.Tensor:
+    """[n, d_s]: the embedding of each row's first question, the one its label answers."""
+    turns, _ = cache.text_embeddings(rows, per_turn=True)
+    return turns[:, 0].float()
+
+
 def read_probe_batch(cache: FeatureCache, rows: np.ndarray, labels: np.ndarray, layers: list[int], need_text: bool) -> ProbeBatch:
     """Features of `layers` and the first-question embedding of `rows`, read once."""
     feats = cache.features(rows, layers)  # [n, k, T, D]
-    text = None
-    if need_text:
-        turns, _ = cache.text_embeddings(rows, per_turn=True)
-        text = turns[:, 0].float()  # the first question: what the label answers
+    text = first_question_embedding(cache, rows) if need_text else None
     return ProbeBatch(feats, text, torch.from_numpy(np.asarray(labels, dtype=np.int64)), torch.from_numpy(np.asarray(rows)))
 
 
-class _TrainWindows(Dataset):
-    """Item i: window i of the steps asked for, [(step, rows)], read in one go -> [(step, ProbeBatch)]."""
+class AnswerFormat:
+    """The probe's batch format for `CacheBatches`: answer labels and the first question's embedding -> ProbeBatch."""
 
-    def __init__(self, lazy: LazyCache, windows: list[list[tuple[int, np.ndarray]]], data: QuestionSet, layers: list[int], need_text: bool):
-        self.lazy, self.windows, self.data, self.layers, self.need_text = lazy, windows, data, layers, need_text
+    def __init__(self, data: QuestionSet, need_text: bool):
+        self.data, self.need_text = data, need_text
 
-    def __len__(self) -> int:
-        return len(self.windows)
+    def text(self, cache: FeatureCache, rows: np.ndarray) -> torch.Tensor | None:
+        return first_question_embedding(cache, rows) if self.need_text else None
 
-    def __getitem__(self, i: int) -> list[tuple[int, ProbeBatch]]:
-        window = self.windows[i]
-        rows = np.concatenate([r for _, r in window])
-        whole = read_probe_batch(self.lazy.cache, rows, self.data.labels_of(rows), self.layers, self.need_text)
-        out, start = [], 0
-        for step, r in window:
-            sl = slice(start, start + r.size)
-            out.append((step, ProbeBatch(whole.layers[sl], None if whole.text is None else whole.text[sl], whole.labels[sl], whole.rows[sl])))
-            start += r.size
-        return out
+    def batches(self, cache: FeatureCache, rows: np.ndarray, layers: torch.Tensor, text: torch.Tensor | None,
+                slices: list[slice]) -> list[ProbeBatch]:
+        labels = torch.from_numpy(np.asarray(self.data.labels_of(rows), dtype=np.int64))
+        return [ProbeBatch(layers[sl], None if text is None else text[sl], labels[sl], torch.from_numpy(rows[sl])) for sl in slices]
 
 
 class _EvalChunks(Dataset):
@@ -153,47 +150,25 @@ def _as_is(x: Any) -> Any:
 class ProbeBatches:
     """The probe's training steps over the cache: `steps(start, stop)` yields (step, ProbeBatch).
 
-    Same plan as phase two (pipeline/plan.py): deterministic per (seed, epoch), chunk-aligned blocks in a shuffled
-    order, shuffled again inside windows of `buffer_rows`; windows are read by `workers` DataLoader processes."""
+    Phase two's loader (`CacheBatches`, pipeline/plan.py's order: deterministic per (seed, epoch), chunk-aligned
+    blocks in a shuffled order, shuffled again inside windows of `buffer_rows`; one DataLoader over every epoch)
+    with the probe's batch format: one micro-batch per step."""
 
     def __init__(self, cache: FeatureCache, data: QuestionSet, *, layers: list[int], need_text: bool, batch_size: int, seed: int,
                  buffer_rows: int = 1024, workers: int = 1, prefetch: int = 2):
-        self.cache, self.data, self.layers, self.need_text = cache, data, list(layers), need_text
-        self.batch_size, self.seed, self.buffer_rows, self.workers, self.prefetch = batch_size, seed, buffer_rows, workers, prefetch
-        self._storage = cache.storage_rows(data.train_rows)
-        self._plans: dict[int, EpochPlan] = {}
-        self.steps_per_epoch = self.plan(0).num_batches
+        self.cache, self.data, self.layers, self.need_text, self.seed, self.workers = cache, data, list(layers), need_text, seed, workers
+        self.batches = CacheBatches(cache, data.train_rows, AnswerFormat(data, need_text), layers=layers,
+                                    shape=BatchShape(batch_size, batch_size, 1), seed=seed, buffer_rows=buffer_rows, workers=workers,
+                                    prefetch=prefetch)
+        self.steps_per_epoch = self.batches.steps_per_epoch
 
     def plan(self, epoch: int) -> EpochPlan:
-        if epoch not in self._plans:
-            self._plans = {epoch: make_epoch_plan(
-                self.data.train_rows, self._storage, chunk_rows=self.cache.chunk_rows, shard_rows=self.cache.shard_rows,
-                global_batch=self.batch_size, buffer_rows=self.buffer_rows, seed=self.seed, epoch=epoch,
-            )}
-        return self._plans[epoch]
-
-    def windows(self, start: int, stop: int) -> list[list[tuple[int, np.ndarray]]]:
-        """Steps start..stop-1 as the plan's windows: [[(step, rows [batch])]], epochs one after another."""
-        out = []
-        for epoch in range(start // self.steps_per_epoch, (stop - 1) // self.steps_per_epoch + 1):
-            plan, base = self.plan(epoch), epoch * self.steps_per_epoch
-            for w in range(plan.num_windows):
-                items = [(base + b, plan.batches[b]) for b in plan.window(w) if start <= base + b < stop]
-                if items:
-                    out.append(items)
-        return out
+        return self.batches.plan(epoch)
 
     def steps(self, start: int, stop: int) -> Iterator[tuple[int, ProbeBatch]]:
-        """(step, batch) for steps start..stop-1. One DataLoader for the whole range, so its workers read ahead
-        across epoch boundaries too; only the batches of these steps are read."""
-        if stop <= start:
-            return
-        ds = _TrainWindows(LazyCache(self.cache.url, None), self.windows(start, stop), self.data, self.layers, self.need_text)
-        n = min(self.workers, len(ds))
-        loader = DataLoader(ds, batch_size=None, shuffle=False, collate_fn=_as_is, num_workers=n, prefetch_factor=self.prefetch if n else None,
-                            worker_init_fn=worker_init_fn(n), generator=own_generator(self.seed, start))
-        for window in loader:
-            yield from window
+        """(step, batch) for steps start..stop-1; only the windows of these steps are read."""
+        for step, (batch,) in self.batches.steps(start, stop):
+            yield step, batch
 
     def eval_batches(self, chunk: int = 256) -> Iterator[ProbeBatch]:
         """The evaluation rows in storage order, `chunk` at a time."""

@@ -37,7 +37,7 @@ from layerfuse.pipeline.cache import FeatureCache
 from layerfuse.pipeline.conversation import IGNORE_INDEX, TEMPLATES
 from layerfuse.pipeline.distributed import DistContext
 from layerfuse.pipeline.llm import DEFAULT_LLM, LLMBundle, load_llm
-from layerfuse.pipeline.loader import CacheBatches, FeatureBatch, TokenSettings, TrainingSet, scan_training_set
+from layerfuse.pipeline.loader import CacheBatches, ConversationFormat, FeatureBatch, TokenSettings, TrainingSet, scan_training_set
 from layerfuse.pipeline.metrics import MetricsLog
 from layerfuse.pipeline.model import (
     FUSER_WEIGHTS,
@@ -409,8 +409,7 @@ def prepare_training(cfg: TrainConfig, ctx: DistContext, train_dir: Path | None 
     ts = _training_set(cfg, cache, bundle, settings, train_dir, ctx)
     shape = BatchShape(cfg.batch_size, cfg.micro_batch_size or cfg.batch_size // ctx.world, ctx.world)
     batches = CacheBatches(
-        cache, ts, layers=fuser.required_layers, need_text=fuser.needs_text, tokenizer=bundle.tokenizer, settings=settings,
-        shape=shape, rank=ctx.rank, seed=cfg.seed, buffer_rows=cfg.buffer_rows, workers=cfg.workers, prefetch=cfg.prefetch,
+        cache, ts.rows, ConversationFormat(bundle.tokenizer, settings, fuser.needs_text), layers=fuser.required_layers, shape=shape, rank=ctx.rank, seed=cfg.seed, buffer_rows=cfg.buffer_rows, workers=cfg.workers, prefetch=cfg.prefetch,
         pin_memory=device.type == "cuda",
     )
     total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * batches.steps_per_epoch))

@@ -262,7 +262,7 @@ def test_lm_mode_shared_llm_with_internal_fuser_trains_like_separate_runs(train_
     from layerfuse.fusion.internal import decoder_layers
     from layerfuse.pipeline.ablate_lm import LMVariant, token_settings
     from layerfuse.pipeline.llm import load_llm
-    from layerfuse.pipeline.loader import CacheBatches, scan_training_set
+    from layerfuse.pipeline.loader import CacheBatches, ConversationFormat, scan_training_set
     from layerfuse.pipeline.plan import BatchShape
 
     cache = FeatureCache(train_cache)
@@ -278,7 +278,7 @@ def test_lm_mode_shared_llm_with_internal_fuser_trains_like_separate_runs(train_
 
     def run(members_of):
         union = sorted({i for v in members_of for i in v.required_layers})
-        batches = CacheBatches(cache, ts, layers=union, need_text=False, tokenizer=bundle.tokenizer, settings=settings,
+        batches = CacheBatches(cache, ts.rows, ConversationFormat(bundle.tokenizer, settings, False), layers=union,
                                shape=BatchShape(8, 4, 1), seed=0, buffer_rows=16, workers=0)
         ms = [LMVariant(v, vision, s, bundle, union, torch.device("cpu"), 3, cache.sample_ids(qs.eval_rows)) for v in members_of]
         train_together(ms, batches.steps(0, 3), 3, progress=False)
