@@ -73,6 +73,8 @@ bench: $(STAMP)
 	$(PY) bench/extract.py --out BENCHMARKS.md
 	$(PY) bench/msda.py --out BENCHMARKS.md
 	$(PY) bench/export.py --out BENCHMARKS.md
+	$(PY) bench/train.py --out BENCHMARKS.md
+	$(PY) bench/ablate.py --out BENCHMARKS.md
 	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
 	   $(PY) -m layerfuse.plugins_trt.gpu_check --out BENCHMARKS.md; \
 	 else echo "bench: no CUDA device, skipping plugins_trt/gpu_check.py (the MSDeformAttn kernel)"; fi
