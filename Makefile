@@ -23,7 +23,7 @@ STAMP := $(VENV)/.layerfuse-installed
 
 # Embedded default run: built-in synthetic data, tiny random CLIP, MiniLM instruction embeddings.
 RUN ?= runs/default
-N ?= 2000
+N ?= 6000
 SEED ?= 0
 EXTRACT_ARGS ?=
 PYTEST_ARGS ?=

@@ -42,7 +42,7 @@ HAS_CLS = {"clip": True, "clip_vision_model": True, "siglip": False, "siglip_vis
 
 @dataclass(frozen=True)
 class DefaultVisionConfig:
-    """The embedded default tower: CLIP ViT with 24 blocks (so SPEC presets apply unscaled), 96 px, 8x8 patches."""
+    """The embedded default tower: CLIP ViT with 24 blocks (so SPEC presets apply unscaled), 96 px, 12 px patches (8x8 grid)."""
 
     image_size: int = 96
     patch_size: int = 12
