@@ -10,6 +10,7 @@
 
 #include <NvInferRuntime.h>
 
+#include "check.h"
 #include "msda_api.h"
 #include "msda_plugin.h"
 #include "msda_plugin_info.h"
@@ -29,16 +30,6 @@ extern "C" int msda_forward(const void* value, const void* spatial_shapes, const
 }
 
 namespace {
-
-int checks = 0, failures = 0;
-void expect(bool ok, const char* what, int line) {
-    ++checks;
-    if (!ok) {
-        ++failures;
-        std::printf("FAILED line %d: %s\n", line, what);
-    }
-}
-#define EXPECT(cond) expect((cond), #cond, __LINE__)
 
 struct RecordingLogger : ILogger {
     std::vector<std::string> messages;
@@ -205,10 +196,5 @@ int main() {
     delete plugin;
     setLoggerFinder(nullptr);
 
-    if (failures != 0) {
-        std::printf("%d of %d checks failed\n", failures, checks);
-        return 1;
-    }
-    std::printf("%d checks passed\n", checks);
-    return 0;
+    return msda_test::check_report();
 }

@@ -1,26 +1,15 @@
-// Unit test of msda_plugin_rules.h (the TensorRT-independent plugin logic), built with g++ by tests/test_plugin_rules.py.
+// Unit test of msda_plugin_rules.h (the TensorRT-independent plugin logic), built with g++ by tests/test_plugin.py.
 // Prints one line per failed check and exits 1 if any failed, else prints "N checks passed" and exits 0.
 #include <cstdio>
 #include <string>
 
+#include "check.h"
 #include "msda_plugin_info.h"
 #include "msda_plugin_rules.h"
 
 using namespace msda::plugin;
 
 namespace {
-
-int checks = 0;
-int failures = 0;
-
-void expect(bool ok, const char* what, int line) {
-    ++checks;
-    if (!ok) {
-        ++failures;
-        std::printf("FAILED line %d: %s\n", line, what);
-    }
-}
-#define EXPECT(cond) expect((cond), #cond, __LINE__)
 
 Shape shape(std::initializer_list<int64_t> dims) {
     Shape s{};
@@ -153,10 +142,5 @@ int main() {
     test_output_type();
     test_shapes();
     test_codes_and_fields();
-    if (failures != 0) {
-        std::printf("%d of %d checks failed\n", failures, checks);
-        return 1;
-    }
-    std::printf("%d checks passed\n", checks);
-    return 0;
+    return msda_test::check_report();
 }
