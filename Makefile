@@ -21,7 +21,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.layerfuse-installed
 
-# Embedded default run: built-in synthetic data, tiny random CLIP, MiniLM instruction embeddings.
+# Embedded default run: built-in synthetic data, tiny CLIP pretrained in code on built-in renders, MiniLM embeddings.
 RUN ?= runs/default
 N ?= 6000
 SEED ?= 0

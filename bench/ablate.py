@@ -38,10 +38,10 @@ DEFAULT_CACHE = Path("runs/default/cache")
 
 def build_cache(folder: Path, n: int) -> str:
     """A built-in cache of n samples with the embedded tiny CLIP (what `make extract` makes, smaller)."""
-    from layerfuse.pipeline.encoder import build_default_vision
+    from layerfuse.pipeline.default_vision import DefaultVisionConfig, build_default_vision
     from layerfuse.pipeline.extract import ExtractConfig, run_extract
 
-    vision = build_default_vision(folder / "vision")
+    vision = build_default_vision(folder / "vision", DefaultVisionConfig(pretrain_steps=0))  # speed only
     out = folder / "cache"
     run_extract(ExtractConfig(out=str(out), vision=str(vision), builtin=n, seed=0, workers=1, progress=False))
     return str(out)

@@ -41,7 +41,8 @@ import zarr.storage  # noqa: E402
 
 from layerfuse.pipeline.cache import FeatureCache, from_torch  # noqa: E402
 from layerfuse.pipeline.cache_writer import CacheWriter, ShardResult  # noqa: E402
-from layerfuse.pipeline.encoder import DEFAULT_VISION, build_default_vision, load_vision_encoder  # noqa: E402
+from layerfuse.pipeline.default_vision import DefaultVisionConfig, build_default_vision  # noqa: E402
+from layerfuse.pipeline.encoder import DEFAULT_VISION, load_vision_encoder  # noqa: E402
 from layerfuse.pipeline.extract import ExtractConfig, run_extract, storage_layout  # noqa: E402
 from layerfuse.pipeline.sources import load_image  # noqa: E402
 from layerfuse.pipeline.synthetic import synthetic_plan  # noqa: E402
@@ -66,7 +67,8 @@ def build_vitb(out: Path) -> Path:
 
 
 def extract_config(out: Path, n: int, vision: str, run_dir: Path) -> ExtractConfig:
-    return ExtractConfig(out=str(out), builtin=n, vision=vision, run_dir=str(run_dir), progress=False)
+    # throughput does not depend on the weights: the default tower's architecture, unpretrained
+    return ExtractConfig(out=str(out), builtin=n, vision=vision, run_dir=str(run_dir), vision_pretrain_steps=0, progress=False)
 
 
 def timed_extract(out: Path, n: int, vision: str, run_dir: Path) -> float:
@@ -264,7 +266,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="layerfuse-bench-") as tmp:
         tmp = Path(tmp)
-        tiny_dir = build_default_vision(tmp / "tiny" / "vision")
+        tiny_dir = build_default_vision(tmp / "tiny" / "vision", DefaultVisionConfig(pretrain_steps=0))
         run_extract(extract_config(tmp / "warmup", 64, DEFAULT_VISION, tmp / "tiny"))  # warm-up: imports, file cache
         tiny = compare_encoder("tiny", DEFAULT_VISION, tiny_dir, n_tiny, tmp / "tiny", repeats)
         tiny["label"], tiny["short"] = "tiny default CLIP (24 blocks, 65x64)", "tiny default"

@@ -39,7 +39,8 @@ from extract import build_vitb  # noqa: E402  (bench/extract.py)
 from layerfuse.pipeline.cache import STORAGE_DTYPES  # noqa: E402
 from layerfuse.pipeline.conversation import collate  # noqa: E402
 from layerfuse.pipeline.distributed import DistContext  # noqa: E402
-from layerfuse.pipeline.encoder import build_default_vision, load_vision_encoder  # noqa: E402
+from layerfuse.pipeline.default_vision import DefaultVisionConfig, build_default_vision  # noqa: E402
+from layerfuse.pipeline.encoder import load_vision_encoder  # noqa: E402
 from layerfuse.pipeline.extract import ExtractConfig, run_extract  # noqa: E402
 from layerfuse.pipeline.images import decode_image  # noqa: E402
 from layerfuse.pipeline.loader import FeatureBatch, tokenize_sample  # noqa: E402
@@ -169,7 +170,7 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        tiny = str(build_default_vision(root / "vision"))
+        tiny = str(build_default_vision(root / "vision", DefaultVisionConfig(pretrain_steps=0)))  # speed only: weights do not matter
         if args.quick:
             scenarios = [Scenario("tiny default CLIP", tiny, n=96, batch=8, warmup=1, steps=3)]
         else:

@@ -17,13 +17,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's input, shown as one clean line instead of a traceback."""
     from layerfuse.pipeline.cache import CacheError
     from layerfuse.pipeline.checkpoints import CheckpointError
+    from layerfuse.pipeline.default_vision import DefaultVisionError
     from layerfuse.pipeline.extract import ExtractError
     from layerfuse.fusion import FuserBuildError
     from layerfuse.pipeline.conversation import TemplateError
     from layerfuse.pipeline.records import SampleError
     from layerfuse.pipeline.train import TrainError
 
-    return (CacheError, CheckpointError, ExtractError, SampleError, FileNotFoundError, TrainError, FuserBuildError, TemplateError)
+    return (CacheError, CheckpointError, DefaultVisionError, ExtractError, SampleError, FileNotFoundError, TrainError, FuserBuildError, TemplateError)
 
 
 def _run_cli(fn, *args: Any, **kwargs: Any) -> Any:
@@ -49,7 +50,7 @@ def main() -> None:
 
     \b
     Example (the embedded default, what `make extract` and `make train` run):
-      layerfuse extract --run-dir runs/default --builtin 2000
+      layerfuse extract --run-dir runs/default --builtin 6000
       layerfuse train --cache runs/default/cache --stage 1 --out runs/default/stage1 ...
     """
 
@@ -100,8 +101,9 @@ def data_synthetic(out_dir: str, n: int, seed: int, shard_size: int, quiet: bool
 @click.option("--builtin", type=click.IntRange(min=1), default=None, help="Source: N built-in synthetic samples (the default source, N=2000).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the built-in dataset.")
 @click.option("--split", default="train", show_default=True, help="Split recorded for samples whose record names none.")
-@click.option("--vision", default="default", show_default=True, help="Vision tower: HF hub id or local folder; 'default' = tiny random CLIP.")
+@click.option("--vision", default="default", show_default=True, help="Vision tower: HF hub id or local folder; 'default' = the embedded tiny CLIP, pretrained on built-in renders into RUN_DIR/vision.")
 @click.option("--vision-revision", default=None, help="Hub revision of --vision.")
+@click.option("--vision-pretrain-steps", type=click.IntRange(min=0), default=None, help="Pretraining steps of the default tower (--vision default only); 0 = random weights. [default: 2000]")
 @click.option("--pad-to-square/--no-pad-to-square", default=False, show_default=True, help="LLaVA's expand2square before the processor.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True, help="Stored feature dtype.")
 @click.option("--text-model", default=DEFAULT_TEXT_MODEL, show_default=True, help="sentence-transformers model (id or folder) for instructions.")
@@ -128,7 +130,7 @@ def extract(out: str | None, run_dir: str, suffixes: tuple[str, ...], quiet: boo
 
     \b
     Examples:
-      layerfuse extract                                  # built-in data, tiny random CLIP -> runs/default/cache
+      layerfuse extract                                  # built-in data, tiny pretrained CLIP -> runs/default/cache
       layerfuse extract --llava llava_v1_5_mix665k.json --image-root data/ \\
           --vision openai/clip-vit-large-patch14-336 --pad-to-square --out /data/cache/clip336
       layerfuse extract --wds 'shards/train-{000000..000099}.tar' --vision google/siglip-so400m-patch14-384 --out s3://bucket/cache

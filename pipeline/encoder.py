@@ -4,8 +4,8 @@ A ViT with L blocks yields L+1 hidden states (SPEC section 1): hs[0] is the embe
 `pre_layrnorm`), hs[i] the output of block i; none passes through `post_layernorm`. `VisionEncoder.forward`
 returns them stacked, every token kept (CLS included where the model has one).
 
-The embedded default (`--vision default`) is a small CLIP built in code from a fixed seed, saved to a
-directory and loaded back through exactly the same code path as a real checkpoint. Its weights are random.
+The embedded default (`--vision default`) is a small CLIP built and pretrained in code (pipeline/default_vision.py),
+saved to a directory and loaded back through exactly the same code path as a real checkpoint.
 """
 
 from __future__ import annotations
@@ -38,54 +38,6 @@ VISION_CLASSES = {
     "siglip2_vision_model": "Siglip2VisionModel",
 }
 HAS_CLS = {"clip": True, "clip_vision_model": True, "siglip": False, "siglip_vision_model": False}
-
-
-@dataclass(frozen=True)
-class DefaultVisionConfig:
-    """The embedded default tower: CLIP ViT with 24 blocks (so SPEC presets apply unscaled), 96 px, 12 px patches (8x8 grid)."""
-
-    image_size: int = 96
-    patch_size: int = 12
-    hidden_size: int = 64
-    num_layers: int = 24
-    num_heads: int = 4
-    intermediate_size: int = 256
-    seed: int = 0
-
-
-def build_default_vision(out_dir: str | Path, cfg: DefaultVisionConfig = DefaultVisionConfig()) -> Path:
-    """Create the default tiny CLIP tower (random weights from `cfg.seed`) and its processor in `out_dir`.
-
-    Idempotent: an existing, loadable directory is kept, so a resumed extraction sees the same weights.
-    """
-    out = Path(out_dir)
-    if (out / "config.json").exists() and (out / "preprocessor_config.json").exists():
-        return out
-    config = transformers.CLIPVisionConfig(
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        projection_dim=cfg.hidden_size,
-    )
-    gen_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(cfg.seed)
-        model = transformers.CLIPVisionModel(config)
-    finally:
-        torch.random.set_rng_state(gen_state)
-    proc_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    processor = proc_cls(
-        size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size}
-    )
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / "layerfuse_default.json").write_text(json.dumps({"note": "random weights", **asdict(cfg)}, indent=1))
-    tmp.rename(out)  # a killed build leaves only *.tmp behind, never a half-written default
-    return out
 
 
 @dataclass(frozen=True)

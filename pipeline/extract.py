@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -28,7 +28,8 @@ from layerfuse.pipeline import __version__
 from layerfuse.pipeline.cache import ATTRS_KEY, OK, SKIPPED, TEXT_ONLY, from_torch, open_group
 from layerfuse.pipeline.cache_writer import CacheWriter, ShardResult, compressor_name
 from layerfuse.pipeline.distributed import DistContext
-from layerfuse.pipeline.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, build_default_vision, load_vision_encoder
+from layerfuse.pipeline.default_vision import DefaultVisionConfig, build_default_vision, describe
+from layerfuse.pipeline.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, load_vision_encoder
 from layerfuse.pipeline.records import Plan, SampleError, SampleIssue, SampleRecord
 from layerfuse.pipeline.workers import worker_init_fn
 from layerfuse.pipeline.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL, InstructionEmbedder, max_human_turns
@@ -53,6 +54,7 @@ class ExtractConfig:
     split: str = "train"  # split recorded for sources whose records carry none
     vision: str = DEFAULT_VISION
     vision_revision: str | None = None
+    vision_pretrain_steps: int | None = None  # --vision default only: pretraining steps (None: the default, 0: random)
     pad_to_square: bool = False
     dtype: str = "float16"
     text_model: str = DEFAULT_TEXT_MODEL
@@ -83,6 +85,13 @@ class ExtractConfig:
         if self.wds is not None:
             return {"kind": "webdataset", "shards": self.wds, "split": self.split}
         return {"kind": "synthetic", "n": 2000 if self.builtin is None else self.builtin, "seed": self.seed}
+
+    def default_vision(self) -> DefaultVisionConfig | None:
+        """The embedded tower's settings when `vision` is the default, else None."""
+        if self.vision != DEFAULT_VISION:
+            return None
+        base = DefaultVisionConfig()
+        return base if self.vision_pretrain_steps is None else replace(base, pretrain_steps=self.vision_pretrain_steps)
 
 
 @dataclass
@@ -209,7 +218,8 @@ class _ShardBuffer:
 def _config_record(cfg: ExtractConfig, enc: VisionEncoder, vision_path: str, shard_samples: int, chunk_samples: int) -> dict[str, Any]:
     return {
         "source": cfg.source_spec(),
-        "vision": {"name": cfg.vision, "path": vision_path, "revision": cfg.vision_revision, "config_hash": enc.info.config_hash},
+        "vision": {"name": cfg.vision, "path": vision_path, "revision": cfg.vision_revision, "config_hash": enc.info.config_hash,
+                   **({"default": asdict(dv)} if (dv := cfg.default_vision()) else {})},
         "pad_to_square": cfg.pad_to_square,
         "dtype": cfg.dtype,
         "text_model": cfg.text_model,
@@ -275,10 +285,11 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
     t0 = time.perf_counter()
     device = ctx.device(cfg.device)
     vision_path = cfg.vision
-    if cfg.vision == DEFAULT_VISION:
+    default_vision = cfg.default_vision()
+    if default_vision is not None:
         vision_path = str(Path(cfg.run_dir) / "vision")
         if ctx.is_main:
-            build_default_vision(vision_path)
+            build_default_vision(vision_path, default_vision, progress=cfg.progress)
         ctx.barrier()
     enc = load_vision_encoder(vision_path, revision=cfg.vision_revision, device=device, dtype=_compute_dtype(cfg.compute_dtype, device))
     text = InstructionEmbedder(cfg.text_model, device=str(device), suffixes=cfg.suffixes, batch_size=cfg.text_batch_size)
@@ -305,7 +316,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
                 "config_hash": chash,
                 "encoder": {
                     **{k: v for k, v in asdict(enc.info).items() if k != "processor"},
-                    "name": "default (tiny CLIP, random weights)" if cfg.vision == DEFAULT_VISION else cfg.vision,
+                    "name": describe(default_vision) if default_vision else cfg.vision,
                     "path": vision_path,
                 },
                 "processor": {**enc.info.processor, "pad_to_square": cfg.pad_to_square, "pad_fill": list(enc.preprocessor(cfg.pad_to_square).fill)},

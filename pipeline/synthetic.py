@@ -230,6 +230,20 @@ def _caption(objs: list[SceneObject], bg: RGB) -> str:
     return f"{body[0].upper()}{body[1:]} on a {tone} grey background."
 
 
+def _glyph(rng: random.Random, bg: RGB) -> Glyph:
+    """A random digit at a random place, on the background or (half the time) on a plain light/dark patch."""
+    digit, w, h = str(rng.randint(0, 9)), 5 * GLYPH_SCALE, 7 * GLYPH_SCALE
+    gx, gy = rng.randint(4, IMAGE_SIZE - 4 - w), rng.randint(4, IMAGE_SIZE - 4 - h)
+    patch = patch_rgb = None
+    ink = detail_rgb(bg)
+    if rng.random() < 0.5:
+        patch = (gx - 3, gy - 3, gx + w + 3, gy + h + 3)
+        light = rng.random() < 0.5
+        g = rng.randint(205, 235) if light else rng.randint(15, 35)
+        patch_rgb, ink = (g, g, g), ((0, 0, 0) if light else (255, 255, 255))
+    return Glyph(digit, gx, gy, ink, GLYPH_SCALE, patch, patch_rgb)
+
+
 def _build(rng: random.Random, category: str, bg: RGB) -> tuple[str, str, list[SceneObject], Glyph | None] | None:
     """One attempt at a scene of `category`: (question, answer, objects, glyph) or None to retry."""
     colours, shapes = list(COLOURS), list(SHAPES)
@@ -273,21 +287,13 @@ def _build(rng: random.Random, category: str, bg: RGB) -> tuple[str, str, list[S
                 return f"Where is the {c1} {s1} relative to the {c2} {s2}?", direction, objs, None
         return None
     if category == "glyph":
-        digit, w, h = str(rng.randint(0, 9)), 5 * GLYPH_SCALE, 7 * GLYPH_SCALE
-        gx, gy = rng.randint(4, IMAGE_SIZE - 4 - w), rng.randint(4, IMAGE_SIZE - 4 - h)
-        patch = patch_rgb = None
-        ink = detail_rgb(bg)
-        if rng.random() < 0.5:
-            patch = (gx - 3, gy - 3, gx + w + 3, gy + h + 3)
-            light = rng.random() < 0.5
-            g = rng.randint(205, 235) if light else rng.randint(15, 35)
-            patch_rgb, ink = (g, g, g), ((0, 0, 0) if light else (255, 255, 255))
-        glyph = Glyph(digit, gx, gy, ink, GLYPH_SCALE, patch, patch_rgb)
+        glyph = _glyph(rng, bg)
+        gx0, gy0, gx1, gy1 = glyph.box
         specs = [(rng.choice(shapes), rng.choice(colours)) for _ in range(rng.randint(0, 2))]
-        objs = _objects(rng, specs, [size(14, 20) for _ in specs], [(gx - 3, gy - 3, gx + w + 3, gy + h + 3)])
+        objs = _objects(rng, specs, [size(14, 20) for _ in specs], [(gx0 - 3, gy0 - 3, gx1 + 3, gy1 + 3)])
         if objs is None:
             return None
-        return "What digit is written in the image?", digit, objs, glyph
+        return "What digit is written in the image?", glyph.digit, objs, glyph
     if category == "detail":
         shape, kind = rng.choice(shapes), rng.choice(("dot", "stripe"))
         chosen = rng.sample(colours, rng.randint(2, 4))
@@ -325,6 +331,29 @@ def make_scene(seed: int, index: int) -> Scene:
     question, answer, objs, glyph = built
     human = "<image>\n" + question + (LLAVA_SUFFIX if suffix else "")
     return Scene(seed, index, f"syn-{seed}-{index:07d}", category, split, human, question, answer, tuple(objs), bg, glyph)
+
+
+def dense_scene(seed: int, index: int) -> Scene:
+    """A question-free scene packed with everything the categories ask about, for pretraining the default tower:
+    1-5 objects (any shape and colour, each with a dot or stripe 40% of the time) and a digit 60% of the time.
+    A pure function of (seed, index); category and split are "pretrain"."""
+    rng = random.Random(f"dense:{seed}:{index}")
+    g = rng.randint(40, 90) if rng.random() < 0.5 else rng.randint(160, 210)
+    bg = (g, g, g)
+    for _ in range(100):
+        glyph = _glyph(rng, bg) if rng.random() < 0.6 else None
+        taken: list[Box] = []
+        if glyph is not None:
+            x0, y0, x1, y1 = glyph.box
+            taken.append((x0 - 3, y0 - 3, x1 + 3, y1 + 3))
+        specs = [(rng.choice(SHAPES), rng.choice(list(COLOURS))) for _ in range(rng.randint(1, 5))]
+        objs = _objects(rng, specs, [rng.randint(14, 26 if len(specs) <= 3 else 20) for _ in specs], taken)
+        if objs is not None:
+            break
+    else:  # pragma: no cover - the budgets above make this practically unreachable
+        raise RuntimeError(f"could not lay out dense scene {seed}:{index}")
+    objs = [o if rng.random() >= 0.4 else SceneObject(o.shape, o.colour, o.rgb, o.x, o.y, o.size, rng.choice(("dot", "stripe"))) for o in objs]
+    return Scene(seed, index, f"dense-{seed}-{index:07d}", "pretrain", "pretrain", "", "", "", tuple(objs), bg, glyph)
 
 
 def scene_record(scene: Scene) -> SampleRecord:

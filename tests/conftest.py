@@ -21,9 +21,10 @@ def layerfuse_cmd(*args: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def vision_dir(tmp_path_factory) -> Path:
-    from layerfuse.pipeline.encoder import build_default_vision
+    """The default tower's architecture with random weights (pretraining it is tested in test_default_vision.py)."""
+    from layerfuse.pipeline.default_vision import DefaultVisionConfig, build_default_vision
 
-    return build_default_vision(tmp_path_factory.mktemp("run") / "vision")
+    return build_default_vision(tmp_path_factory.mktemp("run") / "vision", DefaultVisionConfig(pretrain_steps=0))
 
 
 @pytest.fixture(scope="session")
