@@ -28,7 +28,7 @@ import transformers  # noqa: E402
 
 from layerfuse.pipeline.ablate import AblateOptions, run_ablation  # noqa: E402
 from layerfuse.pipeline.sweep import SweepSpec  # noqa: E402
-from report import command, machine, write_section  # noqa: E402  (bench/report.py)
+from layerfuse.pipeline.benchmarks import command, machine, write_section  # noqa: E402
 
 transformers.logging.disable_progress_bar()
 SECTION = "## Ablations: shared pass (`bench/ablate.py`)"

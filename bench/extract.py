@@ -47,7 +47,7 @@ from layerfuse.pipeline.extract import ExtractConfig, run_extract, storage_layou
 from layerfuse.pipeline.sources import load_image  # noqa: E402
 from layerfuse.pipeline.synthetic import synthetic_plan  # noqa: E402
 from layerfuse.pipeline.text import InstructionEmbedder  # noqa: E402
-from report import command, machine, median_time, write_section  # noqa: E402  (bench/report.py)
+from layerfuse.pipeline.benchmarks import command, machine, median_time, write_section  # noqa: E402
 
 SECTION = "## Extraction (`bench/extract.py`)"
 LAYERS = [3, 18, 23]
@@ -218,7 +218,7 @@ def render(cmd: str, pipes: list[dict], reads: list[dict]) -> str:
     def others(p):
         return sorted(((v, k.split(" (")[0].split(",")[0]) for k, v in p["bd"]["stages"].items() if not k.startswith("encoder")), reverse=True)
 
-    tb, vb = tiny["bd"], vitb["bd"]
+    tb = tiny["bd"]
     fwd_t, sum_t = tb["stages"][next(k for k in tb["stages"] if k.startswith("encoder"))], sum(tb["stages"].values())
     (v1, n1), (v2, n2) = others(tiny)[:2]
     (w1, m1), (w2, m2) = others(vitb)[:2]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from layerfuse.fusion.msda import ms_deform_attn
-from report import command, machine, write_section  # bench/report.py
+from layerfuse.pipeline.benchmarks import command, machine, write_section
 
 SECTION = "## MSDeformAttn (`bench/msda.py`)"
 IMPLS = ("grid_sample", "gather")

@@ -47,7 +47,7 @@ from layerfuse.pipeline.loader import FeatureBatch, tokenize_sample  # noqa: E40
 from layerfuse.pipeline.synthetic import write_dataset  # noqa: E402
 from layerfuse.pipeline.train import TrainConfig, prepare_training, train_step  # noqa: E402
 from layerfuse.pipeline.workers import worker_init_fn  # noqa: E402
-from report import command, machine, write_section  # noqa: E402  (bench/report.py)
+from layerfuse.pipeline.benchmarks import command, machine, write_section  # noqa: E402
 
 SECTION = "## Training from the cache (`bench/train.py`)"
 transformers.utils.logging.disable_progress_bar()

@@ -85,6 +85,9 @@ class SceneTargets:
     owned: torch.Tensor
     counts: torch.Tensor
 
+    def to(self, device: torch.device) -> SceneTargets:
+        return SceneTargets(**{k: v.to(device) for k, v in vars(self).items()})
+
 
 def _cover(mask: np.ndarray, grid: int) -> np.ndarray:
     """[H, W] bool -> [G*G] fraction of each patch covered."""
@@ -155,7 +158,7 @@ class PretrainHeads(nn.Module):
 
 def _losses(out: dict[str, torch.Tensor], t: SceneTargets) -> dict[str, torch.Tensor]:
     def ce(logits: torch.Tensor, target: torch.Tensor, background: float = 1.0) -> torch.Tensor:
-        weight = torch.ones(logits.shape[-1])
+        weight = torch.ones(logits.shape[-1], device=logits.device)
         weight[0] = background  # most patches hold nothing: keep them from drowning the rare classes
         return F.cross_entropy(logits.flatten(0, -2), target.flatten(), weight=weight)
 
@@ -185,10 +188,15 @@ def _evaluate(model: nn.Module, heads: PretrainHeads, pixels: torch.Tensor, t: S
     return res
 
 
-def pretrain(model: nn.Module, preprocess: ImagePreprocessor, cfg: DefaultVisionConfig, progress: bool = True) -> dict[str, Any]:
-    """Train `model` (a CLIPVisionModel) in place on fresh renders; returns held-out accuracies and the last losses."""
+def pretrain(model: nn.Module, preprocess: ImagePreprocessor, cfg: DefaultVisionConfig, progress: bool = True,
+             device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Train `model` (a CLIPVisionModel) in place on fresh renders (fp32, on `device`; the model is left on the CPU);
+    returns held-out accuracies and the first and last losses."""
     seed = PRETRAIN_SEED - cfg.seed
+    device = torch.device(device)
     heads = PretrainHeads(cfg.hidden_size)
+    model.to(device)
+    heads.to(device)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.05)
 
@@ -200,6 +208,7 @@ def pretrain(model: nn.Module, preprocess: ImagePreprocessor, cfg: DefaultVision
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     eval_pixels, eval_targets = render_batch(seed, 0, cfg.eval_scenes, cfg.grid, preprocess)
+    eval_pixels, eval_targets = eval_pixels.to(device), eval_targets.to(device)
     start = cfg.eval_scenes  # training scenes follow the held-out ones
     model.train()
     first: dict[str, float] = {}
@@ -207,6 +216,7 @@ def pretrain(model: nn.Module, preprocess: ImagePreprocessor, cfg: DefaultVision
     bar = tqdm(range(cfg.pretrain_steps), desc="pretrain default vision", unit="step", disable=not progress)
     for step in bar:
         pixels, targets = render_batch(seed, start + step * cfg.pretrain_batch, cfg.pretrain_batch, cfg.grid, preprocess)
+        pixels, targets = pixels.to(device), targets.to(device)
         losses = _losses(heads(model(pixel_values=pixels).last_hidden_state), targets)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
@@ -219,6 +229,7 @@ def pretrain(model: nn.Module, preprocess: ImagePreprocessor, cfg: DefaultVision
         bar.set_postfix(loss=f"{loss.item():.3f}")  # type: ignore[union-attr]
     model.eval()
     held_out = _evaluate(model, heads, eval_pixels, eval_targets)
+    model.cpu()
     return {"held_out": {k: round(v, 4) for k, v in held_out.items()}, "first_losses": first, "last_losses": last, "scenes_seed": seed}
 
 
@@ -232,9 +243,10 @@ def describe(cfg: DefaultVisionConfig) -> str:
     return f"default (tiny CLIP, {_marker(cfg)['note']})"
 
 
-def build_default_vision(out_dir: str | Path, cfg: DefaultVisionConfig = DefaultVisionConfig(), progress: bool = False) -> Path:
+def build_default_vision(out_dir: str | Path, cfg: DefaultVisionConfig = DefaultVisionConfig(), progress: bool = False,
+                         device: str | torch.device = "cpu") -> Path:
     """Create the default tiny CLIP tower (weights from `cfg.seed`, then `cfg.pretrain_steps` of pretraining) and
-    its processor in `out_dir`.
+    its processor in `out_dir`. Pretraining runs on `device` (extraction passes its own: a GPU when it has one).
 
     Idempotent: an existing folder built with the same settings is kept, so a resumed extraction sees the same
     weights; one built with other settings is an error, never silently reused.
@@ -267,7 +279,7 @@ def build_default_vision(out_dir: str | Path, cfg: DefaultVisionConfig = Default
     try:
         torch.manual_seed(cfg.seed)
         model = transformers.CLIPVisionModel(config)
-        report = pretrain(model, ImagePreprocessor(processor, pad_to_square=False), cfg, progress) if cfg.pretrain_steps else {}
+        report = pretrain(model, ImagePreprocessor(processor, pad_to_square=False), cfg, progress, device) if cfg.pretrain_steps else {}
     finally:
         torch.random.set_rng_state(gen_state)
     tmp = out.with_name(out.name + ".tmp")

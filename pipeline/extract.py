@@ -289,7 +289,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
     if default_vision is not None:
         vision_path = str(Path(cfg.run_dir) / "vision")
         if ctx.is_main:
-            build_default_vision(vision_path, default_vision, progress=cfg.progress)
+            build_default_vision(vision_path, default_vision, progress=cfg.progress, device=device)
         ctx.barrier()
     enc = load_vision_encoder(vision_path, revision=cfg.vision_revision, device=device, dtype=_compute_dtype(cfg.compute_dtype, device))
     text = InstructionEmbedder(cfg.text_model, device=str(device), suffixes=cfg.suffixes, batch_size=cfg.text_batch_size)

@@ -26,7 +26,6 @@ import datetime
 import math
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -38,12 +37,11 @@ from pathlib import Path
 import torch
 
 from layerfuse.fusion.msda import ms_deform_attn, ms_deform_attn_grid_sample
+from layerfuse.pipeline.benchmarks import write_section
 
 from . import kernel
 
 SECTION = "## MSDeformAttn CUDA kernel (plugins_trt/gpu_check.py)"
-BENCH_HEADER = "# layerfuse benchmarks\n\n"
-
 # Normalised error bounds, max|out - ref| / max(max|ref|, 1): fp32 accumulation error, plus the output's rounding
 # for fp16 (2^-11 relative) and bf16 (2^-8).
 FORWARD_TOL = {torch.float32: 2e-6, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
@@ -403,17 +401,6 @@ def render(outcomes: list[Outcome], determinism: bool, auto_ok: bool, timings: l
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of `path` (up to the next `## `), or append it; other sections are kept."""
-    if path.exists():
-        old = path.read_text()
-        pat = re.compile(r"^" + re.escape(SECTION) + r".*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-        new = pat.sub(lambda _: section.rstrip("\n") + "\n\n", old, count=1) if pat.search(old) else old.rstrip("\n") + "\n\n" + section
-    else:
-        new = BENCH_HEADER + section
-    path.write_text(new.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write the report section into this markdown file (BENCHMARKS.md)")
@@ -463,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(outcomes, determinism, auto_ok, timings, args.device)
     print(section)
     if args.out:
-        write_section(args.out, section)
+        write_section(args.out, SECTION, section)
     failed = [o.case.name for o in outcomes if not o.passed]
     if failed or not determinism or not auto_ok:
         print(f"gpu_check: FAILED: {failed or ''} {'' if determinism else 'forward not deterministic'} "

@@ -1,4 +1,8 @@
-"""What every benchmark script shares: the machine line, the command line, timing, and BENCHMARKS.md sections."""
+"""BENCHMARKS.md and what every benchmark shares: its header and sections, the machine and command lines, timing.
+
+Used by the repo's bench/ scripts and by the installed `layerfuse.plugins_trt.gpu_check`, so both write the file
+the same way: each script owns one `## ` section and replaces only that.
+"""
 
 from __future__ import annotations
 
