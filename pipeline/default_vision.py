@@ -188,10 +188,28 @@ def _evaluate(model: nn.Module, heads: PretrainHeads, pixels: torch.Tensor, t: S
     return res
 
 
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    part = path.with_name(path.name + ".part")
+    torch.save(state, part)
+    part.replace(path)  # atomic: a kill while saving keeps the previous state
+
+
+def _load_state(path: Path | None, cfg: DefaultVisionConfig) -> dict[str, Any] | None:
+    """The saved pretraining state for exactly these settings, or None (none saved, or saved for other settings)."""
+    if path is None or not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state if state.get("config") == asdict(cfg) else None
+
+
 def pretrain(model: nn.Module, preprocess: ImagePreprocessor, cfg: DefaultVisionConfig, progress: bool = True,
-             device: str | torch.device = "cpu") -> dict[str, Any]:
+             device: str | torch.device = "cpu", state_path: Path | None = None, checkpoint_every: int = 200) -> dict[str, Any]:
     """Train `model` (a CLIPVisionModel) in place on fresh renders (fp32, on `device`; the model is left on the CPU);
-    returns held-out accuracies and the first and last losses."""
+    returns held-out accuracies and the first and last losses.
+
+    With `state_path`, the model, heads, optimizer and schedule are saved there every `checkpoint_every` steps and a
+    killed run continues from the last save; as scenes are pure functions of their index and nothing else is random,
+    the result is the same as an uninterrupted run's."""
     seed = PRETRAIN_SEED - cfg.seed
     device = torch.device(device)
     heads = PretrainHeads(cfg.hidden_size)
@@ -207,13 +225,22 @@ def pretrain(model: nn.Module, preprocess: ImagePreprocessor, cfg: DefaultVision
         return 0.5 * (1 + math.cos(math.pi * done))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    done = 0
+    state = _load_state(state_path, cfg)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        done, first, last = state["step"], state["first"], state["last"]
     eval_pixels, eval_targets = render_batch(seed, 0, cfg.eval_scenes, cfg.grid, preprocess)
     eval_pixels, eval_targets = eval_pixels.to(device), eval_targets.to(device)
     start = cfg.eval_scenes  # training scenes follow the held-out ones
     model.train()
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
-    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain default vision", unit="step", disable=not progress)
+    bar = tqdm(range(done, cfg.pretrain_steps), desc="pretrain default vision", unit="step", initial=done,
+               total=cfg.pretrain_steps, disable=not progress)
     for step in bar:
         pixels, targets = render_batch(seed, start + step * cfg.pretrain_batch, cfg.pretrain_batch, cfg.grid, preprocess)
         pixels, targets = pixels.to(device), targets.to(device)
@@ -227,6 +254,10 @@ def pretrain(model: nn.Module, preprocess: ImagePreprocessor, cfg: DefaultVision
         last = {k: round(v.item(), 4) for k, v in losses.items()}
         first = first or last
         bar.set_postfix(loss=f"{loss.item():.3f}")  # type: ignore[union-attr]
+        if state_path is not None and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.pretrain_steps:
+            _save_state(state_path, {"config": asdict(cfg), "step": step + 1, "first": first, "last": last,
+                                     "model": model.state_dict(), "heads": heads.state_dict(),
+                                     "opt": opt.state_dict(), "sched": sched.state_dict()})
     model.eval()
     held_out = _evaluate(model, heads, eval_pixels, eval_targets)
     model.cpu()
@@ -244,12 +275,13 @@ def describe(cfg: DefaultVisionConfig) -> str:
 
 
 def build_default_vision(out_dir: str | Path, cfg: DefaultVisionConfig = DefaultVisionConfig(), progress: bool = False,
-                         device: str | torch.device = "cpu") -> Path:
+                         device: str | torch.device = "cpu", checkpoint_every: int = 200) -> Path:
     """Create the default tiny CLIP tower (weights from `cfg.seed`, then `cfg.pretrain_steps` of pretraining) and
     its processor in `out_dir`. Pretraining runs on `device` (extraction passes its own: a GPU when it has one).
 
     Idempotent: an existing folder built with the same settings is kept, so a resumed extraction sees the same
-    weights; one built with other settings is an error, never silently reused.
+    weights; one built with other settings is an error, never silently reused. A killed build continues its
+    pretraining from the last state saved in `OUT.tmp/` (every `checkpoint_every` steps).
     """
     out = Path(out_dir)
     marker = _marker(cfg)
@@ -275,14 +307,20 @@ def build_default_vision(out_dir: str | Path, cfg: DefaultVisionConfig = Default
     processor = proc_cls(
         size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size}
     )
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state_path = tmp / "pretrain_state.pt"
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(cfg.seed)
         model = transformers.CLIPVisionModel(config)
-        report = pretrain(model, ImagePreprocessor(processor, pad_to_square=False), cfg, progress, device) if cfg.pretrain_steps else {}
+        report = {}
+        if cfg.pretrain_steps:
+            preprocess = ImagePreprocessor(processor, pad_to_square=False)
+            report = pretrain(model, preprocess, cfg, progress, device, state_path, checkpoint_every)
     finally:
         torch.random.set_rng_state(gen_state)
-    tmp = out.with_name(out.name + ".tmp")
+    state_path.unlink(missing_ok=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     (tmp / "layerfuse_default.json").write_text(json.dumps({**marker, "pretraining": report}, indent=1))

@@ -4,7 +4,7 @@ and a folder built with other settings refused instead of reused."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -133,3 +133,48 @@ def test_extract_builds_the_default_tower_and_refuses_other_settings(tmp_path):
     r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "other")])
     assert r.exit_code == 1 and "differs in: pretrain_steps" in r.output and "Traceback" not in r.output
     assert f"[default: {DefaultVisionConfig().pretrain_steps}]" in CliRunner().invoke(main, ["extract", "--help"]).output
+
+
+def test_a_killed_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    import layerfuse.pipeline.default_vision as dv
+
+    cfg = replace(TINY, pretrain_steps=12)
+    ref = _weights(build_default_vision(tmp_path / "ref", cfg, checkpoint_every=4))
+    real, calls = dv.render_batch, []
+
+    def dying(*args, **kw):  # call 1 renders the held-out scenes, call k + 2 training step k; die in step 6
+        calls.append(args[1])
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(dv, "render_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_default_vision(tmp_path / "v", cfg, checkpoint_every=4)
+    assert not (tmp_path / "v").exists()
+    state = torch.load(tmp_path / "v.tmp" / "pretrain_state.pt", weights_only=False)
+    assert state["step"] == 4
+
+    calls.clear()
+    monkeypatch.setattr(dv, "render_batch", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    out = build_default_vision(tmp_path / "v", cfg, checkpoint_every=4)
+    starts = [cfg.eval_scenes + k * cfg.pretrain_batch for k in range(4, 12)]
+    assert calls == [0, *starts]  # the held-out scenes, then steps 4..11 only
+    got = _weights(out)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)  # bit for bit the uninterrupted run
+    assert not (tmp_path / "v.tmp").exists() and not (out / "pretrain_state.pt").exists()
+    report = json.loads((out / "layerfuse_default.json").read_text())["pretraining"]
+    ref_report = json.loads((tmp_path / "ref" / "layerfuse_default.json").read_text())["pretraining"]
+    assert report == ref_report
+
+
+def test_a_saved_state_of_other_settings_is_not_resumed(tmp_path, monkeypatch):
+    import layerfuse.pipeline.default_vision as dv
+
+    cfg = replace(TINY, pretrain_steps=8)
+    (tmp_path / "v.tmp").mkdir()
+    torch.save({"config": {**asdict(cfg), "pretrain_lr": 1.0}, "step": 6}, tmp_path / "v.tmp" / "pretrain_state.pt")
+    real, calls = dv.render_batch, []
+    monkeypatch.setattr(dv, "render_batch", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    build_default_vision(tmp_path / "v", cfg, checkpoint_every=4)
+    assert len(calls) == 1 + 8  # started over: every step ran
