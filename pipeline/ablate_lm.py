@@ -31,7 +31,8 @@ from layerfuse.pipeline.loader import FeatureBatch, LazyCache, TokenSettings, ow
 from layerfuse.pipeline.questions import QuestionSet
 from layerfuse.pipeline.shared_pass import MemberStats, VariantRNG
 from layerfuse.pipeline.sweep import LMSettings, SweepSpec, Variant
-from layerfuse.pipeline.train import STAGE_DEFAULTS, TrainConfig, TrainObjective, apply_llm_mode, param_groups, lr_factor, train_step
+from layerfuse.pipeline.schedule import warmup_cosine
+from layerfuse.pipeline.train import STAGE_DEFAULTS, TrainConfig, TrainObjective, apply_llm_mode, param_groups, train_step
 from layerfuse.pipeline.workers import worker_init_fn
 
 
@@ -85,7 +86,7 @@ class LMVariant:
         self.objective = TrainObjective(self.vlm)
         self.optimizer = torch.optim.AdamW(param_groups(self.objective, self.cfg), betas=(0.9, 0.999), eps=1e-8)
         warmup = max(1, round(spec.warmup_ratio * total_steps))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total_steps, warmup))
+        self.scheduler = warmup_cosine(self.optimizer, total_steps, warmup)
         self.trainable = [p for p in self.objective.parameters() if p.requires_grad]
         self.positions = [union.index(i) for i in fuser.required_layers]
         self.whole = self.positions == list(range(len(union)))

@@ -20,7 +20,6 @@ Deterministic for a given machine and thread count: the weights start from `seed
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from layerfuse.pipeline.encoder import ImagePreprocessor
+from layerfuse.pipeline.schedule import warmup_cosine
 from layerfuse.pipeline.synthetic import COLOURS, IMAGE_SIZE, SHAPES, Scene, dense_scene, detail_mask, glyph_mask, render, shape_mask
 
 PRETRAIN_SEED = -1_000_000  # scene seeds PRETRAIN_SEED - cfg.seed: never a dataset's (those are >= 0)
@@ -218,13 +218,7 @@ def pretrain(model: nn.Module, preprocess: ImagePreprocessor, cfg: DefaultVision
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.05)
 
-    def lr_at(step: int) -> float:
-        if step < cfg.pretrain_warmup:
-            return (step + 1) / cfg.pretrain_warmup
-        done = (step - cfg.pretrain_warmup) / max(1, cfg.pretrain_steps - cfg.pretrain_warmup)
-        return 0.5 * (1 + math.cos(math.pi * done))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = warmup_cosine(opt, cfg.pretrain_steps, cfg.pretrain_warmup)
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     done = 0

@@ -33,7 +33,7 @@ from layerfuse.pipeline.plan import BatchShape, EpochPlan
 from layerfuse.pipeline.questions import QuestionSet
 from layerfuse.pipeline.shared_pass import MemberStats, VariantRNG
 from layerfuse.pipeline.sweep import SweepSpec, Variant
-from layerfuse.pipeline.train import lr_factor
+from layerfuse.pipeline.schedule import warmup_cosine
 from layerfuse.pipeline.workers import worker_init_fn
 
 
@@ -206,7 +206,7 @@ class ProbeVariant:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=spec.probe.lr, weight_decay=spec.probe.weight_decay)
         warmup = max(1, round(spec.warmup_ratio * total_steps))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total_steps, warmup))
+        self.scheduler = warmup_cosine(self.optimizer, total_steps, warmup)
         self.rng = VariantRNG(variant.seed, device)
         self.stats = MemberStats()
         self.correct: list[np.ndarray] = []

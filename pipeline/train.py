@@ -50,6 +50,7 @@ from layerfuse.pipeline.model import (
     save_run_model,
 )
 from layerfuse.pipeline.plan import BatchShape
+from layerfuse.pipeline.schedule import warmup_cosine
 from layerfuse.pipeline.train_state import checkpoint_dir, load_checkpoint, restore_rng, save_checkpoint
 
 # LLaVA-1.5's recipe (SPEC section 7): stage 1 at 1e-3 with the LLM frozen, stage 2 at 2e-5 for everything
@@ -316,14 +317,6 @@ def param_groups(objective: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]
     return out
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup over `warmup` steps, then cosine from 1 to 0 at `total` (LLaVA's schedule)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 # -- the run ----------------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Run (or resume) one phase-two training; under torchrun every rank calls this."""
@@ -429,7 +422,7 @@ def prepare_training(cfg: TrainConfig, ctx: DistContext, train_dir: Path | None 
     else:
         model = objective
     optimizer = torch.optim.AdamW(param_groups(objective, cfg), betas=(0.9, 0.999), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+    scheduler = warmup_cosine(optimizer, total, warmup)
     trainable = [p for p in objective.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     return TrainingSetup(vlm, bundle, run_model, ts, batches, model, optimizer, scheduler, trainable, device, autocast, total)

@@ -26,7 +26,8 @@ from layerfuse.pipeline.llm import load_llm
 from layerfuse.pipeline.loader import TokenSettings, scan_training_set, tokenize_sample
 from layerfuse.pipeline.metrics import read_log
 from layerfuse.pipeline.model import load_run, read_run_model
-from layerfuse.pipeline.train import TrainConfig, TrainError, TrainObjective, lr_factor, train
+from layerfuse.pipeline.schedule import lr_factor
+from layerfuse.pipeline.train import TrainConfig, TrainError, TrainObjective, train
 
 from conftest import layerfuse_cmd
 
