@@ -104,6 +104,12 @@ class Glyph:
     def box(self) -> tuple[int, int, int, int]:
         return (self.x, self.y, self.x + 5 * self.scale, self.y + 7 * self.scale)
 
+    @property
+    def clear_box(self) -> Box:
+        """The box, 3 px wider on every side (the plain patch's extent): objects are placed outside it."""
+        x0, y0, x1, y1 = self.box
+        return (x0 - 3, y0 - 3, x1 + 3, y1 + 3)
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -288,9 +294,8 @@ def _build(rng: random.Random, category: str, bg: RGB) -> tuple[str, str, list[S
         return None
     if category == "glyph":
         glyph = _glyph(rng, bg)
-        gx0, gy0, gx1, gy1 = glyph.box
         specs = [(rng.choice(shapes), rng.choice(colours)) for _ in range(rng.randint(0, 2))]
-        objs = _objects(rng, specs, [size(14, 20) for _ in specs], [(gx0 - 3, gy0 - 3, gx1 + 3, gy1 + 3)])
+        objs = _objects(rng, specs, [size(14, 20) for _ in specs], [glyph.clear_box])
         if objs is None:
             return None
         return "What digit is written in the image?", glyph.digit, objs, glyph
@@ -342,10 +347,7 @@ def dense_scene(seed: int, index: int) -> Scene:
     bg = (g, g, g)
     for _ in range(100):
         glyph = _glyph(rng, bg) if rng.random() < 0.6 else None
-        taken: list[Box] = []
-        if glyph is not None:
-            x0, y0, x1, y1 = glyph.box
-            taken.append((x0 - 3, y0 - 3, x1 + 3, y1 + 3))
+        taken = [glyph.clear_box] if glyph is not None else []
         specs = [(rng.choice(SHAPES), rng.choice(list(COLOURS))) for _ in range(rng.randint(1, 5))]
         objs = _objects(rng, specs, [rng.randint(14, 26 if len(specs) <= 3 else 20) for _ in specs], taken)
         if objs is not None:
