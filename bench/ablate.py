@@ -1,6 +1,6 @@
 """Ablation benchmark: N variants trained in one shared pass against the same N variants one after another.
 
-Both runs are `layerfuse ablate` in probe mode (pipeline/ablate.py) with the same variants, steps, seed and data
+Both runs are `layerfuse ablate` in probe mode (pipeline/ablation/run.py) with the same variants, steps, seed and data
 order; only the group size differs (N: one pass over the cache feeds every variant; 1: one pass per variant). The
 variants are `concat` on N different layer sets, cheap enough that reading and decoding the cache is a visible part
 of a step, which is what the shared pass pays once instead of N times. Goal: the shared pass costs close to the
@@ -26,9 +26,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import transformers  # noqa: E402
 
-from layerfuse.pipeline.ablate import AblateOptions, run_ablation  # noqa: E402
-from layerfuse.pipeline.sweep import SweepSpec  # noqa: E402
-from layerfuse.pipeline.benchmarks import command, machine, write_section  # noqa: E402
+from layerfuse.pipeline.ablation.run import AblateOptions, run_ablation  # noqa: E402
+from layerfuse.pipeline.ablation.sweep import SweepSpec  # noqa: E402
+from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
 
 transformers.logging.disable_progress_bar()
 SECTION = "## Ablations: shared pass (`bench/ablate.py`)"
@@ -38,8 +38,8 @@ DEFAULT_CACHE = Path("runs/default/cache")
 
 def build_cache(folder: Path, n: int) -> str:
     """A built-in cache of n samples with the embedded tiny CLIP (what `make extract` makes, smaller)."""
-    from layerfuse.pipeline.default_vision import DefaultVisionConfig, build_default_vision
-    from layerfuse.pipeline.extract import ExtractConfig, run_extract
+    from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_default_vision
+    from layerfuse.pipeline.cache.extract import ExtractConfig, run_extract
 
     vision = build_default_vision(folder / "vision", DefaultVisionConfig(pretrain_steps=0))  # speed only
     out = folder / "cache"

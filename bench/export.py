@@ -27,7 +27,7 @@ import torch
 
 from layerfuse.export.onnx import FrontEnd, export_onnx
 from layerfuse.fusion import LLMSpec, VisionSpec, build_fuser
-from layerfuse.pipeline.benchmarks import command, machine, write_section
+from layerfuse.core.benchmarks import command, machine, write_section
 
 SECTION = "## ONNX export (bench/export.py)"
 TINY = VisionSpec(num_layers=24, hidden_size=64, grid=(8, 8), has_cls=True, text_dim=384)

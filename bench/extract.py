@@ -39,15 +39,15 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import zarr.storage  # noqa: E402
 
-from layerfuse.pipeline.cache import FeatureCache, from_torch  # noqa: E402
-from layerfuse.pipeline.cache_writer import CacheWriter, ShardResult  # noqa: E402
-from layerfuse.pipeline.default_vision import DefaultVisionConfig, build_default_vision  # noqa: E402
-from layerfuse.pipeline.encoder import DEFAULT_VISION, load_vision_encoder  # noqa: E402
-from layerfuse.pipeline.extract import ExtractConfig, run_extract, storage_layout  # noqa: E402
-from layerfuse.pipeline.sources import load_image  # noqa: E402
-from layerfuse.pipeline.synthetic import synthetic_plan  # noqa: E402
-from layerfuse.pipeline.text import InstructionEmbedder  # noqa: E402
-from layerfuse.pipeline.benchmarks import command, machine, median_time, write_section  # noqa: E402
+from layerfuse.pipeline.cache.reader import FeatureCache, from_torch  # noqa: E402
+from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult  # noqa: E402
+from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_default_vision  # noqa: E402
+from layerfuse.pipeline.models.encoder import DEFAULT_VISION, load_vision_encoder  # noqa: E402
+from layerfuse.pipeline.cache.extract import ExtractConfig, run_extract, storage_layout  # noqa: E402
+from layerfuse.pipeline.data.sources import load_image  # noqa: E402
+from layerfuse.pipeline.data.synthetic import synthetic_plan  # noqa: E402
+from layerfuse.pipeline.models.text import InstructionEmbedder  # noqa: E402
+from layerfuse.core.benchmarks import command, machine, median_time, write_section  # noqa: E402
 
 SECTION = "## Extraction (`bench/extract.py`)"
 LAYERS = [3, 18, 23]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from layerfuse.fusion.msda import ms_deform_attn
-from layerfuse.pipeline.benchmarks import command, machine, write_section
+from layerfuse.core.benchmarks import command, machine, write_section
 
 SECTION = "## MSDeformAttn (`bench/msda.py`)"
 IMPLS = ("grid_sample", "gather")

@@ -1,7 +1,7 @@
 """Training benchmark: what the cache buys, and what reading it costs.
 
 The same training steps (stage 2: concat 3-18-23 + the embedded default LLM, full fine-tuning, `train_step` from
-pipeline/train.py) fed three ways, in one run:
+pipeline/training/train.py) fed three ways, in one run:
 
 1. cache      `CacheBatches` as `layerfuse train` uses it: DataLoader workers read the 3 layers from zarr,
               tokenise and collate while the main process trains.
@@ -36,18 +36,18 @@ import transformers  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from extract import build_vitb  # noqa: E402  (bench/extract.py)
-from layerfuse.pipeline.cache import STORAGE_DTYPES  # noqa: E402
-from layerfuse.pipeline.conversation import collate  # noqa: E402
-from layerfuse.pipeline.distributed import DistContext  # noqa: E402
-from layerfuse.pipeline.default_vision import DefaultVisionConfig, build_default_vision  # noqa: E402
-from layerfuse.pipeline.encoder import load_vision_encoder  # noqa: E402
-from layerfuse.pipeline.extract import ExtractConfig, run_extract  # noqa: E402
-from layerfuse.pipeline.images import decode_image  # noqa: E402
-from layerfuse.pipeline.loader import FeatureBatch, tokenize_sample  # noqa: E402
-from layerfuse.pipeline.synthetic import write_dataset  # noqa: E402
-from layerfuse.pipeline.train import TrainConfig, prepare_training, train_step  # noqa: E402
-from layerfuse.pipeline.workers import worker_init_fn  # noqa: E402
-from layerfuse.pipeline.benchmarks import command, machine, write_section  # noqa: E402
+from layerfuse.pipeline.cache.reader import STORAGE_DTYPES  # noqa: E402
+from layerfuse.pipeline.data.conversation import collate  # noqa: E402
+from layerfuse.core.distributed import DistContext  # noqa: E402
+from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_default_vision  # noqa: E402
+from layerfuse.pipeline.models.encoder import load_vision_encoder  # noqa: E402
+from layerfuse.pipeline.cache.extract import ExtractConfig, run_extract  # noqa: E402
+from layerfuse.pipeline.data.images import decode_image  # noqa: E402
+from layerfuse.pipeline.training.loader import FeatureBatch, tokenize_sample  # noqa: E402
+from layerfuse.pipeline.data.synthetic import write_dataset  # noqa: E402
+from layerfuse.pipeline.training.train import TrainConfig, prepare_training, train_step  # noqa: E402
+from layerfuse.core.workers import worker_init_fn  # noqa: E402
+from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
 
 SECTION = "## Training from the cache (`bench/train.py`)"
 transformers.utils.logging.disable_progress_bar()

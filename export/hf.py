@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from layerfuse.fusion.vlm import VisionLanguageModel
-from layerfuse.pipeline.encoder import load_vision_encoder
+from layerfuse.pipeline.models.encoder import load_vision_encoder
 
 
 class HFExportError(ValueError):

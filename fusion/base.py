@@ -40,7 +40,7 @@ class VisionSpec:
 
     @classmethod
     def from_cache(cls, cache: Any) -> "VisionSpec":
-        """From a `layerfuse.pipeline.cache.FeatureCache`."""
+        """From a `layerfuse.pipeline.cache.reader.FeatureCache`."""
         grid = tuple(cache.meta["encoder"]["grid"])
         return cls(cache.num_layers - 1, cache.hidden_size, (int(grid[0]), int(grid[1])), bool(cache.has_cls), cache.text_dim)
 

@@ -1,10 +1,11 @@
-"""layerfuse.pipeline: sources -> extract -> cache -> loader (phase one and the cache reader)."""
+"""layerfuse.pipeline: the two phases, one subpackage per stage of the data flow.
 
-from importlib.metadata import PackageNotFoundError, version
+    data/      sources of image-instruction samples: LLaVA JSON, WebDataset, the built-in synthetic set
+    models/    vision encoder, instruction embedder, LLM loading, the embedded default models, a trained run
+    cache/     phase one: extract into the zarr v3 feature cache, read it, verify it
+    training/  phase two: loader and epoch plan, train, checkpoints, metrics, evaluate, live inference
+    ablation/  fusion sweeps sharing one pass over the cache, their report and plots
+    cli.py     the `layerfuse` command (also `torchrun -m layerfuse.pipeline.cli`)
 
-try:
-    __version__ = version("layerfuse")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
-
-__all__ = ["__version__"]
+Imports go one way, down this list (data before models, ..., ablation before cli); tests/test_layering.py checks it.
+"""

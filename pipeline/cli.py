@@ -9,20 +9,20 @@ from typing import Any
 
 import click
 
-from layerfuse.pipeline import __version__
-from layerfuse.pipeline.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL
+from layerfuse.core import __version__
+from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's input, shown as one clean line instead of a traceback."""
-    from layerfuse.pipeline.cache import CacheError
-    from layerfuse.pipeline.checkpoints import CheckpointError
-    from layerfuse.pipeline.default_vision import DefaultVisionError
-    from layerfuse.pipeline.extract import ExtractError
+    from layerfuse.pipeline.cache.reader import CacheError
+    from layerfuse.core.hub import CheckpointError
+    from layerfuse.pipeline.models.default_vision import DefaultVisionError
+    from layerfuse.pipeline.cache.extract import ExtractError
     from layerfuse.fusion import FuserBuildError
-    from layerfuse.pipeline.conversation import TemplateError
-    from layerfuse.pipeline.records import SampleError
-    from layerfuse.pipeline.train import TrainError
+    from layerfuse.pipeline.data.conversation import TemplateError
+    from layerfuse.pipeline.data.records import SampleError
+    from layerfuse.pipeline.training.train import TrainError
 
     return (CacheError, CheckpointError, DefaultVisionError, ExtractError, SampleError, FileNotFoundError, TrainError, FuserBuildError, TemplateError)
 
@@ -84,7 +84,7 @@ def data_synthetic(out_dir: str, n: int, seed: int, shard_size: int, quiet: bool
       layerfuse data synthetic --out data/synthetic --n 2000 --seed 0
       layerfuse extract --llava data/synthetic/llava.json --image-root data/synthetic/images --out runs/syn/cache
     """
-    from layerfuse.pipeline.synthetic import write_dataset
+    from layerfuse.pipeline.data.synthetic import write_dataset
 
     manifest = write_dataset(out_dir, n=n, seed=seed, shard_size=shard_size, progress=not quiet)
     counts = manifest["counts"]
@@ -138,7 +138,7 @@ def extract(out: str | None, run_dir: str, suffixes: tuple[str, ...], quiet: boo
     """
     import transformers
 
-    from layerfuse.pipeline.extract import ExtractConfig, run_extract
+    from layerfuse.pipeline.cache.extract import ExtractConfig, run_extract
 
     transformers.logging.disable_progress_bar()  # per-file weight-loading bars would drown the extraction bar
 
@@ -162,7 +162,7 @@ def extract(out: str | None, run_dir: str, suffixes: tuple[str, ...], quiet: boo
         f"{s['plan_skipped']} malformed records, {s['notes']} repaired; {res.seconds:.1f}s"
     )
     if s["skipped"] or s["plan_skipped"] or s["notes"]:
-        from layerfuse.pipeline.cache import FeatureCache
+        from layerfuse.pipeline.cache.reader import FeatureCache
 
         issues = FeatureCache(res.url).issues()
         for i in issues[:10]:
@@ -195,7 +195,7 @@ def cache_info_cmd(path: str, as_json: bool) -> None:
     Example:
       layerfuse cache info runs/default/cache --json | jq .num_samples
     """
-    from layerfuse.pipeline.verify import cache_info, format_info
+    from layerfuse.pipeline.cache.verify import cache_info, format_info
 
     info = _run_cli(cache_info, path)
     click.echo(json.dumps(info, indent=1) if as_json else format_info(info))
@@ -212,7 +212,7 @@ def cache_verify_cmd(path: str, as_json: bool, quiet: bool) -> None:
     Example:
       layerfuse cache verify runs/default/cache && echo cache ok
     """
-    from layerfuse.pipeline.verify import report_json, verify_cache
+    from layerfuse.pipeline.cache.verify import report_json, verify_cache
 
     rep = _run_cli(verify_cache, path, progress=not quiet)
     if as_json:
@@ -254,7 +254,7 @@ def fusers_cmd(spec: str | None, depth: int, cache_path: str | None, as_json: bo
     resolved = None
     if spec is not None:
         if cache_path is not None:
-            from layerfuse.pipeline.cache import FeatureCache
+            from layerfuse.pipeline.cache.reader import FeatureCache
 
             depth = _run_cli(FeatureCache, cache_path).num_layers - 1
         try:
@@ -353,7 +353,7 @@ def train_cmd(fuser_opts: tuple[str, ...], categories: str | None, resume: bool,
 
     import transformers
 
-    from layerfuse.pipeline.train import TrainConfig, train
+    from layerfuse.pipeline.training.train import TrainConfig, train
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after the tokenizer is loaded
     transformers.logging.disable_progress_bar()
@@ -402,7 +402,7 @@ def eval_cmd(run_dir: str, categories: str | None, as_json: bool, quiet: bool, *
 
     import transformers
 
-    from layerfuse.pipeline.evaluate import EvalConfig, evaluate
+    from layerfuse.pipeline.training.evaluate import EvalConfig, evaluate
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.logging.disable_progress_bar()
@@ -433,9 +433,9 @@ def infer_cmd(run_dir: str, images: tuple[str, ...], questions: tuple[str, ...],
     """
     import transformers
 
-    from layerfuse.pipeline.distributed import DistContext
-    from layerfuse.pipeline.infer import LivePipeline, load_image
-    from layerfuse.pipeline.records import SampleError
+    from layerfuse.core.distributed import DistContext
+    from layerfuse.pipeline.training.infer import LivePipeline, load_image
+    from layerfuse.pipeline.data.records import SampleError
 
     transformers.logging.disable_progress_bar()
     if len(questions) not in (1, len(images)):
@@ -454,9 +454,9 @@ def infer_cmd(run_dir: str, images: tuple[str, ...], questions: tuple[str, ...],
 
 # --- ablations ------------------------------------------------------------------------------------------------------
 def _ablate_errors() -> tuple[type[BaseException], ...]:
-    from layerfuse.pipeline.ablate import AblateError
-    from layerfuse.pipeline.report import ReportError
-    from layerfuse.pipeline.sweep import SweepError
+    from layerfuse.pipeline.ablation.run import AblateError
+    from layerfuse.pipeline.ablation.report import ReportError
+    from layerfuse.pipeline.ablation.sweep import SweepError
 
     return (AblateError, ReportError, SweepError)
 
@@ -520,9 +520,9 @@ def ablate_cmd(sweep_file: str | None, fuser_opts: tuple[str, ...], group_size: 
 
     import transformers
 
-    from layerfuse.pipeline.ablate import AblateOptions, run_ablation
-    from layerfuse.pipeline.cache import FeatureCache
-    from layerfuse.pipeline.sweep import sweep_from_inputs
+    from layerfuse.pipeline.ablation.run import AblateOptions, run_ablation
+    from layerfuse.pipeline.cache.reader import FeatureCache
+    from layerfuse.pipeline.ablation.sweep import sweep_from_inputs
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.logging.disable_progress_bar()
@@ -545,7 +545,7 @@ def report_cmd(out: str) -> None:
     Example:
       layerfuse report runs/default/ablate
     """
-    from layerfuse.pipeline.report import load_results, write_report
+    from layerfuse.pipeline.ablation.report import load_results, write_report
 
     files = _run_ablate(write_report, out)
     res = load_results(out)
@@ -584,8 +584,8 @@ def _run_export(fn, *args: Any, **kwargs: Any) -> Any:
 
 
 def _encoder_of(run_dir: str):
-    from layerfuse.pipeline.encoder import load_vision_encoder
-    from layerfuse.pipeline.model import read_run_model
+    from layerfuse.pipeline.models.encoder import load_vision_encoder
+    from layerfuse.pipeline.models.run import read_run_model
 
     enc = read_run_model(run_dir).encoder
     if not enc.get("path"):
@@ -610,7 +610,7 @@ def export_onnx_cmd(run_dir: str, out: str, msda: str, with_encoder: bool, opset
     """
     from layerfuse.export.onnx import export_onnx
     from layerfuse.export.verify import verify_onnx
-    from layerfuse.pipeline.model import load_run_fuser
+    from layerfuse.pipeline.models.run import load_run_fuser
 
     fuser, _ = _run_cli(load_run_fuser, run_dir)
     encoder = _encoder_of(run_dir) if with_encoder else None
@@ -648,7 +648,7 @@ def export_engine_cmd(onnx_path: str, out: str, precision: str, plugin_library: 
     for note in info.notes:
         click.echo(f"  note: {note}")
     if run_dir:
-        from layerfuse.pipeline.model import load_run_fuser
+        from layerfuse.pipeline.models.run import load_run_fuser
 
         fuser, _ = _run_cli(load_run_fuser, run_dir)
         report = _run_export(compare_engine, out, fuser, onnx_path=onnx_path, plugin_library=library)
@@ -671,7 +671,7 @@ def bench_group() -> None:
 def bench_engine_cmd(plan: str, run_dir: str, batch_sizes: str, repeats: int, plugin_library: str | None) -> None:
     """TensorRT engine latency against PyTorch eager on the same GPU (median of CUDA-event timings)."""
     from layerfuse.export.engine import bench_engine, default_plugin_library
-    from layerfuse.pipeline.model import load_run_fuser
+    from layerfuse.pipeline.models.run import load_run_fuser
 
     fuser, _ = _run_cli(load_run_fuser, run_dir)
     rows = _run_export(bench_engine, plan, fuser, batch_sizes=[int(b) for b in batch_sizes.split(",")], repeats=repeats,

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from layerfuse.fusion.msda import ms_deform_attn, ms_deform_attn_grid_sample
-from layerfuse.pipeline.benchmarks import write_section
+from layerfuse.core.benchmarks import write_section
 
 from . import kernel
 

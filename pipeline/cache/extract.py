@@ -1,0 +1,428 @@
+"""Phase one: run a frozen vision tower once over a source and store every layer in a cache.
+
+    source -> plan (records) -> DataLoader workers (load, decode, preprocess) -> batched encoder forward
+           -> shard buffers -> writer thread (zarr, overlapped with compute) -> markers -> finalize
+
+Output shard k holds storage rows [k*S, (k+1)*S). Under torchrun rank r takes shards k = r (mod world),
+and batches never straddle shards, so the cache is bit-for-bit the one a single process writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from layerfuse.core import __version__
+from layerfuse.pipeline.cache.reader import ATTRS_KEY, OK, SKIPPED, TEXT_ONLY, from_torch, open_group
+from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult, compressor_name
+from layerfuse.core.distributed import DistContext
+from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_default_vision, describe
+from layerfuse.pipeline.models.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, load_vision_encoder
+from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
+from layerfuse.core.workers import worker_init_fn
+from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL, InstructionEmbedder, max_human_turns
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+class ExtractError(RuntimeError):
+    """Extraction cannot proceed (bad arguments, a config clash with an existing cache, --strict failure)."""
+
+
+@dataclass
+class ExtractConfig:
+    """Everything `layerfuse extract` takes. Fields above `batch_size` define the cache (and its hash)."""
+
+    out: str = "runs/default/cache"
+    llava: str | None = None  # LLaVA JSON/JSONL path or URL
+    image_root: str | None = None  # defaults to the JSON's folder
+    wds: str | None = None  # WebDataset shards: paths, globs, brace patterns, URLs (comma-separated)
+    builtin: int | None = None  # number of built-in synthetic samples
+    seed: int = 0
+    split: str = "train"  # split recorded for sources whose records carry none
+    vision: str = DEFAULT_VISION
+    vision_revision: str | None = None
+    vision_pretrain_steps: int | None = None  # --vision default only: pretraining steps (None: the default, 0: random)
+    pad_to_square: bool = False
+    dtype: str = "float16"
+    text_model: str = DEFAULT_TEXT_MODEL
+    suffixes: tuple[str, ...] = DEFAULT_SUFFIXES
+    shard_samples: int | None = None  # None: chosen from shard_mib
+    shard_mib: int = 512
+    chunk_kib: int = 256
+    clevel: int = 3
+    max_pixels: int = 89_478_485
+    # runtime only: does not change the cache
+    run_dir: str = "runs/default"
+    batch_size: int = 32
+    workers: int = 2
+    device: str = "auto"
+    compute_dtype: str = "auto"
+    text_batch_size: int = 128
+    strict: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def source_spec(self) -> dict[str, Any]:
+        given = [k for k in ("llava", "wds", "builtin") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ExtractError(f"give one source, not {' and '.join('--' + g for g in given)}")
+        if self.llava is not None:
+            return {"kind": "llava", "json": self.llava, "image_root": self.image_root or os.path.dirname(self.llava) or ".", "split": self.split}
+        if self.wds is not None:
+            return {"kind": "webdataset", "shards": self.wds, "split": self.split}
+        return {"kind": "synthetic", "n": 2000 if self.builtin is None else self.builtin, "seed": self.seed}
+
+    def default_vision(self) -> DefaultVisionConfig | None:
+        """The embedded tower's settings when `vision` is the default, else None."""
+        if self.vision != DEFAULT_VISION:
+            return None
+        base = DefaultVisionConfig()
+        return base if self.vision_pretrain_steps is None else replace(base, pretrain_steps=self.vision_pretrain_steps)
+
+
+@dataclass
+class ExtractResult:
+    url: str
+    summary: dict[str, Any]
+    shards_written: int
+    seconds: float
+    images_per_s: float
+    issues: list[SampleIssue] = field(default_factory=list)
+    already_complete: bool = False
+
+
+def plan_source(spec: dict[str, Any]) -> Plan:
+    """Turn a source spec into records (no image is decoded here)."""
+    from layerfuse.pipeline.data import sources
+
+    if spec["kind"] == "llava":
+        return sources.plan_llava(spec["json"], spec["image_root"], split=spec["split"])
+    if spec["kind"] == "webdataset":
+        return sources.plan_webdataset(spec["shards"], split=spec["split"])
+    from layerfuse.pipeline.data.synthetic import synthetic_plan
+
+    return synthetic_plan(spec["n"], spec["seed"])
+
+
+# --- DataLoader side: runs in worker processes ------------------------------------------------------------------
+class _ImageDataset(Dataset):
+    """Loads, decodes and preprocesses one planned record; never raises for a bad sample."""
+
+    def __init__(self, records: Sequence[SampleRecord], rows: Sequence[int], pre: ImagePreprocessor, max_pixels: int):
+        self.records, self.rows, self.pre, self.max_pixels = records, list(rows), pre, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from layerfuse.pipeline.data.sources import load_image
+
+        row = self.rows[i]
+        rec = self.records[row]
+        item: dict[str, Any] = {"row": row, "pixels": None, "size": (-1, -1), "error": None}
+        if not rec.has_image:
+            return item
+        try:
+            img = load_image(rec, max_pixels=self.max_pixels)
+            item["size"] = img.size
+            item["pixels"] = self.pre(img)
+        except SampleError as e:
+            item["error"] = e.reason
+        except Exception as e:  # an unexpected failure still names the sample instead of killing the run
+            item["error"] = f"unexpected {type(e).__name__}: {e}"
+        return item
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [it for it in items if it["pixels"] is not None]
+    pixels = torch.from_numpy(np.stack([it["pixels"] for it in ok])) if ok else None
+    return {"items": items, "pixels": pixels}
+
+
+def shard_batches(writer: CacheWriter, shards: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Batches of storage rows that never straddle an output shard."""
+    for k in shards:
+        a, b = writer.shard_rows(k)
+        for s in range(a, b, batch_size):
+            yield list(range(s, min(b, s + batch_size)))
+
+
+# --- writer thread: overlaps zarr compression and I/O with the encoder -------------------------------------------
+class _ShardWriterThread:
+    def __init__(self, writer: CacheWriter, depth: int = 2):
+        self.writer = writer
+        self.q: queue.Queue[ShardResult | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.written = 0
+        self.thread = threading.Thread(target=self._run, name="layerfuse-cache-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (res := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write_shard(res)
+                    self.written += 1
+                except BaseException as e:  # surfaced in the main thread by submit/close
+                    self.error = e
+
+    def submit(self, res: ShardResult) -> None:
+        if self.error:
+            raise self.error
+        self.q.put(res)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+
+class _ShardBuffer:
+    """Accumulates one output shard's rows until all are filled."""
+
+    def __init__(self, index: int, start: int, stop: int, feat_shape: tuple[int, ...], feat_dtype: Any, max_turns: int, text_dim: int):
+        n = stop - start
+        self.index, self.start, self.stop, self.filled = index, start, stop, 0
+        self.features = np.zeros((n, *feat_shape), feat_dtype)
+        self.turns = np.zeros((n, max_turns, text_dim), np.float32)
+        self.mean = np.zeros((n, text_dim), np.float32)
+        self.num_turns = np.zeros(n, np.int16)
+        self.status = np.zeros(n, np.uint8)
+        self.size = np.full((n, 2), -1, np.int32)
+        self.errors: list[dict[str, Any]] = []
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.stop - self.start
+
+    def result(self) -> ShardResult:
+        return ShardResult(self.index, self.start, self.stop, self.features, self.turns, self.mean, self.num_turns, self.status, self.size, self.errors)
+
+
+# --- orchestration ------------------------------------------------------------------------------------------------
+def _config_record(cfg: ExtractConfig, enc: VisionEncoder, vision_path: str, shard_samples: int, chunk_samples: int) -> dict[str, Any]:
+    return {
+        "source": cfg.source_spec(),
+        "vision": {"name": cfg.vision, "path": vision_path, "revision": cfg.vision_revision, "config_hash": enc.info.config_hash,
+                   **({"default": asdict(dv)} if (dv := cfg.default_vision()) else {})},
+        "pad_to_square": cfg.pad_to_square,
+        "dtype": cfg.dtype,
+        "text_model": cfg.text_model,
+        "suffixes": list(cfg.suffixes),
+        "shard_samples": shard_samples,
+        "chunk_samples": chunk_samples,
+        "clevel": cfg.clevel,
+        "max_pixels": cfg.max_pixels,
+    }
+
+
+def _hash(d: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def storage_layout(cfg: ExtractConfig, enc: VisionEncoder) -> tuple[int, int]:
+    """(shard_samples, chunk_samples) for this encoder and dtype.
+
+    A chunk is [c, 1, T, D]: one layer of c samples, c chosen so a chunk holds about `chunk_kib` (1 for real
+    encoders, whose single-layer slices are already ~1 MiB; more for tiny ones, where per-chunk overhead
+    would dominate). A shard is [S, L+1, T, D] with S a multiple of c, about `shard_mib` uncompressed.
+    """
+    layer_bytes = enc.info.num_tokens * enc.info.hidden_size * (4 if cfg.dtype == "float32" else 2)
+    shard = int(cfg.shard_samples or max(1, min(256, (cfg.shard_mib << 20) // (layer_bytes * (enc.info.num_layers + 1)))))
+    want = max(1, min(shard, -(-(cfg.chunk_kib << 10) // layer_bytes)))
+    chunk = max(d for d in range(1, want + 1) if shard % d == 0)
+    return shard, chunk
+
+
+def _existing_meta(cfg: ExtractConfig) -> dict[str, Any] | None:
+    try:
+        return dict(open_group(cfg.out, "r", cfg.storage_options or None).attrs.get(ATTRS_KEY) or {}) or None
+    except (FileNotFoundError, KeyError):
+        return None
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractResult:
+    """Extract (or resume extracting) a cache. Safe to kill at any moment and run again."""
+    if cfg.dtype not in DTYPES:
+        raise ExtractError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
+    spec = cfg.source_spec()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork DataLoader workers after loading a tokenizer
+    ctx = DistContext.from_env()
+    try:
+        return _run(cfg, spec, ctx)
+    finally:
+        ctx.close()
+
+
+def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractResult:
+    t0 = time.perf_counter()
+    device = ctx.device(cfg.device)
+    vision_path = cfg.vision
+    default_vision = cfg.default_vision()
+    if default_vision is not None:
+        vision_path = str(Path(cfg.run_dir) / "vision")
+        if ctx.is_main:
+            build_default_vision(vision_path, default_vision, progress=cfg.progress, device=device)
+        ctx.barrier()
+    enc = load_vision_encoder(vision_path, revision=cfg.vision_revision, device=device, dtype=_compute_dtype(cfg.compute_dtype, device))
+    text = InstructionEmbedder(cfg.text_model, device=str(device), suffixes=cfg.suffixes, batch_size=cfg.text_batch_size)
+    shard_samples, chunk_samples = storage_layout(cfg, enc)
+    config = _config_record(cfg, enc, vision_path, shard_samples, chunk_samples)
+    chash = _hash(config)
+
+    if ctx.is_main:
+        old = _existing_meta(cfg)
+        fresh = cfg.overwrite or not old or not old.get("planned")
+        if not fresh and old.get("config_hash") != chash:
+            raise ExtractError(
+                f"'{cfg.out}' holds a cache made with other settings (differs in: {', '.join(_diff(old.get('config', {}), config))}); "
+                f"pass --overwrite to replace it, or choose another --out"
+            )
+        if fresh:
+            plan = plan_source(spec)
+            if cfg.strict and any(i.stage == "plan" for i in plan.issues):
+                first = next(i for i in plan.issues if i.stage == "plan")
+                raise ExtractError(f"--strict: sample {first} [{first.source}]")
+            meta = {
+                "layerfuse_version": __version__,
+                "config": config,
+                "config_hash": chash,
+                "encoder": {
+                    **{k: v for k, v in asdict(enc.info).items() if k != "processor"},
+                    "name": describe(default_vision) if default_vision else cfg.vision,
+                    "path": vision_path,
+                },
+                "processor": {**enc.info.processor, "pad_to_square": cfg.pad_to_square, "pad_fill": list(enc.preprocessor(cfg.pad_to_square).fill)},
+                "storage": {"dtype": cfg.dtype, "shard_samples": shard_samples, "chunk_samples": chunk_samples, "clevel": cfg.clevel, "compressor": compressor_name(cfg.clevel)},
+                "text": {"model": cfg.text_model, "path": text.path, "dim": text.dim, "max_turns": max_human_turns([r.conversations for r in plan.records]), "suffixes": list(cfg.suffixes)},
+            }
+            CacheWriter.create(cfg.out, meta, plan.records, plan.issues, storage_options=cfg.storage_options or None)
+    ctx.barrier()
+    writer = CacheWriter(cfg.out, cfg.storage_options or None)
+    if writer.meta.get("complete") and writer.meta.get("config_hash") == chash:
+        return ExtractResult(cfg.out, writer.meta.get("summary", {}), 0, time.perf_counter() - t0, 0.0, already_complete=True)
+
+    records = writer.records()
+    shards = writer.pending_shards(ctx.rank, ctx.world)
+    n_images = _process(cfg, ctx, writer, enc, text, records, shards, device)
+    ctx.barrier()
+    elapsed = time.perf_counter() - t0
+    summary: dict[str, Any] = {}
+    if ctx.is_main:
+        summary = writer.finalize()
+    ctx.barrier()
+    return ExtractResult(cfg.out, summary, len(shards), elapsed, n_images / max(elapsed, 1e-9))
+
+
+def _process(
+    cfg: ExtractConfig,
+    ctx: DistContext,
+    writer: CacheWriter,
+    enc: VisionEncoder,
+    text: InstructionEmbedder,
+    records: list[SampleRecord],
+    shards: list[int],
+    device: torch.device,
+) -> int:
+    """Extract this rank's pending shards; returns the number of images encoded."""
+    if not shards:
+        return 0
+    info = enc.info
+    feat_shape = (info.num_layers + 1, info.num_tokens, info.hidden_size)
+    feat_dtype = np.dtype({"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[cfg.dtype])
+    max_turns = int(writer.meta["text"]["max_turns"])
+    batches = list(shard_batches(writer, shards, cfg.batch_size))
+    rows = [r for b in batches for r in b]
+    pos = {r: i for i, r in enumerate(rows)}
+    ds = _ImageDataset(records, rows, enc.preprocessor(cfg.pad_to_square), cfg.max_pixels)
+    loader = DataLoader(
+        ds,
+        batch_sampler=[[pos[r] for r in b] for b in batches],
+        num_workers=cfg.workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=worker_init_fn(cfg.workers),
+        prefetch_factor=4 if cfg.workers else None,
+    )
+    sink = _ShardWriterThread(writer)
+    buffers: dict[int, _ShardBuffer] = {}
+    n_images = n_skipped = 0
+    bar = tqdm(
+        total=len(rows),
+        unit="img",
+        desc="extract" if ctx.world == 1 else f"extract[rank {ctx.rank}]",
+        disable=not cfg.progress,
+        position=ctx.rank if ctx.world > 1 else None,
+        dynamic_ncols=True,
+    )
+    try:
+        for batch in loader:
+            items = batch["items"]
+            hs = enc(batch["pixels"].to(device, non_blocking=True)) if batch["pixels"] is not None else None
+            feats = from_torch(hs, cfg.dtype) if hs is not None else None
+            status = []
+            for it in items:
+                rec = records[it["row"]]
+                if it["error"] is not None:
+                    status.append(SKIPPED)
+                    if cfg.strict:
+                        raise ExtractError(f"--strict: sample {rec.id} ({rec.image_ref or rec.locator}): {it['error']}")
+                else:
+                    status.append(OK if rec.has_image else TEXT_ONLY)
+            emb = text.embed([records[it["row"]].conversations for it in items], [s == OK for s in status], max_turns)
+            j = 0
+            for i, (it, st) in enumerate(zip(items, status)):
+                row = it["row"]
+                k = row // writer.shard_samples
+                if k not in buffers:
+                    a, b = writer.shard_rows(k)
+                    buffers[k] = _ShardBuffer(k, a, b, feat_shape, feat_dtype, max_turns, text.dim)
+                buf = buffers[k]
+                r = row - buf.start
+                buf.status[r], buf.size[r] = st, it["size"]
+                buf.turns[r], buf.mean[r], buf.num_turns[r] = emb.turns[i], emb.mean[i], emb.num_turns[i]
+                if st == OK:
+                    buf.features[r] = feats[j]
+                    j += 1
+                elif st == SKIPPED:
+                    rec = records[row]
+                    buf.errors.append({"row": row, "id": rec.id, "stage": "image", "reason": it["error"], "where": rec.image_ref})
+                    n_skipped += 1
+                buf.filled += 1
+                if buf.full:
+                    sink.submit(buffers.pop(k).result())
+            n_images += j
+            bar.update(len(items))
+            if n_skipped:
+                bar.set_postfix(skipped=n_skipped, refresh=False)
+    finally:
+        bar.close()
+        sink.close()
+    return n_images

@@ -1,0 +1,201 @@
+"""`layerfuse cache info` and `layerfuse cache verify`: a cache's summary, and a full integrity check."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from layerfuse.pipeline.cache.reader import (
+    OK,
+    SAMPLE_FIELDS,
+    SKIPPED,
+    STATUS_NAMES,
+    TEXT_ONLY,
+    CacheError,
+    FeatureCache,
+    split_url,
+    to_torch,
+)
+from layerfuse.pipeline.cache.writer import CacheWriter
+
+
+def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The cache summary as a JSON-serialisable dict (also for incomplete caches)."""
+    cache = FeatureCache(url, storage_options, allow_incomplete=True)
+    m = cache.meta
+    writer = CacheWriter(url, storage_options)
+    done = sum(writer.read_marker(k) is not None for k in range(writer.num_shards))
+    fs, root = split_url(url, storage_options)
+    info: dict[str, Any] = {
+        "url": url,
+        "complete": bool(m.get("complete")),
+        "shards_written": done,
+        "num_shards": writer.num_shards,
+        "num_samples": m.get("num_samples") if m.get("complete") else None,
+        "num_samples_planned": m["num_samples_planned"],
+        "num_layers": cache.num_layers,
+        "num_tokens": cache.num_tokens,
+        "hidden_size": cache.hidden_size,
+        "has_cls": cache.has_cls,
+        "dtype": cache.storage_dtype,
+        "encoder": m["encoder"]["name"],
+        "encoder_path": m["encoder"].get("path"),
+        "encoder_config_hash": m["encoder"]["config_hash"],
+        "text_encoder": m["text"]["model"],
+        "text_dim": m["text"]["dim"],
+        "layerfuse_version": m.get("layerfuse_version"),
+        "created": m.get("created"),
+        "completed": m.get("completed"),
+        "bytes": int(fs.du(root)),
+    }
+    if m.get("complete"):
+        info["summary"] = m.get("summary", {})
+        info["splits"] = dict(Counter(map(str, cache.splits)))
+        info["categories"] = dict(Counter(map(str, cache.categories)))
+        issues = cache.issues()
+        info["skipped"] = [i for i in issues if i["stage"] in ("plan", "image")]
+        info["skipped_reasons"] = dict(Counter(_reason_kind(i["reason"]) for i in info["skipped"]))
+        info["notes"] = [i for i in issues if i["stage"] == "note"]
+    return info
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0].strip()
+
+
+def format_info(info: dict[str, Any], max_issues: int = 20) -> str:
+    lines = [
+        f"cache            {info['url']}",
+        f"complete         {info['complete']}  ({info['shards_written']}/{info['num_shards']} shards written)",
+        f"num_samples      {info['num_samples'] if info['num_samples'] is not None else '-'} of {info['num_samples_planned']} planned",
+        f"num_layers       {info['num_layers']}  (hidden states hs[0..{info['num_layers'] - 1}])",
+        f"num_tokens       {info['num_tokens']}  ({'CLS + ' if info['has_cls'] else ''}patches)",
+        f"hidden_size      {info['hidden_size']}",
+        f"dtype            {info['dtype']}",
+        f"encoder          {info['encoder']}  (config {info['encoder_config_hash']})",
+        f"text_encoder     {info['text_encoder']}",
+        f"text_dim         {info['text_dim']}",
+        f"size on disk     {info['bytes'] / 2**20:.1f} MiB",
+        f"layerfuse        {info['layerfuse_version']}, created {info['created']}",
+    ]
+    if info["complete"]:
+        s = info["summary"]
+        lines.append(f"samples          ok {s['ok']}, text-only {s['text_only']}, skipped {s['skipped'] + s['plan_skipped']}, repaired {s['notes']}")
+        lines.append("splits           " + ", ".join(f"{k} {v}" for k, v in sorted(info["splits"].items())))
+        lines.append("categories       " + ", ".join(f"{k or '-'} {v}" for k, v in sorted(info["categories"].items())))
+        skipped = info["skipped"]
+        lines.append(f"skipped          {len(skipped)}" + (": " + ", ".join(f"{k} x{v}" for k, v in info["skipped_reasons"].items()) if skipped else ""))
+        for i in skipped[:max_issues]:
+            lines.append(f"  - {i['id']} [{i['stage']}] {i['reason']}" + (f" ({i['where']})" if i["where"] else ""))
+        if len(skipped) > max_issues:
+            lines.append(f"  ... {len(skipped) - max_issues} more (--json lists all)")
+    return "\n".join(lines)
+
+
+@dataclass
+class VerifyReport:
+    url: str
+    rows_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_cache(url: str, storage_options: dict[str, Any] | None = None, *, progress: bool = True, max_problems: int = 100) -> VerifyReport:
+    """Check completeness, shapes, status/issue consistency, NaN/Inf and every row's checksums."""
+    rep = VerifyReport(url)
+
+    def problem(msg: str) -> None:
+        if len(rep.problems) < max_problems:
+            rep.problems.append(msg)
+
+    try:
+        cache = FeatureCache(url, storage_options)
+    except CacheError as e:
+        rep.problems.append(str(e))
+        return rep
+    g, m = cache.group, cache.meta
+    writer = CacheWriter(url, storage_options)
+    n = int(m["num_samples_planned"])
+    enc = m["encoder"]
+    want = {
+        "features": (n, enc["num_layers"] + 1, enc["num_tokens"], enc["hidden_size"]),
+        "text/turns": (n, m["text"]["max_turns"], m["text"]["dim"]),
+        "text/mean": (n, m["text"]["dim"]),
+        "text/num_turns": (n,),
+        "samples/status": (n,),
+        "samples/image_size": (n, 2),
+        "checksums/features": (n,),
+        "checksums/text": (n,),
+        **{f"samples/{f}": (n,) for f in SAMPLE_FIELDS},
+    }
+    for name, shape in want.items():
+        try:
+            got = tuple(g[name].shape)
+        except KeyError:
+            problem(f"array '{name}' is missing")
+            continue
+        if got != shape:
+            problem(f"array '{name}' has shape {got}, expected {shape}")
+    if rep.problems:
+        return rep
+    missing = [k for k in range(writer.num_shards) if writer.read_marker(k) is None]
+    if missing:
+        problem(f"{len(missing)} shard markers missing: {missing[:10]}")
+    status = np.asarray(g["samples/status"][:])
+    bad_status = np.flatnonzero(~np.isin(status, (OK, TEXT_ONLY, SKIPPED)))
+    if bad_status.size:
+        problem(f"{bad_status.size} rows have no final status (e.g. row {bad_status[0]}: {STATUS_NAMES.get(int(status[bad_status[0]]), status[bad_status[0]])})")
+    issue_rows = Counter(r for r, st in zip(g["issues/row"][:], g["issues/stage"][:]) if str(st) == "image")
+    for r in np.flatnonzero(status == SKIPPED):
+        if issue_rows.get(int(r), 0) != 1:
+            problem(f"row {r} is skipped but has {issue_rows.get(int(r), 0)} issue records")
+    if m.get("num_samples") != int(((status == OK) | (status == TEXT_ONLY)).sum()):
+        problem(f"num_samples {m.get('num_samples')} disagrees with the status array")
+    crc_f = np.asarray(g["checksums/features"][:])
+    crc_t = np.asarray(g["checksums/text"][:])
+    num_turns = np.asarray(g["text/num_turns"][:])
+    ids = np.asarray(g["samples/id"][:])
+    bar = tqdm(total=n, unit="row", desc="verify", disable=not progress)
+    for k in range(writer.num_shards):
+        a, b = writer.shard_rows(k)
+        feats = np.asarray(g["features"][a:b])
+        turns = np.asarray(g["text/turns"][a:b])
+        means = np.asarray(g["text/mean"][a:b])
+        ft = to_torch(feats, cache.storage_dtype)
+        finite = torch.isfinite(ft.float()).flatten(1).all(1).numpy() if feats.size else np.ones(0, bool)
+        for i in range(b - a):
+            row = a + i
+            where = f"row {row} ({ids[row]})"
+            if zlib.crc32(feats[i].tobytes()) != crc_f[row]:
+                problem(f"{where}: feature checksum mismatch")
+            if zlib.crc32(turns[i].tobytes()) != crc_t[row]:
+                problem(f"{where}: text checksum mismatch")
+            if status[row] == OK and not finite[i]:
+                problem(f"{where}: features contain NaN or Inf")
+            if status[row] != OK and feats[i].any():
+                problem(f"{where}: {STATUS_NAMES.get(int(status[row]))} row has non-zero features")
+            if not (np.isfinite(turns[i]).all() and np.isfinite(means[i]).all()):
+                problem(f"{where}: text embeddings contain NaN or Inf")
+            nt = int(num_turns[row])
+            if turns[i, nt:].any() or (nt == 0 and means[i].any()):
+                problem(f"{where}: text embedding beyond num_turns={nt} is not zero")
+            if nt and not np.allclose(turns[i, :nt].mean(0), means[i], atol=1e-5):
+                problem(f"{where}: text/mean is not the mean of its turns")
+        rep.rows_checked += b - a
+        bar.update(b - a)
+    bar.close()
+    return rep
+
+
+def report_json(rep: VerifyReport) -> str:
+    return json.dumps({"url": rep.url, "ok": rep.ok, "rows_checked": rep.rows_checked, "problems": rep.problems}, indent=1)

@@ -1,0 +1,290 @@
+"""Writing a cache: layout creation, per-shard writes with completion markers, and finalisation.
+
+Crash safety (docs/cache-format.md, "Writing protocol"):
+1. `create` writes every array (empty) and the per-sample tables, then sets `planned` in the root attributes.
+2. Each output shard k (storage rows [k*S, (k+1)*S)) is written whole by exactly one process, then its marker
+   `progress/shard-<k>.json` is written. A shard without a readable marker is redone from scratch.
+3. `finalize` gathers the markers into the status/checksum/issue arrays and sets `complete`.
+Every step is idempotent, so a process killed at any moment is resumed by running the same command again.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from layerfuse.pipeline.cache.reader import (
+    ATTRS_KEY,
+    FORMAT,
+    FORMAT_VERSION,
+    ISSUE_FIELDS,
+    OK,
+    PENDING,
+    SAMPLE_FIELDS,
+    SKIPPED,
+    STORAGE_DTYPES,
+    TEXT_ONLY,
+    CacheError,
+    open_group,
+    split_url,
+)
+from layerfuse.pipeline.data.records import SampleIssue, SampleRecord
+
+TABLE_CHUNK = 16384
+
+
+def put_file(fs, path: str, data: bytes) -> None:
+    """Write a small object whole: on local disks via a temporary name and a rename (object stores PUT atomically)."""
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        tmp = f"{path}.tmp"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def compressor(level: int) -> BloscCodec:
+    """blosc(zstd, byte shuffle). On fp16 activations of structured images (ViT-B shaped tower, one run):
+    level 1 -> 0.91 of raw, level 3 -> 0.88 at the same write speed, level 5 -> 0.77 at half the speed."""
+    return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")
+
+
+def compressor_name(level: int) -> str:
+    return f"blosc-zstd-{level}-shuffle"
+
+
+@dataclass
+class ShardResult:
+    """Everything one output shard contributes; rows are storage rows [start, stop)."""
+
+    index: int
+    start: int
+    stop: int
+    features: np.ndarray  # [n, L+1, T, D] storage dtype (zeros for rows without an image)
+    text_turns: np.ndarray  # [n, M, d_s] float32
+    text_mean: np.ndarray  # [n, d_s] float32
+    num_turns: np.ndarray  # [n] int16
+    status: np.ndarray  # [n] uint8
+    image_size: np.ndarray  # [n, 2] int32
+    errors: list[dict[str, Any]] = field(default_factory=list)  # {"row", "id", "reason", "where"}
+
+    def marker(self) -> dict[str, Any]:
+        crc_f = [zlib.crc32(np.ascontiguousarray(self.features[i]).tobytes()) for i in range(self.stop - self.start)]
+        crc_t = [zlib.crc32(np.ascontiguousarray(self.text_turns[i]).tobytes()) for i in range(self.stop - self.start)]
+        return {
+            "shard": self.index,
+            "rows": [self.start, self.stop],
+            "status": self.status.tolist(),
+            "image_size": self.image_size.tolist(),
+            "num_turns": self.num_turns.tolist(),
+            "crc_features": crc_f,
+            "crc_text": crc_t,
+            "errors": self.errors,
+            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+
+class CacheWriter:
+    """Writes one cache; several processes may hold writers on the same cache, each on its own shards."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url = str(url)
+        self.storage_options = storage_options
+        self.fs, self.root = split_url(url, storage_options)
+        self.group = open_group(url, "r+", storage_options)
+        self.meta: dict[str, Any] = dict(self.group.attrs[ATTRS_KEY])
+
+    # --- layout -------------------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        meta: dict[str, Any],
+        records: Sequence[SampleRecord],
+        plan_issues: Sequence[SampleIssue],
+        *,
+        storage_options: dict[str, Any] | None = None,
+    ) -> "CacheWriter":
+        """Create (overwriting) the cache layout and write the per-sample tables of the plan.
+
+        meta must hold encoder.num_layers (L), encoder.num_tokens (T), encoder.hidden_size (D), text.dim,
+        text.max_turns, storage.dtype, storage.shard_samples, storage.chunk_samples and storage.clevel.
+        """
+        n = len(records)
+        enc, text, storage = meta["encoder"], meta["text"], meta["storage"]
+        n_layers, tokens, hidden = enc["num_layers"] + 1, enc["num_tokens"], enc["hidden_size"]
+        s, c = int(storage["shard_samples"]), int(storage["chunk_samples"])
+        codec = compressor(int(storage["clevel"]))
+        if s % c:
+            raise ValueError(f"shard_samples {s} is not a multiple of chunk_samples {c}")
+        zdtype = STORAGE_DTYPES[storage["dtype"]][0]
+        g = open_group(url, "w", storage_options)
+        g.create_array(
+            "features",
+            shape=(n, n_layers, tokens, hidden),
+            chunks=(c, 1, tokens, hidden),
+            shards=(s, n_layers, tokens, hidden),
+            dtype=zdtype,
+            compressors=codec,
+            fill_value=0,
+            dimension_names=("sample", "layer", "token", "channel"),
+        )
+        m, d = int(text["max_turns"]), int(text["dim"])
+        g.create_array("text/turns", shape=(n, m, d), chunks=(s, m, d), dtype="float32", compressors=codec, fill_value=0)
+        g.create_array("text/mean", shape=(n, d), chunks=(s, d), dtype="float32", compressors=codec, fill_value=0)
+        tchunk = max(1, min(n, TABLE_CHUNK))
+        columns = {f: [] for f in SAMPLE_FIELDS}
+        for r in records:
+            columns["id"].append(r.id)
+            columns["source"].append(r.source)
+            columns["category"].append(r.category)
+            columns["split"].append(r.split)
+            columns["image_ref"].append(r.image_ref)
+            columns["conversations"].append(json.dumps(r.conversations, ensure_ascii=False))
+            columns["locator"].append(json.dumps(r.locator, sort_keys=True))
+        for f, values in columns.items():
+            a = g.create_array(f"samples/{f}", shape=(n,), chunks=(tchunk,), dtype=str, compressors=codec)
+            if n:
+                a[:] = np.array(values, dtype=object)
+        meta = {
+            **meta,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "num_samples_planned": n,
+            "num_shards": (n + s - 1) // s,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "complete": False,
+            "planned": False,
+        }
+        g.attrs[ATTRS_KEY] = meta
+        fs, root = split_url(url, storage_options)
+        put_file(fs, f"{root}/progress/plan-issues.json", json.dumps([i.to_json() for i in plan_issues]).encode())
+        meta["planned"] = True  # last: a plan interrupted before this line is redone from scratch
+        g.attrs[ATTRS_KEY] = meta
+        return cls(url, storage_options)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.meta["num_samples_planned"])
+
+    @property
+    def shard_samples(self) -> int:
+        return int(self.meta["storage"]["shard_samples"])
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.meta["num_shards"])
+
+    def shard_rows(self, k: int) -> tuple[int, int]:
+        return k * self.shard_samples, min(self.num_rows, (k + 1) * self.shard_samples)
+
+    def records(self) -> list[SampleRecord]:
+        """The planned records, read back from the cache (so every rank works from the same plan)."""
+        cols = {f: self.group[f"samples/{f}"][:] if self.num_rows else [] for f in SAMPLE_FIELDS}
+        out = []
+        for i in range(self.num_rows):
+            loc = json.loads(str(cols["locator"][i]))
+            out.append(
+                SampleRecord(
+                    id=str(cols["id"][i]),
+                    source=str(cols["source"][i]),
+                    locator=loc,
+                    conversations=json.loads(str(cols["conversations"][i])),
+                    has_image=bool(loc),
+                    category=str(cols["category"][i]),
+                    split=str(cols["split"][i]),
+                    image_ref=str(cols["image_ref"][i]),
+                )
+            )
+        return out
+
+    # --- shards -----------------------------------------------------------------------------------------------
+    def _marker_path(self, k: int) -> str:
+        return f"{self.root}/progress/shard-{k:06d}.json"
+
+    def read_marker(self, k: int) -> dict[str, Any] | None:
+        """The shard's marker, or None when absent or torn (then the shard is redone)."""
+        try:
+            m = json.loads(self.fs.cat_file(self._marker_path(k)))
+        except (FileNotFoundError, ValueError):
+            return None
+        return m if m.get("shard") == k and len(m.get("status", [])) == m["rows"][1] - m["rows"][0] else None
+
+    def pending_shards(self, rank: int = 0, world: int = 1) -> list[int]:
+        return [k for k in range(rank, self.num_shards, world) if self.read_marker(k) is None]
+
+    def write_shard(self, res: ShardResult) -> None:
+        """Write one whole shard (one object per array), then its marker."""
+        if (res.start, res.stop) != self.shard_rows(res.index):
+            raise ValueError(f"shard {res.index} covers rows {self.shard_rows(res.index)}, got {res.start, res.stop}")
+        sl = slice(res.start, res.stop)
+        self.group["features"][sl] = res.features
+        self.group["text/turns"][sl] = res.text_turns
+        self.group["text/mean"][sl] = res.text_mean
+        put_file(self.fs, self._marker_path(res.index), json.dumps(res.marker()).encode())
+
+    # --- finalisation ---------------------------------------------------------------------------------------
+    def finalize(self) -> dict[str, Any]:
+        """Gather all shard markers into the status/checksum/issue arrays and mark the cache complete."""
+        n = self.num_rows
+        status = np.full(n, PENDING, np.uint8)
+        size = np.full((n, 2), -1, np.int32)
+        turns = np.zeros(n, np.int16)
+        crc_f = np.zeros(n, np.uint32)
+        crc_t = np.zeros(n, np.uint32)
+        issues: list[dict[str, Any]] = [
+            {**i, "row": -1} for i in json.loads(self.fs.cat_file(f"{self.root}/progress/plan-issues.json"))
+        ]
+        missing = []
+        for k in range(self.num_shards):
+            m = self.read_marker(k)
+            if m is None:
+                missing.append(k)
+                continue
+            a, b = m["rows"]
+            status[a:b] = m["status"]
+            size[a:b] = np.asarray(m["image_size"], np.int32).reshape(b - a, 2)
+            turns[a:b] = m["num_turns"]
+            crc_f[a:b] = m["crc_features"]
+            crc_t[a:b] = m["crc_text"]
+            issues += [{"row": e["row"], "id": e["id"], "stage": e.get("stage", "image"), "reason": e["reason"], "where": e.get("where", "")} for e in m["errors"]]
+        if missing:
+            raise CacheError(f"cannot finalise '{self.url}': shards {missing[:10]}{'...' if len(missing) > 10 else ''} are not written")
+        issues.sort(key=lambda i: (i["row"] if i["row"] >= 0 else -1, i["id"]))
+        g = self.group
+        chunk = max(1, min(n, TABLE_CHUNK))
+        g.create_array("samples/status", data=status, chunks=(chunk,), overwrite=True)
+        g.create_array("samples/image_size", data=size, chunks=(chunk, 2), overwrite=True)
+        g.create_array("text/num_turns", data=turns, chunks=(chunk,), overwrite=True)
+        g.create_array("checksums/features", data=crc_f, chunks=(chunk,), overwrite=True)
+        g.create_array("checksums/text", data=crc_t, chunks=(chunk,), overwrite=True)
+        ichunk = max(1, min(len(issues), TABLE_CHUNK))
+        for f in ISSUE_FIELDS:
+            if f == "row":
+                data = np.array([i["row"] for i in issues], dtype=np.int64)
+                g.create_array("issues/row", data=data, chunks=(ichunk,), overwrite=True)
+            else:
+                a = g.create_array(f"issues/{f}", shape=(len(issues),), chunks=(ichunk,), dtype=str, overwrite=True)
+                if issues:
+                    a[:] = np.array([str(i[f]) for i in issues], dtype=object)
+        summary = {
+            "ok": int((status == OK).sum()),
+            "text_only": int((status == TEXT_ONLY).sum()),
+            "skipped": int((status == SKIPPED).sum()),
+            "plan_skipped": sum(1 for i in issues if i["stage"] == "plan"),
+            "notes": sum(1 for i in issues if i["stage"] == "note"),
+        }
+        meta = {**self.meta, "summary": summary, "complete": True, "completed": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        meta["num_samples"] = summary["ok"] + summary["text_only"]
+        g.attrs[ATTRS_KEY] = meta
+        self.meta = meta
+        return summary

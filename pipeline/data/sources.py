@@ -1,0 +1,705 @@
+"""Planning the inputs: a source (LLaVA JSON + image folder, WebDataset tar shards) -> `Plan`, and fetching
+one planned record's image bytes.
+
+Planning never decodes an image and never checks that an image file exists (that happens when a worker
+loads the record, so planning stays fast on huge datasets). Every malformed input sample becomes a
+`SampleIssue`; repairs become `SampleIssue(stage="note")` and the sample is kept.
+
+WebDataset naming (see `split_member_name`): a member's *key* is its path up to the first "." of its
+basename (directory prefix kept, a leading "./" dropped) and its *extension* the rest, lower-cased — the
+WebDataset convention, so "a.b.c.jpg" has key "a" and extension "b.c.jpg". A sample's image is the member
+whose extension is exactly one of IMAGE_EXTENSIONS (first in that order); only when there is none, a
+member whose *last* suffix is an image extension is used, provided there is exactly one such member (more
+than one is an issue: we cannot tell which is the image). The ".json" record and ".txt"/".caption"
+caption are found the same way (exact extension first, then a unique last-suffix match).
+
+Ids: duplicates within one plan are made unique by appending "#2", "#3", ... with a note issue, so that
+no sample silently replaces another downstream.
+"""
+
+from __future__ import annotations
+
+import glob as globmod
+import json
+import os
+import posixpath
+import tarfile
+from typing import TYPE_CHECKING, Any, Iterable
+
+import fsspec
+from braceexpand import braceexpand
+
+from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "IMAGE_TOKEN",
+    "normalize_conversations",
+    "plan_llava",
+    "expand_shards",
+    "split_member_name",
+    "plan_webdataset",
+    "read_image_bytes",
+    "load_image",
+]
+
+IMAGE_TOKEN = "<image>"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+CAPTION_EXTENSIONS = ("txt", "caption")
+MAX_JSON_MEMBER_BYTES = 16 * 1024 * 1024  # a ".json" record larger than this is an issue, not read
+
+_ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "model": "gpt"}
+_ADDED_TOKEN_NOTE = "no <image> token; added one to the first human turn"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _record_id(value: Any) -> str | None:
+    """A usable id from a record's "id" value (str or int), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value
+    return None
+
+
+def _dedupe_ids(plan: Plan, source: str) -> None:
+    """Make record ids unique within `plan` ("x", "x#2", ...), adding a note issue for each rename."""
+    seen: set[str] = set(r.id for r in plan.records)
+    if len(seen) == len(plan.records):
+        return
+    used: set[str] = set()
+    out: list[SampleRecord] = []
+    for rec in plan.records:
+        if rec.id not in used:
+            used.add(rec.id)
+            out.append(rec)
+            continue
+        n = 2
+        while f"{rec.id}#{n}" in used or f"{rec.id}#{n}" in seen:
+            n += 1
+        new_id = f"{rec.id}#{n}"
+        used.add(new_id)
+        plan.issues.append(
+            SampleIssue(
+                id=new_id, source=source, stage="note",
+                reason=f"duplicate id {rec.id!r}; renamed to {new_id!r}",
+                where=rec.image_ref,
+            )
+        )
+        d = rec.to_json()
+        d["id"] = new_id
+        out.append(SampleRecord.from_json(d))
+    plan.records = out
+
+
+# ------------------------------------------------------------------------------------- conversations
+
+
+def normalize_conversations(raw: Any, *, has_image: bool) -> tuple[list[dict[str, str]], str | None]:
+    """Validate a LLaVA `conversations` value and return (clean turns, note or None).
+
+    Each turn must be an object with "from" in {human, gpt} (also accepted, case-insensitively: user ->
+    human; assistant, model -> gpt) and a string "value"; the first turn must be from human. Clean turns
+    keep only {"from", "value"}.
+
+    `<image>` handling: at most one token in the whole conversation, and only in a human turn. With an
+    image but no token, "<image>\\n" is prepended to the first human turn and a note is returned. A token
+    without an image is an error.
+
+    Raises `SampleError` naming what is wrong (turns are numbered from 1).
+    """
+    if not isinstance(raw, list):
+        raise SampleError(f"'conversations' is not a list (got {_kind(raw)})")
+    if not raw:
+        raise SampleError("'conversations' is empty")
+    turns: list[dict[str, str]] = []
+    for n, turn in enumerate(raw, start=1):
+        if not isinstance(turn, dict):
+            raise SampleError(f"turn {n} is not an object (got {_kind(turn)})")
+        role = turn.get("from")
+        if not isinstance(role, str):
+            raise SampleError(f"turn {n} has no 'from' string")
+        norm = _ROLES.get(role.strip().lower())
+        if norm is None:
+            raise SampleError(f"turn {n} has unknown role {role!r} (expected human or gpt)")
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise SampleError(f"turn {n} has no 'value' string")
+        turns.append({"from": norm, "value": value})
+    if turns[0]["from"] != "human":
+        raise SampleError(f"turn 1 is from {turns[0]['from']!r}; the first turn must be from human")
+
+    count = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+    if count > 1:
+        raise SampleError(f"conversation has {count} <image> tokens; at most one is supported")
+    if count == 1:
+        if not has_image:
+            raise SampleError("conversation has <image> but the sample has no image")
+        n = next(i for i, t in enumerate(turns, start=1) if IMAGE_TOKEN in t["value"])
+        if turns[n - 1]["from"] != "human":
+            raise SampleError(f"the <image> token is in turn {n}, a gpt turn; it must be in a human turn")
+        return turns, None
+    if has_image:
+        turns[0] = {"from": "human", "value": IMAGE_TOKEN + "\n" + turns[0]["value"]}
+        return turns, _ADDED_TOKEN_NOTE
+    return turns, None
+
+
+# --------------------------------------------------------------------------------------------- LLaVA
+
+
+def _join_image_path(image_root: str, image: str) -> str:
+    if _is_url(image):
+        return image
+    if _is_url(image_root):
+        return posixpath.join(image_root, image.lstrip("/"))
+    return os.path.abspath(os.path.join(os.path.expanduser(image_root), image))
+
+
+def _load_llava_records(json_path: str) -> list[tuple[Any, str | None]]:
+    """Read a LLaVA JSON list or JSON-lines file: [(record or None, parse error or None), ...].
+
+    A whole-file problem (unreadable, not JSON, not a list) raises `SampleError`; in a .jsonl file each
+    bad line is reported per record instead.
+    """
+    try:
+        with fsspec.open(json_path, "rb", compression="infer") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise SampleError(f"{json_path}: file not found") from None
+    except OSError as e:
+        raise SampleError(f"{json_path}: cannot read: {e}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SampleError(f"{json_path}: not UTF-8 text (byte {e.start})") from None
+
+    name = json_path.lower()
+    for suffix in (".gz", ".bz2", ".xz", ".zst"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    if name.endswith(".jsonl") or name.endswith(".ndjson"):
+        out: list[tuple[Any, str | None]] = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append((json.loads(line), None))
+            except json.JSONDecodeError as e:
+                out.append((None, f"invalid JSON on line {lineno}, column {e.colno}: {e.msg}"))
+        return out
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SampleError(
+            f"{json_path}: invalid JSON at line {e.lineno}, column {e.colno} (char {e.pos}): {e.msg}"
+        ) from None
+    if not isinstance(data, list):
+        raise SampleError(f"{json_path}: expected a JSON list of records, got {_kind(data)}")
+    return [(r, None) for r in data]
+
+
+def plan_llava(json_path: str, image_root: str, *, split: str = "train") -> Plan:
+    """Plan a LLaVA-format dataset: a JSON list (or .jsonl) of records + a folder of images.
+
+    `json_path` and `image_root` are local paths or fsspec URLs. A record with "image" gets locator
+    {"path": image_root joined with it} (absolute for local roots); one without is text-only. Malformed
+    records become plan issues and are left out; repairs (added <image> token, missing id, duplicate id)
+    become note issues and the record is kept. Image existence is not checked here.
+
+    Raises `SampleError` when the file as a whole cannot be read or is not valid JSON.
+    """
+    plan = Plan()
+    for i, (rec, parse_error) in enumerate(_load_llava_records(json_path)):
+        where = f"{json_path}#{i}"
+        fallback_id = f"record[{i}]"
+        if parse_error is not None:
+            plan.issues.append(SampleIssue(fallback_id, "llava", "plan", parse_error, where))
+            continue
+        if not isinstance(rec, dict):
+            reason = f"record is not an object (got {_kind(rec)})"
+            plan.issues.append(SampleIssue(fallback_id, "llava", "plan", reason, where))
+            continue
+        rid = _record_id(rec.get("id"))
+        sid = rid or fallback_id
+
+        def issue(reason: str, stage: str = "plan") -> None:
+            plan.issues.append(SampleIssue(sid, "llava", stage, reason, where))
+
+        if "conversations" not in rec:
+            issue("no 'conversations'")
+            continue
+
+        image = rec.get("image")
+        if "image" in rec and image is not None:
+            if isinstance(image, list):
+                issue(f"'image' is a list of {len(image)}; multi-image samples are not supported")
+                continue
+            if not isinstance(image, str) or not image.strip():
+                issue(f"'image' is not a non-empty string (got {_kind(image)})")
+                continue
+        has_image = isinstance(image, str)
+
+        try:
+            convs, note = normalize_conversations(rec["conversations"], has_image=has_image)
+        except SampleError as e:
+            issue(e.reason)
+            continue
+
+        if rid is None:
+            got = "" if "id" not in rec else f" (got {_kind(rec.get('id'))} {rec.get('id')!r})"
+            issue(f"no usable 'id'{got}; using {fallback_id!r}", stage="note")
+        if note:
+            issue(note, stage="note")
+
+        category = rec.get("category")
+        rsplit = rec.get("split")
+        plan.records.append(
+            SampleRecord(
+                id=sid,
+                source="llava",
+                locator={"path": _join_image_path(image_root, image)} if has_image else {},
+                conversations=convs,
+                has_image=has_image,
+                category=category if isinstance(category, str) else "",
+                split=rsplit if isinstance(rsplit, str) and rsplit else split,
+                image_ref=image if has_image else "",
+            )
+        )
+    _dedupe_ids(plan, "llava")
+    return plan
+
+
+# ---------------------------------------------------------------------------------------- WebDataset
+
+
+def _split_top_level_commas(spec: str) -> list[str]:
+    """Split on commas that are not inside {...} (so brace alternatives like {a,b} survive)."""
+    parts, depth, cur = [], 0, []
+    for ch in spec:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(0, depth - 1)
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Expand a shard spec into a list of shard paths/URLs (order kept, duplicates dropped).
+
+    `spec` is a comma-separated string or a list; each item may be a local path, a glob ("*", "?",
+    "[...]"), or a brace pattern such as "data/train-{000000..000009}.tar" (expanded with braceexpand).
+    Local paths are made absolute and must exist (FileNotFoundError naming the missing shard, or the glob
+    that matched nothing). fsspec URLs are kept as they are (a URL with a glob is expanded with fsspec).
+    """
+    items: list[str] = []
+    for part in [spec] if isinstance(spec, str) else list(spec):
+        items.extend(_split_top_level_commas(str(part)))
+    if not items:
+        raise ValueError(f"no shards in spec {spec!r}")
+    out: list[str] = []
+    for item in items:
+        for path in braceexpand(item):
+            if _is_url(path):
+                if _has_glob(path):
+                    fs, fs_path = fsspec.core.url_to_fs(path)
+                    matches = sorted(fs.glob(fs_path))
+                    if not matches:
+                        raise FileNotFoundError(f"no shard matches {path}")
+                    out.extend(fs.unstrip_protocol(m) for m in matches)
+                else:
+                    out.append(path)
+                continue
+            path = os.path.expanduser(path)
+            if _has_glob(path):
+                matches = sorted(m for m in globmod.glob(path) if os.path.isfile(m))
+                if not matches:
+                    raise FileNotFoundError(f"no shard matches {path}")
+                out.extend(os.path.abspath(m) for m in matches)
+            else:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"shard not found: {path}")
+                out.append(os.path.abspath(path))
+    return list(dict.fromkeys(out))
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """WebDataset key/extension of a tar member name, or None when it has none.
+
+    key = the path up to the first "." of the basename (directory prefix kept, leading "./" removed);
+    extension = the rest, lower-cased. Names whose basename has no "." (or starts with one: hidden files)
+    have no key.
+    """
+    while name.startswith("./"):
+        name = name[2:]
+    dirname, base = posixpath.split(name)
+    dot = base.find(".")
+    if dot <= 0 or dot == len(base) - 1:
+        return None
+    key = posixpath.join(dirname, base[:dot]) if dirname else base[:dot]
+    return key, base[dot + 1 :].lower()
+
+
+def _pick(members: dict[str, tarfile.TarInfo], wanted: Iterable[str]) -> tuple[str | None, str | None]:
+    """(extension of the member to use, or None; an ambiguity error or None) — see module docstring."""
+    wanted = tuple(wanted)
+    for ext in wanted:
+        if ext in members:
+            return ext, None
+    fallback = [ext for ext in members if "." in ext and ext.rsplit(".", 1)[1] in wanted]
+    if len(fallback) == 1:
+        return fallback[0], None
+    if len(fallback) > 1:
+        names = ", ".join(members[e].name for e in fallback)
+        return None, f"several candidate members ({names}); cannot tell which to use"
+    return None, None
+
+
+def _member_kind(ti: tarfile.TarInfo) -> str:
+    if ti.issym():
+        return f"a symlink (-> {ti.linkname})"
+    if ti.islnk():
+        return f"a hard link (-> {ti.linkname})"
+    if ti.ischr() or ti.isblk():
+        return "a device file"
+    if ti.isfifo():
+        return "a FIFO"
+    return f"not a regular file (type {ti.type!r})"
+
+
+class _ShardScan:
+    """Result of reading one shard's headers."""
+
+    def __init__(self) -> None:
+        self.members: list[tarfile.TarInfo] = []  # complete regular-file and other non-dir members
+        self.cut_member: tarfile.TarInfo | None = None  # member whose data runs past the end of the file
+        self.error: str | None = None  # damage description, None when the tar is intact
+        self.complete: int = 0  # members read completely before the damage
+
+
+def _scan_tar(f: Any, size: int) -> tuple[tarfile.TarFile | None, _ShardScan]:
+    scan = _ShardScan()
+    tar: tarfile.TarFile | None = None
+    try:
+        tar = tarfile.open(fileobj=f, mode="r:")
+        while True:
+            ti = tar.next()
+            if ti is None:
+                break
+            if ti.isdir():
+                scan.complete += 1
+                continue
+            if ti.offset_data + ti.size > size:
+                scan.cut_member = ti
+                scan.error = (
+                    f"member {ti.name!r} needs {ti.offset_data + ti.size} bytes but the file has {size}"
+                )
+                return tar, scan
+            scan.members.append(ti)
+            scan.complete += 1
+    except Exception as e:  # noqa: BLE001 - a damaged tar raises many types; one bad shard never raises
+        scan.error = f"{type(e).__name__}: {e}"
+        return tar, scan
+    # tarfile silently stops at a bad or missing header after the first one: check where it stopped.
+    end = tar.offset
+    if end >= size:
+        scan.error = "the file ends without the end-of-archive marker"
+    else:
+        f.seek(end)
+        block = f.read(tarfile.BLOCKSIZE)
+        if block.strip(b"\0"):
+            scan.error = f"invalid tar header at byte {end}"
+    return tar, scan
+
+
+def _webdataset_sample(
+    shard: str,
+    key: str,
+    members: dict[str, tarfile.TarInfo],
+    tar: tarfile.TarFile,
+    split: str,
+) -> tuple[SampleRecord | None, list[SampleIssue]]:
+    """Build the record for one grouped sample (or the issues saying why there is none)."""
+    base = posixpath.basename(shard.rstrip("/"))
+    default_id = f"{base}/{key}"
+    issues: list[SampleIssue] = []
+
+    def fail(reason: str, sid: str = default_id, member: str = "") -> tuple[None, list[SampleIssue]]:
+        where = f"{shard}#{member or key}"
+        issues.append(SampleIssue(sid, "webdataset", "plan", reason, where))
+        return None, issues
+
+    img_ext, err = _pick(members, IMAGE_EXTENSIONS)
+    if err:
+        return fail(f"image: {err}")
+    json_ext, err = _pick(members, ("json",))
+    if err:
+        return fail(f"record: {err}")
+    txt_ext, err = _pick(members, CAPTION_EXTENSIONS)
+    if err:
+        return fail(f"caption: {err}")
+
+    meta: dict[str, Any] = {}
+    convs_raw: Any = None
+    sid = default_id
+    if json_ext is not None:
+        ti = members[json_ext]
+        if ti.size > MAX_JSON_MEMBER_BYTES:
+            return fail(f"{ti.name} is {ti.size} bytes (> {MAX_JSON_MEMBER_BYTES}); not a sample record",
+                        member=ti.name)
+        try:
+            fobj = tar.extractfile(ti)
+            data = fobj.read() if fobj is not None else b""
+            meta = json.loads(data.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return fail(f"invalid JSON in {ti.name}: {e}", member=ti.name)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            return fail(f"cannot read {ti.name}: {e}", member=ti.name)
+        if not isinstance(meta, dict):
+            return fail(f"{ti.name} is not a JSON object (got {_kind(meta)})", member=ti.name)
+        sid = _record_id(meta.get("id")) or default_id
+        convs_raw = meta.get("conversations")
+
+    note: str | None = None
+    has_image = img_ext is not None
+    if convs_raw is not None:
+        try:
+            convs, note = normalize_conversations(convs_raw, has_image=has_image)
+        except SampleError as e:
+            return fail(e.reason, sid=sid, member=members[json_ext].name if json_ext else "")
+    elif txt_ext is not None:
+        ti = members[txt_ext]
+        try:
+            fobj = tar.extractfile(ti)
+            text = (fobj.read() if fobj is not None else b"").decode("utf-8-sig").strip()
+        except UnicodeDecodeError as e:
+            return fail(f"caption {ti.name} is not UTF-8 text: {e}", sid=sid, member=ti.name)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            return fail(f"cannot read {ti.name}: {e}", sid=sid, member=ti.name)
+        if not text:
+            return fail(f"caption {ti.name} is empty", sid=sid, member=ti.name)
+        if not has_image:
+            return fail(f"caption {ti.name} but no image member", sid=sid, member=ti.name)
+        convs = [{"from": "human", "value": IMAGE_TOKEN + "\n"}, {"from": "gpt", "value": text}]
+    elif json_ext is not None:
+        return fail(
+            f"{members[json_ext].name} has no 'conversations' and there is no caption (.txt) member",
+            sid=sid, member=members[json_ext].name,
+        )
+    elif has_image:
+        return fail("no conversation (.json) or caption (.txt) member", member=members[img_ext].name)
+    else:
+        names = ", ".join(sorted(ti.name for ti in members.values()))
+        return fail(f"no image, conversation (.json) or caption (.txt) member (members: {names})")
+
+    if note:
+        issues.append(SampleIssue(sid, "webdataset", "note", note, f"{shard}#{key}"))
+    category = meta.get("category")
+    rsplit = meta.get("split")
+    if has_image:
+        ti = members[img_ext]
+        locator = {"tar": shard, "member": ti.name, "offset": ti.offset_data, "size": ti.size}
+    else:
+        locator = {}
+    rec = SampleRecord(
+        id=sid,
+        source="webdataset",
+        locator=locator,
+        conversations=convs,
+        has_image=has_image,
+        category=category if isinstance(category, str) else "",
+        split=rsplit if isinstance(rsplit, str) and rsplit else split,
+        image_ref=members[img_ext].name if has_image else "",
+    )
+    return rec, issues
+
+
+def _is_compressed(magic: bytes) -> bool:
+    """gzip, bzip2, xz or zstd magic at the start of a shard."""
+    return (
+        magic[:2] == b"\x1f\x8b"
+        or (magic[:3] == b"BZh" and magic[4:10] == b"1AY&SY")
+        or magic[:6] == b"\xfd7zXZ\x00"
+        or magic[:4] == b"\x28\xb5\x2f\xfd"
+    )
+
+
+def _plan_shard(shard: str, split: str, plan: Plan) -> None:
+    base = posixpath.basename(shard.rstrip("/"))
+
+    def shard_issue(tag: str, reason: str) -> None:
+        plan.issues.append(SampleIssue(f"{base}/{tag}", "webdataset", "plan", reason, shard))
+
+    try:
+        f = fsspec.open(shard, "rb").open()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shard not found: {shard}") from None
+    except OSError as e:
+        shard_issue("<shard>", f"cannot open shard: {e}")
+        return
+    try:
+        try:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(0)
+            magic = f.read(10)
+            f.seek(0)
+        except OSError as e:
+            shard_issue("<shard>", f"cannot read shard: {e}")
+            return
+        if _is_compressed(magic):
+            shard_issue("<shard>", "compressed tar shards are not supported "
+                                   "(random access needs an uncompressed .tar)")
+            return
+
+        tar, scan = _scan_tar(f, size)
+
+        # Group members by key (first appearance order), flagging non-regular members and duplicates.
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        bad_keys: set[str] = set()
+        for ti in scan.members:
+            where = f"{shard}#{ti.name}"
+            if not ti.isreg():
+                plan.issues.append(SampleIssue(f"{base}/{ti.name}", "webdataset", "plan",
+                                               f"member is {_member_kind(ti)}; skipped", where))
+                continue
+            parsed = split_member_name(ti.name)
+            if parsed is None:
+                plan.issues.append(SampleIssue(f"{base}/{ti.name}", "webdataset", "plan",
+                                               "member name has no extension (or is a hidden file); "
+                                               "not part of any sample", where))
+                continue
+            key, ext = parsed
+            group = groups.setdefault(key, {})
+            if ext in group:
+                if key not in bad_keys:
+                    plan.issues.append(SampleIssue(
+                        f"{base}/{key}", "webdataset", "plan",
+                        f"duplicate key: {group[ext].name!r} and {ti.name!r} both map to {key}.{ext}; "
+                        "sample skipped", where))
+                bad_keys.add(key)
+                continue
+            group[ext] = ti
+
+        cut_key: str | None = None
+        if scan.cut_member is not None:
+            parsed = split_member_name(scan.cut_member.name)
+            cut_key = parsed[0] if parsed else None
+            bad_keys.add(cut_key or "")
+            plan.issues.append(SampleIssue(
+                f"{base}/{cut_key or scan.cut_member.name}", "webdataset", "plan",
+                f"member {scan.cut_member.name!r} is cut off by the end of the file (truncated tar); "
+                "sample skipped", f"{shard}#{scan.cut_member.name}"))
+
+        last_key = next(reversed(groups), None) if groups else None
+        for key, members in groups.items():
+            if key in bad_keys:
+                continue
+            rec, issues = _webdataset_sample(shard, key, members, tar, split)
+            if rec is None and scan.error is not None and key == last_key:
+                suffix = " (sample at the damaged end of the tar)"
+                issues = [SampleIssue(i.id, i.source, i.stage, i.reason + suffix, i.where) for i in issues]
+            plan.issues.extend(issues)
+            if rec is not None:
+                plan.records.append(rec)
+
+        if scan.error is not None:
+            shard_issue("<truncated>",
+                        f"truncated or corrupt tar after {scan.complete} members: {scan.error}")
+    finally:
+        f.close()
+
+
+def plan_webdataset(spec: str | list[str], *, split: str = "train") -> Plan:
+    """Plan WebDataset tar shards: read member headers (not image data) and group them into samples.
+
+    Each sample's image is located by {"tar", "member", "offset", "size"} for random access later. The
+    sample's conversation comes from `{key}.json` (LLaVA-style: conversations, optional id/category/split)
+    or, failing that, a `.txt`/`.caption` member turned into [human "<image>\\n", gpt caption]. A json
+    without an image and without an <image> token gives a text-only record.
+
+    One bad shard never raises: damage becomes issues and every complete sample before it is kept. A
+    missing shard raises FileNotFoundError.
+    """
+    plan = Plan()
+    for shard in expand_shards(spec):
+        _plan_shard(shard, split, plan)
+    _dedupe_ids(plan, "webdataset")
+    return plan
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def read_image_bytes(rec: SampleRecord) -> bytes:
+    """The encoded image bytes of a llava or webdataset record (raises `SampleError` if unreadable)."""
+    if not rec.has_image:
+        raise ValueError(f"record {rec.id!r} is text-only; it has no image")
+    if rec.source == "llava":
+        path = rec.locator["path"]
+        try:
+            with fsspec.open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise SampleError(f"image not found: {path}") from None
+        except IsADirectoryError:
+            raise SampleError(f"image path is a directory: {path}") from None
+        except PermissionError:
+            raise SampleError(f"cannot read image {path}: permission denied") from None
+        except OSError as e:
+            raise SampleError(f"cannot read image {path}: {e}") from None
+    if rec.source == "webdataset":
+        loc = rec.locator
+        shard, member, offset, size = loc["tar"], loc["member"], int(loc["offset"]), int(loc["size"])
+        try:
+            with fsspec.open(shard, "rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+        except FileNotFoundError:
+            raise SampleError(f"shard not found: {shard}") from None
+        except OSError as e:
+            raise SampleError(f"cannot read {member} from {shard}: {e}") from None
+        if len(data) < size:
+            raise SampleError(f"truncated tar member {member}: got {len(data)} of {size} bytes from {shard}")
+        return data
+    raise ValueError(f"read_image_bytes does not handle source {rec.source!r}")
+
+
+def load_image(rec: SampleRecord, *, max_pixels: int) -> Image.Image:
+    """Load and decode a record's image into an RGB `PIL.Image.Image` (raises `SampleError` if bad).
+
+    Synthetic records are rendered by `layerfuse.pipeline.data.synthetic.render_record(rec)` (imported lazily).
+    """
+    if rec.source == "synthetic":
+        from layerfuse.pipeline.data.synthetic import render_record
+
+        return render_record(rec)
+    from layerfuse.pipeline.data.images import decode_image
+
+    return decode_image(read_image_bytes(rec), max_pixels=max_pixels)

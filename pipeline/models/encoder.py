@@ -1,0 +1,154 @@
+"""The frozen vision tower: loading (hub id or local directory), preprocessing, and all-layer forward.
+
+A ViT with L blocks yields L+1 hidden states (SPEC section 1): hs[0] is the embedding output (after CLIP's
+`pre_layrnorm`), hs[i] the output of block i; none passes through `post_layernorm`. `VisionEncoder.forward`
+returns them stacked, every token kept (CLS included where the model has one).
+
+The embedded default (`--vision default`) is a small CLIP built and pretrained in code (pipeline/models/default_vision.py),
+saved to a directory and loaded back through exactly the same code path as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from torch import nn
+
+from layerfuse.core.hub import CheckpointError, load_pretrained
+from layerfuse.pipeline.data.images import expand_to_square
+
+DEFAULT_VISION = "default"
+
+# model_type -> vision-tower class name in transformers. Full CLIP/SigLIP checkpoints (with a text tower)
+# load their vision half through the vision class; anything else goes through AutoModel.
+VISION_CLASSES = {
+    "clip": "CLIPVisionModel",
+    "clip_vision_model": "CLIPVisionModel",
+    "siglip": "SiglipVisionModel",
+    "siglip_vision_model": "SiglipVisionModel",
+    "siglip2": "Siglip2VisionModel",
+    "siglip2_vision_model": "Siglip2VisionModel",
+}
+HAS_CLS = {"clip": True, "clip_vision_model": True, "siglip": False, "siglip_vision_model": False}
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What the cache records about the encoder; also what fusers need to know about the features."""
+
+    name: str
+    revision: str | None
+    model_type: str
+    config_hash: str
+    num_layers: int  # L (blocks); the cache stores L+1 hidden states
+    num_tokens: int  # T, CLS included where present
+    hidden_size: int  # D
+    has_cls: bool
+    grid: tuple[int, int]  # (h, w) of the patch grid
+    processor: dict[str, Any] = field(default_factory=dict)
+
+
+class ImagePreprocessor:
+    """Picklable image -> pixel_values transform, run in DataLoader workers.
+
+    pad_to_square reproduces LLaVA's `expand2square`: pad to a square with the processor's mean colour,
+    then the processor's own resize/crop/normalise.
+    """
+
+    def __init__(self, processor: Any, pad_to_square: bool):
+        self.processor = processor
+        self.pad_to_square = pad_to_square
+        mean = getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]
+        self.fill = tuple(int(round(m * 255)) for m in mean)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> float32 [3, H, W]."""
+        if self.pad_to_square:
+            image = expand_to_square(image, self.fill)
+        return np.asarray(self.processor(images=image, return_tensors="np")["pixel_values"][0], dtype=np.float32)
+
+
+def _model_class(model_type: str) -> type:
+    return getattr(transformers, VISION_CLASSES.get(model_type, "AutoModel"))
+
+
+def config_hash(config: Any) -> str:
+    d = config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype", "architectures"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class VisionEncoder(nn.Module):
+    """A frozen HF vision tower that returns every hidden state.
+
+    forward: pixel_values [B, 3, H, W] -> hidden states [B, L+1, T, D]
+    """
+
+    def __init__(self, model: nn.Module, processor: Any, info: EncoderInfo):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.processor = processor
+        self.info = info
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        param = next(self.model.parameters())
+        out = self.model(pixel_values=pixel_values.to(param.device, param.dtype), output_hidden_states=True)
+        return torch.stack(out.hidden_states, dim=1)
+
+    def preprocessor(self, pad_to_square: bool) -> ImagePreprocessor:
+        return ImagePreprocessor(self.processor, pad_to_square)
+
+
+def load_vision_encoder(
+    name_or_path: str,
+    *,
+    revision: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> VisionEncoder:
+    """Load a vision tower and its image processor from a hub id or a local directory."""
+    config = load_pretrained("vision config", name_or_path, transformers.AutoConfig.from_pretrained, revision=revision)
+    model_type = config.model_type
+    model = load_pretrained(
+        "vision tower", name_or_path, _model_class(model_type).from_pretrained, revision=revision, dtype=dtype
+    )
+    processor = load_pretrained(
+        "image processor", name_or_path, transformers.AutoImageProcessor.from_pretrained, revision=revision
+    )
+    model = model.to(device)
+    vcfg = getattr(config, "vision_config", config)
+    size = int(getattr(vcfg, "image_size", 224))
+    probe = torch.zeros(1, 3, size, size)
+    hs = VisionEncoder(model, processor, None)(probe)  # type: ignore[arg-type]
+    _, n_hidden, n_tokens, hidden = hs.shape
+    patch = int(getattr(vcfg, "patch_size", 0) or 0)
+    side = size // patch if patch else int(round((n_tokens) ** 0.5))
+    has_cls = HAS_CLS.get(model_type, n_tokens == side * side + 1)
+    if n_tokens - int(has_cls) != side * side:
+        raise CheckpointError(
+            f"vision tower '{name_or_path}' returned {n_tokens} tokens, which is not a {side}x{side} patch grid"
+            f"{' plus CLS' if has_cls else ''}; layerfuse needs a square ViT patch grid"
+        )
+    proc = {k: v for k, v in processor.to_dict().items() if not k.startswith("_")}
+    info = EncoderInfo(
+        name=str(name_or_path),
+        revision=revision,
+        model_type=model_type,
+        config_hash=config_hash(config),
+        num_layers=n_hidden - 1,
+        num_tokens=n_tokens,
+        hidden_size=hidden,
+        has_cls=has_cls,
+        grid=(side, side),
+        processor=json.loads(json.dumps(proc, default=str)),
+    )
+    return VisionEncoder(model, processor, info)

@@ -1,0 +1,159 @@
+"""A trained run's model: what it is (`RunModel`), how it is stored, and how it is rebuilt.
+
+A run folder holds (see README "Phase two"):
+
+    config.json         RunModel: fuser + options, base LLM, how text was tokenised, how features were made
+    fuser.safetensors   every fuser parameter (projectors included)
+    llm/                the LLM and tokenizer (save_pretrained), when the run trained the LLM fully
+    adapter/            the LoRA adapter (peft), when the run trained LoRA
+    train/              training state, logs, checkpoints (pipeline/training/train.py)
+
+`load_run` rebuilds the VisionLanguageModel from the folder alone: no cache, no original data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from layerfuse.fusion import Fuser, LLMSpec, VisionLanguageModel, VisionSpec, build_fuser, fuser_config
+from layerfuse.pipeline.models.llm import LLMBundle, load_llm
+
+CONFIG = "config.json"
+FUSER_WEIGHTS = "fuser.safetensors"
+LLM_DIR = "llm"
+ADAPTER_DIR = "adapter"
+LLM_MODES = ("frozen", "full", "lora")
+
+
+@dataclass
+class RunModel:
+    """Everything needed to rebuild and use the model of a run."""
+
+    fuser: str
+    fuser_options: dict[str, Any]  # fields of the fuser's config dataclass (layers included)
+    llm: str  # the base LLM: hub id or folder (the embedded default is resolved to its folder)
+    vision: dict[str, Any]  # VisionSpec as a dict
+    image_token_id: int
+    template: str  # conversation template the run was trained with
+    max_length: int
+    stage: int
+    llm_mode: str  # frozen | full | lora: what the run did to the LLM
+    feature_dtype: str = "float32"  # the cache's stored dtype: live features are rounded to it, as in training
+    encoder: dict[str, Any] = field(default_factory=dict)  # {"path", "revision", "pad_to_square"}: live inference
+    text_model: dict[str, Any] = field(default_factory=dict)  # {"path", "suffixes"}: live instruction embeddings
+    cache: str = ""  # the cache the run was trained on
+
+    def vision_spec(self) -> VisionSpec:
+        v = dict(self.vision)
+        v["grid"] = tuple(v["grid"])
+        return VisionSpec(**v)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunModel":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def build_vlm(model: RunModel, bundle: LLMBundle) -> VisionLanguageModel:
+    """The fuser built from the registry for this LLM, on the LLM's device, attached to it."""
+    cfg = fuser_config(model.fuser, **model.fuser_options)
+    fuser = build_fuser(model.fuser, model.vision_spec(), LLMSpec.from_config(bundle.model.config), config=cfg)
+    fuser.to(next(bundle.model.parameters()).device)
+    return VisionLanguageModel(fuser, bundle.model, bundle.image_token_id)
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+def save_run_model(run_dir: str | Path, model: RunModel, vlm: VisionLanguageModel, bundle: LLMBundle,
+                   fuser_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config.json, fuser.safetensors and llm/ (full) or adapter/ (LoRA).
+
+    Every file is written under a temporary name and renamed, so a kill never leaves a torn model; config.json
+    comes last and marks the folder complete. `fuser_state` overrides the fuser's own state_dict (FSDP runs pass
+    the gathered full state)."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    model.fuser_options = vlm.fuser.config.options()
+    state = fuser_state if fuser_state is not None else vlm.fuser.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    tmp = run / (FUSER_WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"fuser": model.fuser})
+    tmp.replace(run / FUSER_WEIGHTS)
+    if model.llm_mode in ("full", "lora"):
+        target = run / (ADAPTER_DIR if model.llm_mode == "lora" else LLM_DIR)
+        staging = run / (target.name + ".tmp")
+        if staging.exists():
+            shutil.rmtree(staging)
+        vlm.llm.save_pretrained(staging)
+        bundle.tokenizer.save_pretrained(staging)
+        _replace_dir(staging, target)
+    tmp = run / (CONFIG + ".tmp")
+    tmp.write_text(json.dumps(asdict(model), indent=1, default=str))
+    tmp.replace(run / CONFIG)
+
+
+def read_run_model(run_dir: str | Path) -> RunModel:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"'{run_dir}' is not a finished layerfuse run: {CONFIG} is missing")
+    return RunModel.from_dict(json.loads(path.read_text()))
+
+
+def load_run_llm(run_dir: str | Path, model: RunModel, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 merge_adapter: bool = True) -> LLMBundle:
+    """The run's LLM: its trained copy (llm/), or the base LLM with its LoRA adapter (adapter/) merged in."""
+    run = Path(run_dir)
+    source = str(run / LLM_DIR) if (run / LLM_DIR).is_dir() else model.llm
+    bundle = load_llm(source, dtype=dtype, device=device)
+    if (run / ADAPTER_DIR).is_dir():
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(bundle.model, str(run / ADAPTER_DIR))
+        bundle.model = peft_model.merge_and_unload() if merge_adapter else peft_model
+    return bundle
+
+
+def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> tuple[VisionLanguageModel, LLMBundle, RunModel]:
+    """Rebuild a run's model (eval mode) from its folder."""
+    model = read_run_model(run_dir)
+    bundle = load_run_llm(run_dir, model, device=device, dtype=dtype)
+    vlm = build_vlm(model, bundle)
+    load_fuser_weights(vlm, Path(run_dir) / FUSER_WEIGHTS)
+    return vlm.eval(), bundle, model
+
+
+def load_run_fuser(run_dir: str | Path) -> tuple[Fuser, RunModel]:
+    """Only the trained fuser of a run (eval mode), built against the LLM's config: no LLM weights are loaded
+    (exporting the visual front end of a 7B model needs no 7B model in memory)."""
+    import transformers
+
+    from layerfuse.core.hub import load_pretrained
+
+    run = Path(run_dir)
+    model = read_run_model(run)
+    source = str(run / LLM_DIR) if (run / LLM_DIR).is_dir() else model.llm
+    config = load_pretrained("LLM config", source, transformers.AutoConfig.from_pretrained)
+    fuser = build_fuser(model.fuser, model.vision_spec(), LLMSpec.from_config(config), config=fuser_config(model.fuser, **model.fuser_options))
+    state = load_file(str(run / FUSER_WEIGHTS))
+    missing, unexpected = fuser.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{run / FUSER_WEIGHTS} does not fit fuser {fuser.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return fuser.eval(), model
+
+
+def load_fuser_weights(vlm: VisionLanguageModel, path: str | Path) -> None:
+    state = load_file(str(path))
+    missing, unexpected = vlm.fuser.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{path} does not fit fuser {vlm.fuser.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
