@@ -157,9 +157,10 @@ def extract(out: str | None, run_dir: str, suffixes: tuple[str, ...], quiet: boo
         click.echo(f"{res.url} is already complete ({res.summary.get('ok', 0)} images); nothing to do.")
         return
     s = res.summary
+    tower = "" if res.tower_seconds is None else f"tower ready in {res.tower_seconds:.1f} s; "
     click.echo(
         f"cache {res.url}: {s['ok']} images, {s['text_only']} text-only, {s['skipped']} skipped at decode, "
-        f"{s['plan_skipped']} malformed records, {s['notes']} repaired; {res.seconds:.1f}s"
+        f"{s['plan_skipped']} malformed records, {s['notes']} repaired; {tower}extracted in {res.seconds:.1f} s"
     )
     if s["skipped"] or s["plan_skipped"] or s["notes"]:
         from layerfuse.pipeline.cache.reader import FeatureCache

@@ -4,6 +4,7 @@ and a folder built with other settings refused instead of reused."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -131,6 +132,7 @@ def test_extract_builds_the_default_tower_and_refuses_other_settings(tmp_path):
     args = ["extract", "--run-dir", str(run), "--builtin", "6", "--seed", "2", "--workers", "0", "--quiet"]
     r = CliRunner().invoke(main, [*args, "--vision-pretrain-steps", "0"])
     assert r.exit_code == 0, r.output
+    assert re.search(r"; tower ready in \d+\.\d s; extracted in \d+\.\d s$", r.output.strip()), r.output  # timed apart
     meta = FeatureCache(run / "cache").meta
     assert meta["encoder"]["name"] == "default (tiny CLIP, random weights)"
     assert meta["config"]["vision"]["default"]["pretrain_steps"] == 0
