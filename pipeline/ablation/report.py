@@ -14,13 +14,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from layerfuse.core.atomic import write_json, write_text
 from layerfuse.pipeline.ablation.sweep import STUDY_LAYERS, Variant
 
 
@@ -306,12 +306,6 @@ class ReportFiles:
     plots: list[Path]
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(out: str | Path) -> ReportFiles:
     """Rebuild DIR/results.{md,csv,json} and DIR/plots/*.png from the sweep folder."""
     from layerfuse.pipeline.ablation.plots import draw_plots
@@ -319,7 +313,7 @@ def write_report(out: str | Path) -> ReportFiles:
     res = load_results(out)
     plots = draw_plots(res, res.out / "plots")
     md = res.out / "results.md"
-    _write_text(md, markdown(res, plots))
-    _write_text(res.out / "results.csv", results_csv(res))
-    _write_text(res.out / "results.json", json.dumps(results_json(res), indent=1))
+    write_text(md, markdown(res, plots))
+    write_text(res.out / "results.csv", results_csv(res))
+    write_json(res.out / "results.json", results_json(res), indent=1)
     return ReportFiles(md, res.out / "results.csv", res.out / "results.json", plots)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from layerfuse.core.atomic import write_json
 from layerfuse.fusion import LLMSpec, VisionSpec, parse_layers
 from layerfuse.pipeline.cache.reader import FeatureCache
 from layerfuse.core.distributed import DistContext
@@ -90,14 +91,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomically: a kill leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-    os.replace(tmp, path)
 
 
 def _json_default(x: Any) -> Any:
@@ -235,7 +228,7 @@ def run_ablation(spec: SweepSpec, opts: AblateOptions) -> AblateResult:
     except ValueError as e:
         raise AblateError(str(e)) from None
     variants = expand_sweep(spec, vision, _llm_spec(spec, out))
-    write_json(out / SWEEP_FILE, {
+    write_json(out / SWEEP_FILE, indent=1, default=_json_default, data={
         "settings_hash": spec.settings_hash(), "settings": spec.settings(), "spec": asdict(spec),
         "vision": asdict(vision), "variants": [v.to_json() for v in variants],
         "questions": {"categories": questions.categories, "answers": questions.answers, "majority": questions.majority,
@@ -298,7 +291,8 @@ class _Sweep:
         for i, group in enumerate(groups):
             members, timing, ev = self.train_group(group, i, len(groups))
             for v, m in zip(group, members):
-                write_json(variant_path(self.out, v), variant_record(v, m, timing, ev, group, i, self.spec, self.questions, self.vision))
+                write_json(variant_path(self.out, v), variant_record(v, m, timing, ev, group, i, self.spec, self.questions, self.vision),
+                           indent=1, default=_json_default)
             if self.opts.progress:
                 acc = {v.id: float(m.eval_outputs()[0].mean()) for v, m in zip(group, members)}
                 best = max(acc, key=acc.get)

@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from layerfuse.core.atomic import write_bytes
 from layerfuse.pipeline.cache.reader import (
     ATTRS_KEY,
     FORMAT,
@@ -41,14 +42,12 @@ TABLE_CHUNK = 16384
 
 
 def put_file(fs, path: str, data: bytes) -> None:
-    """Write a small object whole: on local disks via a temporary name and a rename (object stores PUT atomically)."""
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
+    """Write a small object whole: on local disks atomically (core/atomic.py), elsewhere by one PUT (object stores
+    replace objects atomically)."""
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        tmp = f"{path}.tmp"
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
+        write_bytes(path, data)
     else:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(path, data)
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from layerfuse.core.atomic import replacing
 from layerfuse.pipeline.models.encoder import ImagePreprocessor
 from layerfuse.core.schedule import warmup_cosine
 from layerfuse.pipeline.data.synthetic import COLOURS, IMAGE_SIZE, SHAPES, Scene, dense_scene, detail_mask, glyph_mask, render, shape_mask
@@ -189,9 +190,8 @@ def _evaluate(model: nn.Module, heads: PretrainHeads, pixels: torch.Tensor, t: S
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    part = path.with_name(path.name + ".part")
-    torch.save(state, part)
-    part.replace(path)  # atomic: a kill while saving keeps the previous state
+    with replacing(path) as tmp:  # a kill while saving keeps the previous state
+        torch.save(state, tmp)
 
 
 def _load_state(path: Path | None, cfg: DefaultVisionConfig) -> dict[str, Any] | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from layerfuse.core.atomic import fresh_temp_dir, publish_dir
 from layerfuse.pipeline.data import synthetic
 from layerfuse.core.hub import CheckpointError, load_pretrained
 from layerfuse.pipeline.data.conversation import IMAGE_TOKEN, V1_ROLES, V1_SEP, V1_SYSTEM
@@ -151,15 +151,14 @@ def build_default_llm(out_dir: str | Path, cfg: DefaultLLMConfig = DefaultLLMCon
     finally:
         torch.random.set_rng_state(gen_state)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_temp_dir(out)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     marker = {"note": "random weights", "kind": "llm", **asdict(cfg), "vocab_size": len(tokenizer),
               "num_parameters": sum(p.numel() for p in model.parameters())}
     (tmp / MARKER).write_text(json.dumps(marker, indent=1))
     try:
-        tmp.rename(out)
+        publish_dir(tmp, out)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _is_complete(out):  # someone else's directory appeared meanwhile, and it is not ours

@@ -14,7 +14,6 @@ A run folder holds (see README "Phase two"):
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from layerfuse.core.atomic import fresh_temp_dir, publish_dir, replacing, write_json
 from layerfuse.fusion import Fuser, LLMSpec, VisionLanguageModel, VisionSpec, build_fuser, fuser_config
 from layerfuse.pipeline.models.llm import LLMBundle, load_llm
 
@@ -69,12 +69,6 @@ def build_vlm(model: RunModel, bundle: LLMBundle) -> VisionLanguageModel:
     return VisionLanguageModel(fuser, bundle.model, bundle.image_token_id)
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-
-
 def save_run_model(run_dir: str | Path, model: RunModel, vlm: VisionLanguageModel, bundle: LLMBundle,
                    fuser_state: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json, fuser.safetensors and llm/ (full) or adapter/ (LoRA).
@@ -87,20 +81,15 @@ def save_run_model(run_dir: str | Path, model: RunModel, vlm: VisionLanguageMode
     model.fuser_options = vlm.fuser.config.options()
     state = fuser_state if fuser_state is not None else vlm.fuser.state_dict()
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    tmp = run / (FUSER_WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"fuser": model.fuser})
-    tmp.replace(run / FUSER_WEIGHTS)
+    with replacing(run / FUSER_WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"fuser": model.fuser})
     if model.llm_mode in ("full", "lora"):
         target = run / (ADAPTER_DIR if model.llm_mode == "lora" else LLM_DIR)
-        staging = run / (target.name + ".tmp")
-        if staging.exists():
-            shutil.rmtree(staging)
+        staging = fresh_temp_dir(target)
         vlm.llm.save_pretrained(staging)
         bundle.tokenizer.save_pretrained(staging)
-        _replace_dir(staging, target)
-    tmp = run / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(asdict(model), indent=1, default=str))
-    tmp.replace(run / CONFIG)
+        publish_dir(staging, target, replace=True)
+    write_json(run / CONFIG, asdict(model), indent=1, default=str)
 
 
 def read_run_model(run_dir: str | Path) -> RunModel:

@@ -9,15 +9,15 @@
         state.json              step (next step to run), samples seen, scheduler state, config hash, time
 
 State dicts come from `torch.distributed.checkpoint.state_dict` with full (gathered) tensors, so the same
-files serve single-process, DDP and FSDP runs. A checkpoint is written to `checkpoint.tmp/` and swapped in
-with renames; `checkpoint.old/` is only there for the moment of the swap and is used if a kill hit it.
+files serve single-process, DDP and FSDP runs. A checkpoint is written to `.checkpoint.tmp-run/` (every rank
+writes into it) and swapped in with renames (core/atomic.py); `checkpoint.old/` is only there for the moment of the
+swap and is used if a kill hit it.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from layerfuse.core.atomic import fresh_temp_dir, publish_dir, temp_path
+
 NAME = "checkpoint"
+STAGING_OWNER = "run"  # the staging folder is shared by all ranks of the run, so its name is not a process id
 
 
 @dataclass
@@ -97,10 +100,8 @@ def save_checkpoint(train_dir: Path, *, step: int, samples: int, scheduler: dict
                     trainable: dict[str, torch.Tensor] | None, optimizer: dict[str, Any] | None, rank: int, is_main: bool,
                     barrier) -> None:
     """Every rank calls this (its RNG goes in); rank 0 writes the weights and swaps the folder in."""
-    tmp = train_dir / f"{NAME}.tmp"
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    final = train_dir / NAME
+    tmp = fresh_temp_dir(final, owner=STAGING_OWNER) if is_main else temp_path(final, owner=STAGING_OWNER)
     barrier()
     rng_tensors, rng_plain = capture_rng()
     save_file(rng_tensors, str(tmp / f"rng-{rank}.safetensors"))
@@ -115,12 +116,7 @@ def save_checkpoint(train_dir: Path, *, step: int, samples: int, scheduler: dict
     if is_main:
         state = {"step": step, "samples": samples, "scheduler": scheduler, "config_hash": config_hash, "elapsed_s": elapsed_s}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        final, old = train_dir / NAME, train_dir / f"{NAME}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, final, replace=True, previous=train_dir / f"{NAME}.old")
     barrier()
 
 
