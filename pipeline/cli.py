@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from layerfuse.core import __version__
+from layerfuse.core.options import option_pair
 from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL
 
 
@@ -275,21 +276,15 @@ def fusers_cmd(spec: str | None, depth: int, cache_path: str | None, as_json: bo
 
 
 # --- phase two ------------------------------------------------------------------------------------------------------
-def _option_value(text: str) -> Any:
-    """A --fuser-opt value: JSON when it parses (numbers, true/false, lists), else the string itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def _fuser_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """--fuser-opt KEY=VALUE pairs as options (values as core/options.py reads them)."""
     out = {}
     for pair in pairs:
-        if "=" not in pair:
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--fuser-opt")
-        k, v = pair.split("=", 1)
-        out[k.strip().replace("-", "_")] = _option_value(v.strip())
+        try:
+            key, value = option_pair(pair)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--fuser-opt") from None
+        out[key] = value
     return out
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from layerfuse.core.options import option_pair
 from layerfuse.fusion import FuserBuildError, LLMSpec, VisionSpec, build_fuser, fuser_class, list_fusers
 
 
@@ -415,16 +416,16 @@ CLI_LM = {"llm": "llm", "stage": "stage", "llm_mode": "llm_mode", "template": "t
 
 
 def fuser_option(text: str) -> tuple[str, str, Any]:
-    """`igva.allocator_dim=256` -> ("igva", "allocator_dim", 256): JSON values where they parse, else the string."""
-    if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise SweepError(f"--fuser-opt: expected FUSER.KEY=VALUE (e.g. igva.allocator_dim=256), got {text!r}")
-    lhs, value = text.split("=", 1)
-    fuser, key = lhs.split(".", 1)
+    """`igva.allocator_dim=256` -> ("igva", "allocator_dim", 256): values as core/options.py reads them."""
+    malformed = SweepError(f"--fuser-opt: expected FUSER.KEY=VALUE (e.g. igva.allocator_dim=256), got {text!r}")
     try:
-        parsed: Any = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value
-    return fuser.strip(), key.strip().replace("-", "_"), parsed
+        lhs, value = option_pair(text)
+    except ValueError:
+        raise malformed from None
+    fuser, _, key = (part.strip() for part in lhs.partition("."))
+    if not fuser or not key:
+        raise malformed
+    return fuser, key, value
 
 
 def sweep_from_inputs(sweep_file: str | None, cli: dict[str, Any], fuser_opts: list[str], *, num_states: Any = None) -> SweepSpec:
