@@ -28,6 +28,7 @@ import torch
 from layerfuse.export.onnx import FrontEnd, export_onnx
 from layerfuse.fusion import LLMSpec, VisionSpec, build_fuser
 from layerfuse.core.benchmarks import command, machine, write_section
+from layerfuse.core.timing import time_once
 
 SECTION = "## ONNX export (bench/export.py)"
 TINY = VisionSpec(num_layers=24, hidden_size=64, grid=(8, 8), has_cls=True, text_dim=384)
@@ -88,9 +89,7 @@ def measure(case: Case, batches: list[int], repeats: int, workdir: Path) -> list
         row = Row(case, batch, [], [], export_s)
         for _ in range(repeats):
             for fn, times in ((eager, row.eager), (onnx, row.onnx)):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
+                times.append(time_once(fn))
         rows.append(row)
     return rows
 

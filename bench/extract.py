@@ -13,8 +13,9 @@ Measured in one run, on the built-in synthetic dataset, with the default extract
    contiguous block and for random rows: time ratio and ratio of feature-chunk bytes fetched from the store.
 3. On-disk bytes of the `features` array per sample vs raw fp16 (L+1)*T*D*2, for both caches.
 
-Timings use time.perf_counter after a warm-up; tiny-encoder timings are the median of 3 repeats, ViT-B ones of 2
-(forward-only and pipeline runs interleaved, so slow drift of a shared machine hits both alike).
+Timings use core/timing.py (time.perf_counter on the CPU) after a warm-up; tiny-encoder timings are the median of
+3 repeats, ViT-B ones of 2 (forward-only and pipeline runs interleaved, so slow drift of a shared machine hits both
+alike).
 
     python bench/extract.py --out BENCHMARKS.md [--quick]
 """
@@ -47,7 +48,8 @@ from layerfuse.pipeline.cache.extract import ExtractConfig, run_extract, storage
 from layerfuse.pipeline.data.sources import load_image  # noqa: E402
 from layerfuse.pipeline.data.synthetic import synthetic_plan  # noqa: E402
 from layerfuse.pipeline.models.text import InstructionEmbedder  # noqa: E402
-from layerfuse.core.benchmarks import command, machine, median_time, write_section  # noqa: E402
+from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
+from layerfuse.core.timing import median_time  # noqa: E402
 
 SECTION = "## Extraction (`bench/extract.py`)"
 LAYERS = [3, 18, 23]

@@ -14,13 +14,13 @@ import argparse
 import datetime
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from layerfuse.fusion.msda import ms_deform_attn
 from layerfuse.core.benchmarks import command, machine, write_section
+from layerfuse.core.timing import time_once
 
 SECTION = "## MSDeformAttn (`bench/msda.py`)"
 IMPLS = ("grid_sample", "gather")
@@ -36,22 +36,18 @@ def make_inputs(b: int, q: int, h: int, dh: int, levels: int, side: int, points:
     return value, shapes, starts, loc, attn
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def time_impl(impl: str, inputs, backward: bool, device: str) -> float:
+    """Seconds of one forward (or forward + backward) of `impl`."""
     value, shapes, starts, loc, attn = inputs
     if backward:
         value, loc, attn = (t.detach().requires_grad_(True) for t in (value, loc, attn))
-    sync(device)
-    t = time.perf_counter()
-    out = ms_deform_attn(value, shapes, starts, loc, attn, impl=impl)
-    if backward:
-        out.sum().backward()
-    sync(device)
-    return time.perf_counter() - t
+
+    def call() -> None:
+        out = ms_deform_attn(value, shapes, starts, loc, attn, impl=impl)
+        if backward:
+            out.sum().backward()
+
+    return time_once(call, device)
 
 
 def measure(inputs, repeats: int, device: str) -> dict[tuple[str, bool], list[float]]:

@@ -1,4 +1,5 @@
-"""BENCHMARKS.md and what every benchmark shares: its header and sections, the machine and command lines, timing.
+"""BENCHMARKS.md and what every benchmark shares: its header and sections, the machine and command lines
+(timing is core/timing.py).
 
 Used by the repo's bench/ scripts and by the installed `layerfuse.plugins_trt.gpu_check`, so both write the file
 the same way: each script owns one `## ` section and replaces only that.
@@ -10,11 +11,8 @@ import contextlib
 import os
 import re
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -33,15 +31,6 @@ def command() -> str:
     """The command line that ran this script, with the interpreter path relative when it is inside the repo."""
     exe = os.path.relpath(sys.executable)
     return shlex.join([exe if not exe.startswith("..") else "python", *sys.argv])
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def write_section(path: Path, title: str, section: str) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 import torch
 
+from layerfuse.core.timing import median_time
 from layerfuse.fusion.base import Fuser
 from layerfuse.plugins_trt.info import ONNX_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
@@ -351,8 +352,6 @@ def bench_engine(
     plugin_library: str | Path | None = None,
 ) -> list[EngineTiming]:
     """Median latency of the engine vs PyTorch eager on the same GPU, per batch size (CUDA events)."""
-    from layerfuse.plugins_trt.gpu_check import time_ms
-
     precision = _engine_precision(plan)
     runner = EngineRunner(plan, plugin_library)
     front = FrontEnd(fuser, encoder).eval().cuda()
@@ -367,5 +366,7 @@ def bench_engine(
             with torch.no_grad(), torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 front(*inputs)
 
-        rows.append(EngineTiming(batch, time_ms(lambda: runner(feeds), "cuda", repeats, warmup), time_ms(eager, "cuda", repeats, warmup)))
+        tensorrt_ms = 1e3 * median_time(lambda: runner(feeds), repeats, device="cuda", warmup=warmup)
+        torch_ms = 1e3 * median_time(eager, repeats, device="cuda", warmup=warmup)
+        rows.append(EngineTiming(batch, tensorrt_ms, torch_ms))
     return rows

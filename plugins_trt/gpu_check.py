@@ -27,10 +27,7 @@ import math
 import os
 import platform
 import shlex
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +35,7 @@ import torch
 
 from layerfuse.fusion.msda import ms_deform_attn, ms_deform_attn_grid_sample
 from layerfuse.core.benchmarks import write_section
+from layerfuse.core.timing import median_time
 
 from . import kernel
 
@@ -238,24 +236,7 @@ def check_auto_dispatch(device: str) -> bool:
 # ---- timing -------------------------------------------------------------------------------------------------------
 
 
-def time_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 3) -> float:
-    """Median wall time of fn() in ms: CUDA events on the GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+WARMUP = 3  # untimed calls before each timing (core/timing.py times them)
 
 
 def peak_bandwidth(device: str) -> tuple[float, str]:
@@ -313,13 +294,14 @@ def _time_impl(impl: str, inputs, backward: bool, device: str, repeats: int) -> 
     value, shapes, starts, loc, attn = inputs
     if backward:
         v, l, a = (t.detach().clone().requires_grad_(True) for t in (value, loc, attn))
-        return time_ms(lambda: ms_deform_attn(v, shapes, starts, l, a, impl=impl).sum().backward(), device, repeats)
+        return 1e3 * median_time(lambda: ms_deform_attn(v, shapes, starts, l, a, impl=impl).sum().backward(), repeats,
+                                 device=device, warmup=WARMUP)
 
     def forward() -> None:
         with torch.no_grad():
             ms_deform_attn(value, shapes, starts, loc, attn, impl=impl)
 
-    return time_ms(forward, device, repeats)
+    return 1e3 * median_time(forward, repeats, device=device, warmup=WARMUP)
 
 
 def _time_launcher(case: Case, inputs, device: str, repeats: int) -> float:
@@ -328,7 +310,7 @@ def _time_launcher(case: Case, inputs, device: str, repeats: int) -> float:
     lib = kernel.bound_library(device)
     out = torch.empty(case.b, case.q, case.h * case.dh, dtype=case.dtype, device=device)
     stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
-    return time_ms(lambda: lib.forward(value, shapes, starts, loc, attn, out, stream), device, repeats)
+    return 1e3 * median_time(lambda: lib.forward(value, shapes, starts, loc, attn, out, stream), repeats, device=device, warmup=WARMUP)
 
 
 def run_timings(quick: bool, device: str, repeats: int) -> list[Timing]:
