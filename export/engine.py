@@ -25,21 +25,24 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import onnx
 import torch
 
+from layerfuse.core.config import check_choice
+from layerfuse.core.errors import ConfigError, MissingError, ToolchainError
 from layerfuse.core.timing import median_time
 from layerfuse.fusion.base import Fuser
+from layerfuse.plugins_trt.build import DEFAULT_BUILD_DIR
 from layerfuse.plugins_trt.info import ONNX_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
+from .frontend import FrontEnd
 from .msda_onnx import msda_nodes
-from .onnx import FrontEnd
-from .verify import VerifyReport
+from .verify import VerifyReport, run_onnx
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+Precision = Literal["fp32", "fp16", "bf16"]  # an engine's builder precision
 ATOL = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 5e-2}  # x max(1, max |eager|), per output
 INSTALL_HINT = (
     "install NVIDIA TensorRT >= 10.8 for this machine's CUDA: `pip install 'layerfuse[tensorrt]'` (pulls NVIDIA's "
@@ -48,11 +51,11 @@ INSTALL_HINT = (
 )
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(ToolchainError):
     """TensorRT (or a GPU) is not available here."""
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(ToolchainError):
     """TensorRT could not parse or build the network."""
 
 
@@ -77,7 +80,7 @@ class BatchProfile:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min <= self.opt <= self.max:
-            raise ValueError(f"batch profile needs 1 <= min <= opt <= max, got min={self.min} opt={self.opt} max={self.max}")
+            raise ConfigError(f"batch profile needs 1 <= min <= opt <= max, got min={self.min} opt={self.opt} max={self.max}")
 
 
 @dataclass
@@ -86,7 +89,7 @@ class EngineInfo:
 
     plan: str
     onnx: str
-    precision: str
+    precision: Precision
     batch: BatchProfile
     plugin_library: str | None
     msda_nodes: int
@@ -112,19 +115,18 @@ def _graph_inputs(model: onnx.ModelProto) -> dict[str, list[int]]:
     return shapes
 
 
-def _check_build_args(onnx_path: Path, precision: str, plugin_library: Path | None) -> onnx.ModelProto:
+def _check_build_args(onnx_path: Path, precision: Precision, plugin_library: Path | None) -> onnx.ModelProto:
     """Everything that can be refused before TensorRT is touched; returns the ONNX header (no weights)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    check_choice(precision, Precision, "precision")
     if not onnx_path.is_file():
-        raise FileNotFoundError(f"ONNX file {onnx_path} does not exist; export one first (layerfuse export onnx)")
+        raise MissingError(f"ONNX file {onnx_path} does not exist; export one first (layerfuse export onnx)")
     if plugin_library is not None and not plugin_library.is_file():
-        raise FileNotFoundError(f"plugin library {plugin_library} does not exist; build it with `make kernel`")
+        raise MissingError(f"plugin library {plugin_library} does not exist; build it with `make kernel`")
     header = onnx.load(str(onnx_path), load_external_data=False)
     nodes = msda_nodes(header)
     has_function = any(f.domain == ONNX_DOMAIN and f.name == PLUGIN_NAME for f in header.functions)
     if nodes and not has_function and plugin_library is None:
-        raise ValueError(
+        raise ConfigError(
             f"{onnx_path} has {len(nodes)} custom {ONNX_DOMAIN}::{PLUGIN_NAME} node(s) without a fallback body "
             "(--msda custom): pass plugin_library (the MSDeformAttn plugin, `make kernel`), or export with "
             "--msda hybrid / gather"
@@ -134,8 +136,6 @@ def _check_build_args(onnx_path: Path, precision: str, plugin_library: Path | No
 
 def default_plugin_library() -> Path | None:
     """`plugins_trt/build/libmsda_plugin.so` (what `make kernel` builds when TensorRT headers are found), if built."""
-    from layerfuse.plugins_trt.build import DEFAULT_BUILD_DIR
-
     path = DEFAULT_BUILD_DIR / "libmsda_plugin.so"
     return path if path.is_file() else None
 
@@ -162,7 +162,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 def build_engine(
     onnx_path: str | Path,
     out_plan: str | Path,
-    precision: str = "fp32",
+    precision: Precision = "fp32",
     plugin_library: str | Path | None = None,
     *,
     batch: BatchProfile = BatchProfile(),
@@ -322,8 +322,6 @@ def compare_engine(
         got = runner({n: x.cuda() for n, x in zip(sig.inputs, inputs)})
         report.compare(f"tensorrt-{precision}", batch, sig.outputs, [got[n].float().cpu().numpy() for n in sig.outputs], expected, atol)
         if onnx_path is not None:
-            from .verify import run_onnx
-
             ort_out = run_onnx(onnx_path, {n: x.numpy() for n, x in zip(sig.inputs, inputs)}, "onnxruntime-cpu")
             report.compare(f"tensorrt-{precision}-vs-onnxruntime", batch, sig.outputs,
                            [got[n].float().cpu().numpy() for n in sig.outputs], ort_out, atol)

@@ -26,7 +26,7 @@ The three modes are then packagings of that one graph:
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Literal
 
 import onnx
 import onnx.inliner
@@ -36,10 +36,11 @@ from onnxscript import opset18 as op
 from onnxscript.values import Opset
 from torch import nn
 
+from layerfuse.core.config import check_choice
 from layerfuse.fusion.msda import MSDeformAttn, ms_deform_attn_gather, register_impl, unregister_impl
 from layerfuse.plugins_trt.info import ONNX_DOMAIN, ONNX_DOMAIN_VERSION, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
-MODES = ("gather", "custom", "hybrid")
+MsdaMode = Literal["gather", "custom", "hybrid"]  # how MSDeformAttn is written (module docstring)
 FUNCTION_OPSET = 18  # opset of the standard ops inside the gather function
 EXPORT_IMPL = "onnx_export"  # the `impl` name MSDeformAttn modules are switched to while exporting
 INPUT_NAMES = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
@@ -249,10 +250,9 @@ def msda_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.domain == ONNX_DOMAIN and n.op_type == PLUGIN_NAME]
 
 
-def package(model: onnx.ModelProto, mode: str) -> onnx.ModelProto:
+def package(model: onnx.ModelProto, mode: MsdaMode) -> onnx.ModelProto:
     """Turn an export with custom nodes into `mode` (see module docstring); returns a new model."""
-    if mode not in MODES:
-        raise ValueError(f"unknown MSDeformAttn export mode {mode!r}; use one of {', '.join(MODES)}")
+    check_choice(mode, MsdaMode, "MSDeformAttn export mode")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if mode == "custom" or not msda_nodes(out):

@@ -27,119 +27,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import onnx
 import torch
-from torch import nn
 
+from layerfuse.core.config import check_choice
 from layerfuse.fusion.base import Fuser
 from layerfuse.plugins_trt.info import ONNX_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
-from .msda_onnx import MODES, msda_as_export_op, msda_nodes, package, translation_table
+from .frontend import FrontEnd, OnnxExportError, eval_mode
+from .msda_onnx import MsdaMode, msda_as_export_op, msda_nodes, package, register_onnx_schema, translation_table
+from .verify import verify_onnx
 
 DEFAULT_OPSET = 18  # LayerNormalization needs >= 17; TensorRT 10 parses up to opset 20+
 EXAMPLE_BATCH = 2  # traced batch size (not 1: torch.export specialises size-1 dims)
 MAX_BATCH = 4096
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to a side file `<name>.data` (protobuf's 2 GiB limit)
-
-
-class OnnxExportError(ValueError):
-    """The fuser (or fuser + encoder) cannot be exported as asked."""
-
-
-@dataclass(frozen=True)
-class FrontEndSignature:
-    """Names and example shapes of the exported graph's inputs and outputs."""
-
-    inputs: tuple[str, ...]  # "layers" | "pixel_values", then "text" when the fuser needs it
-    outputs: tuple[str, ...]  # "tokens", then "weights" and/or "internal_<k>_llm_layer_<m>"
-    input_shapes: tuple[tuple[int, ...], ...]  # for batch 1; dim 0 is the dynamic batch
-
-
-class FrontEnd(nn.Module):
-    """fuser (+ encoder) as one module with tensor outputs in `signature.outputs` order.
-
-    forward(x [B, k, T, D] or pixel_values [B, 3, H, W], text [B, d_s] | None) -> tuple of [B, ...] tensors
-    """
-
-    def __init__(self, fuser: Fuser, encoder: Any | None = None):
-        super().__init__()
-        self.fuser = fuser
-        self.encoder = encoder.model if encoder is not None else None
-        if encoder is not None:
-            check_encoder_matches(fuser, encoder)
-        self.signature = self._signature()
-
-    def hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, 3, H, W] -> the fuser's layers [B, k, T, D]."""
-        hs = self.encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states  # L+1 x [B, T, D]
-        return torch.stack([hs[i] for i in self.fuser.required_layers], dim=1)
-
-    def forward(self, x: torch.Tensor, text: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        layers = self.hidden_states(x) if self.encoder is not None else x
-        out = self.fuser(layers, text)
-        extra = [] if out.weights is None else [out.weights]
-        return (out.tokens, *extra, *(out.internal[k] for k in sorted(out.internal)))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.fuser.parameters()).device
-
-    def example_inputs(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        """Random CPU inputs of this signature (normal noise) for `batch` samples."""
-        g = torch.Generator().manual_seed(seed)
-        return tuple(torch.randn(batch, *shape[1:], generator=g) for shape in self.signature.input_shapes)
-
-    def _signature(self) -> FrontEndSignature:
-        f, v = self.fuser, self.fuser.vision
-        if self.encoder is not None:
-            size = _encoder_image_size(self.encoder)
-            names, shapes = ["pixel_values"], [(1, 3, size, size)]
-        else:
-            names, shapes = ["layers"], [(1, len(f.required_layers), v.num_tokens, v.hidden_size)]
-        if f.needs_text:
-            names.append("text")
-            shapes.append((1, v.text_dim))
-        device = self.device
-        layers = torch.zeros(1, len(f.required_layers), v.num_tokens, v.hidden_size, device=device)
-        text = torch.zeros(1, v.text_dim, device=device) if f.needs_text else None
-        with torch.no_grad(), _eval(f):
-            out = f(layers, text)
-        outputs = ["tokens"] + (["weights"] if out.weights is not None else [])
-        llm_layer_of = getattr(f, "llm_layer_of", None)
-        for k in sorted(out.internal):
-            outputs.append(f"internal_{k}_llm_layer_{llm_layer_of[k]}" if llm_layer_of else f"internal_{k}")
-        return FrontEndSignature(tuple(names), tuple(outputs), tuple(shapes))
-
-
-def check_encoder_matches(fuser: Fuser, encoder: Any) -> None:
-    """The encoder (a `VisionEncoder`) must produce the features the fuser was built for."""
-    info, v = encoder.info, fuser.vision
-    got = (info.num_layers, info.hidden_size, tuple(info.grid), info.has_cls)
-    want = (v.num_layers, v.hidden_size, tuple(v.grid), v.has_cls)
-    if got != want:
-        raise OnnxExportError(
-            f"encoder '{info.name}' gives (layers, hidden, grid, CLS) = {got} but the {fuser.name} fuser was built "
-            f"for {want}; export with the encoder the features were extracted with"
-        )
-
-
-def _encoder_image_size(model: nn.Module) -> int:
-    cfg = getattr(model.config, "vision_config", model.config)
-    return int(cfg.image_size)
-
-
-@contextlib.contextmanager
-def _eval(module: nn.Module):
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 @contextlib.contextmanager
@@ -164,7 +69,7 @@ def export_onnx(
     fuser: Fuser,
     out_path: str | Path,
     *,
-    msda: str = "gather",
+    msda: MsdaMode = "gather",
     encoder: Any | None = None,
     opset: int = DEFAULT_OPSET,
     check_batch_sizes: Sequence[int] = (),
@@ -175,8 +80,7 @@ def export_onnx(
     `onnx.checker` (full_check) and strict shape inference. `check_batch_sizes`, when given, also runs
     `layerfuse.export.verify.verify_onnx` on it and raises if an output is off by more than its tolerance.
     """
-    if msda not in MODES:
-        raise OnnxExportError(f"unknown --msda mode {msda!r}; use one of {', '.join(MODES)}")
+    check_choice(msda, MsdaMode, "--msda", OnnxExportError)
     if opset < 17:
         raise OnnxExportError(f"opset {opset} is too old: LayerNormalization (used by the fusers) needs opset >= 17")
     wrong = sorted({str(p.dtype) for p in fuser.parameters() if p.dtype != torch.float32})
@@ -188,7 +92,7 @@ def export_onnx(
     sig = front.signature
     args = tuple(x.to(front.device) for x in front.example_inputs(EXAMPLE_BATCH))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    with _eval(front), torch.no_grad(), msda_as_export_op(front), _quiet_exporter():
+    with eval_mode(front), torch.no_grad(), msda_as_export_op(front), _quiet_exporter():
         program = torch.onnx.export(
             front, args, dynamo=True, opset_version=opset,
             input_names=list(sig.inputs), output_names=list(sig.outputs),
@@ -200,8 +104,6 @@ def export_onnx(
     _save(model, out_path)
     check_onnx(out_path)
     if check_batch_sizes:
-        from .verify import verify_onnx
-
         verify_onnx(out_path, fuser, encoder=encoder, batch_sizes=check_batch_sizes).raise_on_failure()
     return out_path
 
@@ -241,8 +143,6 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
 
 def check_onnx(path: str | Path) -> None:
     """`onnx.checker` with full_check and strict, type-checked shape inference; raises on any problem."""
-    from .msda_onnx import register_onnx_schema
-
     register_onnx_schema()  # custom / hybrid nodes are validated against the op's schema
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path), load_external_data=False)  # shapes need no weights

@@ -14,21 +14,24 @@ regulariser adds -lambda * mean_b H(w_b) to the loss (entropy of the softmaxed w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
+
+from layerfuse.core.config import check_choice
 
 from .base import Fuser, FuserBuildError, FuserConfig, FuserOutput, LLMSpec, VisionSpec
 from .projector import Projector
 from .registry import register_fuser
 
-MODES = ("uniform", "allocator")
+IGVAMode = Literal["uniform", "allocator"]  # uniform: the plain group average (stage 1); allocator: text-conditioned weights
 
 
 @dataclass
 class IGVAConfig(FuserConfig):
     layers: str = "igva"
-    mode: str = "allocator"  # "uniform" for stage 1
+    mode: IGVAMode = "allocator"  # "uniform" for stage 1
     allocator_dim: int = 1024  # A
     allocator_blocks: int = 4
     allocator_heads: int = 4
@@ -84,8 +87,7 @@ class IGVAFuser(Fuser):
 
     def __init__(self, config: IGVAConfig, vision: VisionSpec, llm: LLMSpec):
         super().__init__(config, vision, llm)
-        if config.mode not in MODES:
-            raise FuserBuildError(f"igva mode must be one of {MODES}, got {config.mode!r}")
+        check_choice(config.mode, IGVAMode, "igva mode", FuserBuildError)
         self.groups = len(self.selection.extra)
         if self.groups < 2:
             raise FuserBuildError(f"igva weighs at least 2 layer groups; {self.selection.describe()} has {self.groups}")
@@ -100,10 +102,9 @@ class IGVAFuser(Fuser):
         self.projector = Projector(2 * vision.hidden_size, llm.hidden_size, config.projector_depth)
         self.set_mode(config.mode)
 
-    def set_mode(self, mode: str) -> None:
+    def set_mode(self, mode: IGVAMode) -> None:
         """Switch uniform (stage 1, allocator frozen and unused) <-> allocator (stage 2)."""
-        if mode not in MODES:
-            raise FuserBuildError(f"igva mode must be one of {MODES}, got {mode!r}")
+        check_choice(mode, IGVAMode, "igva mode", FuserBuildError)
         self.config.mode = mode
         self.allocator.requires_grad_(mode == "allocator")
 

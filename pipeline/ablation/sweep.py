@@ -17,8 +17,6 @@ reused when its stored key equals the key the current spec gives it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -27,15 +25,18 @@ from typing import Any
 
 import torch
 
+from layerfuse.core.errors import ConfigError
+from layerfuse.core.fingerprint import FINGERPRINT, fingerprint, fingerprinted, fingerprinted_when
 from layerfuse.core.options import option_pair
 from layerfuse.fusion import FuserBuildError, LLMSpec, VisionSpec, build_fuser, fuser_class, list_fusers
 
 
 MODES = ("probe", "lm")
 STUDY_SWEEP, STUDY_LAYERS = "sweep", "layers"
+VARIANT_LIST = {FINGERPRINT: False}  # field metadata: a list of variants, not a setting every variant shares
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
     """A sweep spec that cannot be run as written (clear message, no traceback in the CLI)."""
 
 
@@ -76,11 +77,11 @@ class SweepSpec:
     """One sweep. Variant lists: fusers x layers x seeds (+ probe_layers); the rest is the shared budget."""
 
     cache: str
-    fusers: list[str] = field(default_factory=list)
-    layers: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0])
-    fuser_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # fuser name -> options of its config
-    probe_layers: list[int] | None = None  # hidden-state indices for the single-layer study (None: no study)
+    fusers: list[str] = field(default_factory=list, metadata=VARIANT_LIST)
+    layers: list[str] = field(default_factory=list, metadata=VARIANT_LIST)
+    seeds: list[int] = field(default_factory=lambda: [0], metadata=VARIANT_LIST)
+    fuser_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=VARIANT_LIST)  # fuser -> options of its config
+    probe_layers: list[int] | None = field(default=None, metadata=VARIANT_LIST)  # hidden states of the single-layer study
     mode: str = "probe"
     epochs: float = 5.0
     steps: int | None = None  # overrides epochs
@@ -92,21 +93,19 @@ class SweepSpec:
     eval_split: str = "val"
     eval_limit: int | None = None  # at most this many evaluation samples (storage order)
     buffer_rows: int = 1024  # shuffle buffer (whole batches)
-    probe: ProbeSettings = field(default_factory=ProbeSettings)
-    lm: LMSettings = field(default_factory=LMSettings)
+    probe: ProbeSettings = fingerprinted_when(lambda s: s.mode == "probe", default_factory=ProbeSettings)  # probe mode's budget
+    lm: LMSettings = fingerprinted_when(lambda s: s.mode == "lm", default_factory=LMSettings)  # lm mode's budget
 
     # -- what a variant's result depends on ----------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        """Everything but the variant lists: two sweeps with equal settings train a shared variant identically."""
-        d = asdict(self)
-        for k in ("fusers", "layers", "seeds", "fuser_options", "probe_layers"):
-            d.pop(k)
-        d.pop("lm" if self.mode == "probe" else "probe")
+        """The fingerprinted fields (all but the variant lists and the other mode's budget), the cache as an absolute
+        path: two sweeps with equal settings train a shared variant identically."""
+        d = fingerprinted(self)
         d["cache"] = str(Path(self.cache).resolve()) if Path(self.cache).exists() else self.cache
         return d
 
     def settings_hash(self) -> str:
-        return _hash(self.settings())
+        return fingerprint(self.settings())
 
     def check(self) -> SweepSpec:
         if self.mode not in MODES:
@@ -136,10 +135,6 @@ class SweepSpec:
         if self.lm.stage not in (1, 2):
             raise SweepError(f"lm.stage must be 1 or 2, got {self.lm.stage}")
         return self
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # -- parsing ----------------------------------------------------------------------------------------------------------
@@ -375,7 +370,7 @@ def expand_sweep(spec: SweepSpec, vision: VisionSpec, llm: LLMSpec) -> list[Vari
         checked = check_variant(template, spec.mode, vision, llm)
         for seed in spec.seeds:
             v = dataclasses.replace(checked, seed=seed, options=dict(checked.options), required_layers=list(checked.required_layers))
-            v.key = _hash({"settings": settings, "fuser": fuser, "layers": layers, "options": v.options, "seed": seed})
+            v.key = fingerprint({"settings": settings, "fuser": fuser, "layers": layers, "options": v.options, "seed": seed})
             out.append(v)
     return out
 

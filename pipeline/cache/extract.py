@@ -9,43 +9,49 @@ and batches never straddle shards, so the cache is bit-for-bit the one a single 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from layerfuse.core.config import check_choices
+from layerfuse.core.errors import StateError
+from layerfuse.core.fingerprint import fingerprint, runtime
 from layerfuse.core import __version__
+from layerfuse.core.dtypes import StorageDtype
 from layerfuse.pipeline.cache.reader import ATTRS_KEY, OK, SKIPPED, TEXT_ONLY, from_torch, open_group
 from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult, compressor_name
 from layerfuse.core.distributed import DistContext
 from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_default_vision, describe
 from layerfuse.pipeline.models.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, load_vision_encoder
+from layerfuse.pipeline.data import sources
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
+from layerfuse.pipeline.data.synthetic import synthetic_plan
 from layerfuse.core.workers import worker_init_fn
 from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL, InstructionEmbedder, max_human_turns
 
-DTYPES = ("float16", "bfloat16", "float32")
+BUILTIN_SAMPLES = 2000  # the built-in source's size when no source is given
+ComputeDtype = Literal["auto", "float32", "float16", "bfloat16"]  # the encoder's; auto: bf16 on CUDA, fp32 on CPU
 
 
-class ExtractError(RuntimeError):
+class ExtractError(StateError):
     """Extraction cannot proceed (bad arguments, a config clash with an existing cache, --strict failure)."""
 
 
 @dataclass
 class ExtractConfig:
-    """Everything `layerfuse extract` takes. Fields above `batch_size` define the cache (and its hash)."""
+    """Everything `layerfuse extract` takes. The fingerprinted fields (all but the `runtime` ones) define the cache:
+    `_config_record` derives the cache's config record, whose fingerprint is the cache's, from them alone."""
 
-    out: str = "runs/default/cache"
+    out: str = runtime(default="runs/default/cache")
     llava: str | None = None  # LLaVA JSON/JSONL path or URL
     image_root: str | None = None  # defaults to the JSON's folder
     wds: str | None = None  # WebDataset shards: paths, globs, brace patterns, URLs (comma-separated)
@@ -64,17 +70,17 @@ class ExtractConfig:
     chunk_kib: int = 256
     clevel: int = 3
     max_pixels: int = 89_478_485
+    run_dir: str = "runs/default"  # the default tower is built in RUN_DIR/vision: that path is in the cache record
     # runtime only: does not change the cache
-    run_dir: str = "runs/default"
-    batch_size: int = 32
-    workers: int = 2
-    device: str = "auto"
-    compute_dtype: str = "auto"
-    text_batch_size: int = 128
-    strict: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = runtime(default=32)
+    workers: int = runtime(default=2)
+    device: str = runtime(default="auto")
+    compute_dtype: ComputeDtype = runtime(default="auto")
+    text_batch_size: int = runtime(default=128)
+    strict: bool = runtime(default=False)
+    overwrite: bool = runtime(default=False)
+    progress: bool = runtime(default=True)
+    storage_options: dict[str, Any] = runtime(default_factory=dict)
 
     def source_spec(self) -> dict[str, Any]:
         given = [k for k in ("llava", "wds", "builtin") if getattr(self, k) is not None]
@@ -84,7 +90,7 @@ class ExtractConfig:
             return {"kind": "llava", "json": self.llava, "image_root": self.image_root or os.path.dirname(self.llava) or ".", "split": self.split}
         if self.wds is not None:
             return {"kind": "webdataset", "shards": self.wds, "split": self.split}
-        return {"kind": "synthetic", "n": 2000 if self.builtin is None else self.builtin, "seed": self.seed}
+        return {"kind": "synthetic", "n": BUILTIN_SAMPLES if self.builtin is None else self.builtin, "seed": self.seed}
 
     def default_vision(self) -> DefaultVisionConfig | None:
         """The embedded tower's settings when `vision` is the default, else None."""
@@ -92,6 +98,10 @@ class ExtractConfig:
             return None
         base = DefaultVisionConfig()
         return base if self.vision_pretrain_steps is None else replace(base, pretrain_steps=self.vision_pretrain_steps)
+
+    def vision_path(self) -> str:
+        """Where the tower is loaded from: RUN_DIR/vision for the embedded default, else `vision` (id or folder)."""
+        return self.vision if self.default_vision() is None else str(Path(self.run_dir) / "vision")
 
 
 @dataclass
@@ -108,14 +118,10 @@ class ExtractResult:
 
 def plan_source(spec: dict[str, Any]) -> Plan:
     """Turn a source spec into records (no image is decoded here)."""
-    from layerfuse.pipeline.data import sources
-
     if spec["kind"] == "llava":
         return sources.plan_llava(spec["json"], spec["image_root"], split=spec["split"])
     if spec["kind"] == "webdataset":
         return sources.plan_webdataset(spec["shards"], split=spec["split"])
-    from layerfuse.pipeline.data.synthetic import synthetic_plan
-
     return synthetic_plan(spec["n"], spec["seed"])
 
 
@@ -130,15 +136,13 @@ class _ImageDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from layerfuse.pipeline.data.sources import load_image
-
         row = self.rows[i]
         rec = self.records[row]
         item: dict[str, Any] = {"row": row, "pixels": None, "size": (-1, -1), "error": None}
         if not rec.has_image:
             return item
         try:
-            img = load_image(rec, max_pixels=self.max_pixels)
+            img = sources.load_image(rec, max_pixels=self.max_pixels)
             item["size"] = img.size
             item["pixels"] = self.pre(img)
         except SampleError as e:
@@ -232,10 +236,6 @@ def _config_record(cfg: ExtractConfig, enc: VisionEncoder, vision_path: str, sha
     }
 
 
-def _hash(d: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def storage_layout(cfg: ExtractConfig, enc: VisionEncoder) -> tuple[int, int]:
     """(shard_samples, chunk_samples) for this encoder and dtype.
 
@@ -243,7 +243,7 @@ def storage_layout(cfg: ExtractConfig, enc: VisionEncoder) -> tuple[int, int]:
     encoders, whose single-layer slices are already ~1 MiB; more for tiny ones, where per-chunk overhead
     would dominate). A shard is [S, L+1, T, D] with S a multiple of c, about `shard_mib` uncompressed.
     """
-    layer_bytes = enc.info.num_tokens * enc.info.hidden_size * (4 if cfg.dtype == "float32" else 2)
+    layer_bytes = enc.info.num_tokens * enc.info.hidden_size * StorageDtype(cfg.dtype).itemsize
     shard = int(cfg.shard_samples or max(1, min(256, (cfg.shard_mib << 20) // (layer_bytes * (enc.info.num_layers + 1)))))
     want = max(1, min(shard, -(-(cfg.chunk_kib << 10) // layer_bytes)))
     chunk = max(d for d in range(1, want + 1) if shard % d == 0)
@@ -266,13 +266,16 @@ def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    return StorageDtype(name).torch_dtype
 
 
 def run_extract(cfg: ExtractConfig) -> ExtractResult:
     """Extract (or resume extracting) a cache. Safe to kill at any moment and run again."""
-    if cfg.dtype not in DTYPES:
-        raise ExtractError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
+    try:
+        StorageDtype.parse(cfg.dtype, "--dtype")
+    except ValueError as e:
+        raise ExtractError(str(e)) from None
+    check_choices(cfg, name=lambda path: "--" + path.replace("_", "-"), error=ExtractError)
     spec = cfg.source_spec()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork DataLoader workers after loading a tokenizer
     ctx = DistContext.from_env()
@@ -285,11 +288,10 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
 def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractResult:
     t0 = time.perf_counter()
     device = ctx.device(cfg.device)
-    vision_path = cfg.vision
+    vision_path = cfg.vision_path()
     default_vision = cfg.default_vision()
     tower_seconds = None
     if default_vision is not None:
-        vision_path = str(Path(cfg.run_dir) / "vision")
         if ctx.is_main:
             build_default_vision(vision_path, default_vision, progress=cfg.progress, device=device)
         ctx.barrier()
@@ -299,7 +301,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
     text = InstructionEmbedder(cfg.text_model, device=str(device), suffixes=cfg.suffixes, batch_size=cfg.text_batch_size)
     shard_samples, chunk_samples = storage_layout(cfg, enc)
     config = _config_record(cfg, enc, vision_path, shard_samples, chunk_samples)
-    chash = _hash(config)
+    chash = fingerprint(config)
 
     if ctx.is_main:
         old = _existing_meta(cfg)
@@ -361,7 +363,7 @@ def _process(
         return 0
     info = enc.info
     feat_shape = (info.num_layers + 1, info.num_tokens, info.hidden_size)
-    feat_dtype = np.dtype({"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[cfg.dtype])
+    feat_dtype = StorageDtype(cfg.dtype).zarr_dtype
     max_turns = int(writer.meta["text"]["max_turns"])
     batches = list(shard_batches(writer, shards, cfg.batch_size))
     rows = [r for b in batches for r in b]

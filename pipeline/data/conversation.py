@@ -17,13 +17,16 @@ by the template part its first character belongs to, so an answer is tokenised a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import torch
 
+from layerfuse.core.errors import ConfigError
+
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
-TEMPLATES = ("plain", "v1", "chat")
+Template = Literal["plain", "v1", "chat"]  # the conversation templates (render_plain, render_v1, render_chat)
+TEMPLATES: tuple[str, ...] = get_args(Template)
 V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -43,7 +46,7 @@ class SkipSample(ValueError):
         self.reason = reason
 
 
-class TemplateError(ValueError):
+class TemplateError(ConfigError):
     """The template cannot be used with this tokenizer (no chat template, no eos token, ...)."""
 
 

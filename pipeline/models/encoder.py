@@ -10,7 +10,6 @@ saved to a directory and loaded back through exactly the same code path as a rea
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ import transformers
 from PIL import Image
 from torch import nn
 
+from layerfuse.core.fingerprint import fingerprint
 from layerfuse.core.hub import CheckpointError, load_pretrained
 from layerfuse.pipeline.data.images import expand_to_square
 
@@ -79,11 +79,13 @@ def _model_class(model_type: str) -> type:
     return getattr(transformers, VISION_CLASSES.get(model_type, "AutoModel"))
 
 
+# keys of a transformers config that name where or how it was saved or loaded, not the architecture
+SAVE_RECORD_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype", "architectures")
+
+
 def config_hash(config: Any) -> str:
-    d = config.to_dict()
-    for k in ("_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype", "architectures"):
-        d.pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The fingerprint of a vision tower's architecture: its transformers config without SAVE_RECORD_KEYS."""
+    return fingerprint({k: v for k, v in config.to_dict().items() if k not in SAVE_RECORD_KEYS})
 
 
 class VisionEncoder(nn.Module):

@@ -16,12 +16,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from layerfuse.core.atomic import fresh_temp_dir, publish_dir, replacing, write_json
+from layerfuse.core.errors import MissingError
+from layerfuse.core.hub import load_pretrained
 from layerfuse.fusion import Fuser, LLMSpec, VisionLanguageModel, VisionSpec, build_fuser, fuser_config
 from layerfuse.pipeline.models.llm import LLMBundle, load_llm
 
@@ -29,7 +32,7 @@ CONFIG = "config.json"
 FUSER_WEIGHTS = "fuser.safetensors"
 LLM_DIR = "llm"
 ADAPTER_DIR = "adapter"
-LLM_MODES = ("frozen", "full", "lora")
+LLMMode = Literal["frozen", "full", "lora"]  # what a run does to the LLM: nothing, train it all, train a LoRA adapter
 
 
 @dataclass
@@ -44,7 +47,7 @@ class RunModel:
     template: str  # conversation template the run was trained with
     max_length: int
     stage: int
-    llm_mode: str  # frozen | full | lora: what the run did to the LLM
+    llm_mode: LLMMode  # what the run did to the LLM
     feature_dtype: str = "float32"  # the cache's stored dtype: live features are rounded to it, as in training
     encoder: dict[str, Any] = field(default_factory=dict)  # {"path", "revision", "pad_to_square"}: live inference
     text_model: dict[str, Any] = field(default_factory=dict)  # {"path", "suffixes"}: live instruction embeddings
@@ -95,7 +98,7 @@ def save_run_model(run_dir: str | Path, model: RunModel, vlm: VisionLanguageMode
 def read_run_model(run_dir: str | Path) -> RunModel:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"'{run_dir}' is not a finished layerfuse run: {CONFIG} is missing")
+        raise MissingError(f"'{run_dir}' is not a finished layerfuse run: {CONFIG} is missing (pass the --out folder of a finished `layerfuse train`)")
     return RunModel.from_dict(json.loads(path.read_text()))
 
 
@@ -125,10 +128,6 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: 
 def load_run_fuser(run_dir: str | Path) -> tuple[Fuser, RunModel]:
     """Only the trained fuser of a run (eval mode), built against the LLM's config: no LLM weights are loaded
     (exporting the visual front end of a 7B model needs no 7B model in memory)."""
-    import transformers
-
-    from layerfuse.core.hub import load_pretrained
-
     run = Path(run_dir)
     model = read_run_model(run)
     source = str(run / LLM_DIR) if (run / LLM_DIR).is_dir() else model.llm

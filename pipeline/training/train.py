@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import inspect
 import json
 import math
@@ -23,7 +22,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,17 +30,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from layerfuse.fusion import VisionLanguageModel
+from layerfuse.core.config import check_choices
+from layerfuse.core.errors import StateError
+from layerfuse.core.fingerprint import fingerprint, fingerprint_diff, runtime
+from layerfuse.fusion import VisionLanguageModel, VisionSpec
 from layerfuse.fusion.internal import decoder_layers
 from layerfuse.pipeline.cache.reader import FeatureCache
-from layerfuse.pipeline.data.conversation import IGNORE_INDEX, TEMPLATES
+from layerfuse.pipeline.data.conversation import IGNORE_INDEX, Template
 from layerfuse.core.distributed import DistContext
-from layerfuse.pipeline.models.llm import DEFAULT_LLM, LLMBundle, load_llm
+from layerfuse.pipeline.models.llm import DEFAULT_LLM, LLMBundle, build_default_llm, load_llm
 from layerfuse.pipeline.training.loader import CacheBatches, ConversationFormat, FeatureBatch, TokenSettings, TrainingSet, scan_training_set
 from layerfuse.pipeline.training.metrics import MetricsLog
 from layerfuse.pipeline.models.run import (
     FUSER_WEIGHTS,
-    LLM_MODES,
+    LLMMode,
     RunModel,
     build_vlm,
     load_fuser_weights,
@@ -51,35 +53,37 @@ from layerfuse.pipeline.models.run import (
 )
 from layerfuse.pipeline.training.epoch_plan import BatchShape
 from layerfuse.core.schedule import warmup_cosine
-from layerfuse.pipeline.training.state import checkpoint_dir, load_checkpoint, restore_rng, save_checkpoint
+from layerfuse.core.resume_state import restore_rng
+from layerfuse.pipeline.training.state import checkpoint_dir, load_checkpoint, save_checkpoint
 
+Stage = Literal[1, 2]  # phase two: 1 trains fuser + projector (LLM frozen), 2 also the LLM
+Precision = Literal["auto", "fp32", "bf16"]
 # LLaVA-1.5's recipe (SPEC section 7): stage 1 at 1e-3 with the LLM frozen, stage 2 at 2e-5 for everything
 STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
     1: {"template": "plain", "lr_fuser": 1e-3, "lr_projector": 1e-3, "lr_llm": 0.0, "llm_mode": "frozen"},
     2: {"template": "v1", "lr_fuser": 2e-5, "lr_projector": 2e-5, "lr_llm": 2e-5, "llm_mode": "full"},
 }
-# fields that may change between a run and its resumption (they do not change what is computed)
-RUNTIME_FIELDS = ("out", "workers", "prefetch", "progress", "log_every", "save_every", "device", "tensorboard")
 
 
-class TrainError(RuntimeError):
+class TrainError(StateError):
     """A training run that cannot start or continue as asked (clear message, no traceback in the CLI)."""
 
 
 @dataclass
 class TrainConfig:
-    """One phase-two run. None means "the stage's default" (STAGE_DEFAULTS) where it applies."""
+    """One phase-two run. None means "the stage's default" (STAGE_DEFAULTS) where it applies. Runtime fields may
+    change between a run and its resumption: they do not change what is computed (core/fingerprint.py)."""
 
     cache: str
-    out: str
-    stage: int = 1
+    out: str = runtime()
+    stage: Stage = 1
     fuser: str = "concat"
     layers: str | None = None  # layer spec; None = the fuser's default
     fuser_options: dict[str, Any] = field(default_factory=dict)  # more fields of the fuser's config dataclass
     llm: str = DEFAULT_LLM  # hub id or folder; "default" = the embedded tiny Llama (random weights)
     llm_default_dir: str | None = None  # where "default" is built [OUT/default-llm]
     init_from: str | None = None  # stage 2: the stage-1 run to start from
-    template: str | None = None  # plain | v1 | chat
+    template: Template | None = None
     split: str = "train"
     categories: list[str] | None = None  # only samples of these categories
     max_length: int = 2048
@@ -90,7 +94,7 @@ class TrainConfig:
     lr_fuser: float | None = None
     lr_projector: float | None = None
     lr_llm: float | None = None
-    llm_mode: str | None = None  # frozen | full | lora
+    llm_mode: LLMMode | None = None
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -98,41 +102,33 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
     fsdp: bool = False
     attn_implementation: str = "auto"
     seed: int = 0
     buffer_rows: int = 1024  # shuffle buffer (rounded up to whole global batches)
-    workers: int = 2
-    prefetch: int = 2
-    log_every: int = 10
-    save_every: int = 200
-    device: str = "auto"
-    progress: bool = True
-    tensorboard: bool = True
+    workers: int = runtime(default=2)
+    prefetch: int = runtime(default=2)
+    log_every: int = runtime(default=10)
+    save_every: int = runtime(default=200)
+    device: str = runtime(default="auto")
+    progress: bool = runtime(default=True)
+    tensorboard: bool = runtime(default=True)
 
     def resolved(self) -> "TrainConfig":
         """A copy with the stage defaults filled in and the options checked."""
-        if self.stage not in STAGE_DEFAULTS:
-            raise TrainError(f"--stage must be 1 or 2, got {self.stage}")
+        check_choices(self, name=lambda path: "--" + path.replace("_", "-"), error=TrainError)
         d = STAGE_DEFAULTS[self.stage]
         c = dataclasses.replace(self, **{k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in d.items()})
-        if c.template not in TEMPLATES:
-            raise TrainError(f"unknown template {c.template!r}; choose one of {', '.join(TEMPLATES)}")
-        if c.llm_mode not in LLM_MODES:
-            raise TrainError(f"--llm-mode must be one of {', '.join(LLM_MODES)}, got {c.llm_mode!r}")
         if c.stage == 1 and c.llm_mode != "frozen":
             raise TrainError("stage 1 keeps the LLM frozen (LLaVA pretraining); train the LLM in stage 2")
-        if c.precision not in ("auto", "fp32", "bf16"):
-            raise TrainError(f"--precision must be auto, fp32 or bf16, got {c.precision!r}")
         if c.max_steps is None and c.epochs <= 0:
             raise TrainError("--epochs must be > 0 (or give --max-steps)")
         return c
 
     def hash(self) -> str:
-        d = {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return fingerprint(self)
 
 
 @dataclass
@@ -216,8 +212,6 @@ def _default_llm_dir(cfg: TrainConfig) -> Path:
 
 def _load_model(cfg: TrainConfig, cache: FeatureCache, device: torch.device, dtype: torch.dtype) -> tuple[VisionLanguageModel, LLMBundle, RunModel]:
     """The VLM this run starts from: a new fuser on the base LLM (stage 1), or a stage-1 run's model (stage 2)."""
-    from layerfuse.fusion import VisionSpec
-
     vision = VisionSpec.from_cache(cache)
     if cfg.init_from:
         init = read_run_model(cfg.init_from)
@@ -237,8 +231,6 @@ def _load_model(cfg: TrainConfig, cache: FeatureCache, device: torch.device, dty
             raise TrainError("stage 2 starts from a stage-1 run: pass --init-from RUN (the stage-1 output folder)")
         name = cfg.llm
         if name == DEFAULT_LLM:
-            from layerfuse.pipeline.models.llm import build_default_llm
-
             name = str(build_default_llm(_default_llm_dir(cfg)).resolve())
         bundle = load_llm(name, dtype=dtype, device=device, attn_implementation=cfg.attn_implementation)
         options = dict(cfg.fuser_options)
@@ -344,8 +336,7 @@ def _prepare_out(cfg: TrainConfig, ctx: DistContext, resume: bool, overwrite: bo
         if resume and saved.exists():
             old = json.loads(saved.read_text())
             if old.get("hash") != cfg.hash():
-                now = asdict(cfg)
-                diff = sorted(k for k in now if k not in RUNTIME_FIELDS and old["config"].get(k) != now[k])
+                diff = fingerprint_diff(old["config"], cfg)
                 raise TrainError(f"cannot resume '{out}' with other settings ({', '.join(diff)}); use the original command")
         train_dir.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps({"hash": cfg.hash(), "config": asdict(cfg)}, indent=1, default=str))
