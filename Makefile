@@ -80,14 +80,13 @@ bench: $(STAMP)
 	 else echo "bench: no CUDA device, skipping plugins_trt/gpu_check.py (the MSDeformAttn kernel)"; fi
 
 # MSDeformAttn CUDA kernel, its CPU build and (when TENSORRT_ROOT or the system has TensorRT headers) the TensorRT
-# plugin, into plugins_trt/build/: CMake when installed, else plain nvcc (plugins_trt/build.py). CUDA_ARCHS="80;90".
-CUDA_ARCHS ?= 80;90
+# plugin, into plugins_trt/build/ (CMake tree in plugins_trt/build/cmake): plugins_trt/build.py drives
+# plugins_trt/CMakeLists.txt with the cmake and ninja PyPI packages (the dev and kernel extras), as the tests and
+# kernel.register() do. CUDA_ARCHS="80;90" picks the architectures (default: LAYERFUSE_CUDA_ARCHS, else those the
+# build folder was configured with, else 80;90).
+CUDA_ARCHS ?=
 kernel: $(STAMP)
-	@if command -v cmake >/dev/null 2>&1; then \
-	   cmake -S plugins_trt -B plugins_trt/build/cmake -DCMAKE_CUDA_ARCHITECTURES="$(CUDA_ARCHS)" \
-	     -DCMAKE_LIBRARY_OUTPUT_DIRECTORY=$(CURDIR)/plugins_trt/build -DPython3_EXECUTABLE=$(abspath $(PY)) && \
-	   cmake --build plugins_trt/build/cmake -j; \
-	 else $(PY) -m layerfuse.plugins_trt.build --archs "$(CUDA_ARCHS)"; fi
+	$(PY) -m layerfuse.plugins_trt.build $(if $(CUDA_ARCHS),--archs "$(CUDA_ARCHS)")
 
 clean:
 	rm -rf $(RUN) .pytest_cache

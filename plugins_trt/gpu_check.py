@@ -2,7 +2,7 @@
 
     python -m layerfuse.plugins_trt.gpu_check [--out BENCHMARKS.md] [--quick] [--archs 90] [--no-large]
 
-1. Builds libmsda_kernel.so (nvcc; plugins_trt/build.py), loads it with ctypes and registers it with ms_deform_attn.
+1. Builds libmsda_kernel.so (build.py: CMake + nvcc), loads it with ctypes and registers it with ms_deform_attn.
 2. Correctness matrix, each case against the grid_sample reference computed in float64 on the GPU from the same
    (dtype-rounded) inputs: value fp32 / fp16 / bf16; MMFuser shapes (B 1, 8, 32; Q 576; H 16; Dh 64; 4 levels of
    24x24; P 4); Deformable-DETR multi-scale shapes (levels 100x150, 50x75, 25x38, 13x19; H 8; Dh 32; Q 300 and

@@ -2,7 +2,7 @@
 `register()`, which plugs it into `layerfuse.fusion.msda.ms_deform_attn` (impl="kernel", and "auto" on CUDA).
 
     from layerfuse.plugins_trt import kernel
-    kernel.register()                      # builds libmsda_kernel.so on first use (nvcc), needs a CUDA device
+    kernel.register()                      # builds libmsda_kernel.so (build.py: CMake + nvcc), needs a CUDA device
     ms_deform_attn(value, shapes, starts, loc, attn)          # CUDA tensors -> the kernel
 
 `register(host=True)` also binds the CPU build of the same arithmetic (libmsda_host.so) for CPU tensors: slow, for
@@ -102,38 +102,34 @@ class MSDALibrary:
 _LIBS: dict[str, MSDALibrary] = {}  # "cuda" -> libmsda_kernel, "cpu" -> libmsda_host
 
 
-def _library_path(env: str, name: str, builder, build: bool, build_dir: Path | None, **kw) -> Path:
-    """The library named by `env`, else build_dir/name: built (or brought up to date) when build=True."""
+def _library_path(env: str, target: str, build: bool, build_dir: Path | None, archs: str | None = None) -> Path:
+    """The library named by `env`, else the CMake target's library in build_dir: brought up to date through the
+    build driver (CMake + Ninja: nothing is recompiled when the sources are unchanged) when build=True."""
     if os.environ.get(env):
         path = Path(os.environ[env])
         if not path.is_file():
             raise MSDAKernelError(f"{env}={path} does not exist")
         return path
     build_dir = Path(build_dir) if build_dir else msda_build.DEFAULT_BUILD_DIR
-    built_by_cmake = (build_dir / name).is_file() and not (build_dir / (name + ".stamp")).is_file()
-    if built_by_cmake:  # `make kernel` with CMake: used as it is (rerun `make kernel` after changing csrc/)
-        return build_dir / name
     if not build:
-        path = build_dir / name
+        path = build_dir / msda_build.LIBRARIES[target]
         if not path.is_file():
             raise MSDAKernelError(f"{path} is not built: run `make kernel` or `python -m layerfuse.plugins_trt.build`")
         return path
     try:
-        return builder(build_dir=build_dir, **kw)
+        return msda_build.build([target], build_dir, archs).output(target)
     except msda_build.BuildError as err:
         raise MSDAKernelError(str(err)) from err
 
 
 def load_kernel_library(build: bool = True, archs: str | None = None, build_dir: Path | None = None) -> MSDALibrary:
-    """libmsda_kernel.so (built with nvcc when missing or stale unless build=False)."""
-    return MSDALibrary(_library_path("LAYERFUSE_MSDA_LIB", "libmsda_kernel.so", msda_build.build_kernel, build,
-                                     build_dir, archs=archs))
+    """libmsda_kernel.so (built, or brought up to date, unless build=False)."""
+    return MSDALibrary(_library_path("LAYERFUSE_MSDA_LIB", "msda_kernel", build, build_dir, archs))
 
 
 def load_host_library(build: bool = True, build_dir: Path | None = None) -> MSDALibrary:
     """libmsda_host.so, the CPU build of the kernel arithmetic."""
-    path = _library_path("LAYERFUSE_MSDA_HOST_LIB", "libmsda_host.so", msda_build.build_host, build, build_dir)
-    return MSDALibrary(path, suffix="_host")
+    return MSDALibrary(_library_path("LAYERFUSE_MSDA_HOST_LIB", "msda_host", build, build_dir), suffix="_host")
 
 
 def _stream(device: torch.device) -> int:

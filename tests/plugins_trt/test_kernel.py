@@ -1,16 +1,17 @@
-"""MSDeformAttn CUDA kernel (plugins_trt/): nvcc compile, and the kernel arithmetic checked on the CPU.
+"""MSDeformAttn CUDA kernel (plugins_trt/): the CMake build, and the kernel arithmetic checked on the CPU.
 
 No GPU here: libmsda_host.so runs the kernels' per-thread functions (csrc/msda_kernel.cuh) on the CPU through the
 same C ABI, so indexing, borders, level offsets, fp16/bf16 conversion, int32/int64 index inputs, 32/64-bit offsets
 and the backward are checked against float64 references. libmsda_kernel.so is compiled with nvcc for one
-architecture and its C ABI argument checks are called (they run before any CUDA call). The CUDA runtime tests at the
-end run only where a GPU exists.
+architecture (through build.py and CMakeLists.txt, as `make kernel` does) and its C ABI argument checks are called
+(they run before any CUDA call). The CUDA runtime tests at the end run only where a GPU exists.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,36 +23,30 @@ from layerfuse.plugins_trt import build as msda_build
 from layerfuse.plugins_trt import kernel as msda_kernel
 
 from tests.msda_reference import loop_reference  # float64 loop written from the formula
+from tests.plugins_trt.conftest import TEST_ARCHS, skip_if_missing
 
-NO_NVCC = "nvcc not found (CUDA toolkit not installed)"
 NO_GPU = "no CUDA device"
-TEST_ARCHS = "80"  # one architecture keeps the compile short; `make kernel` builds 80;90 + PTX
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
 
 
 @pytest.fixture(scope="session")
-def build_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("msda_build")
-
-
-@pytest.fixture(scope="session")
-def host_lib(build_dir) -> msda_kernel.MSDALibrary:
-    """libmsda_host.so, built once per session."""
+def host_lib(msda_build_dir) -> msda_kernel.MSDALibrary:
+    """libmsda_host.so, built once per session through kernel.load_host_library (the driver)."""
     try:
-        return msda_kernel.load_host_library(build_dir=build_dir)
+        return msda_kernel.load_host_library(build_dir=msda_build_dir)
     except msda_kernel.MSDAKernelError as err:
-        pytest.skip(f"host build of the kernel math not possible here: {err}")
+        if isinstance(err.__cause__, msda_build.BuildError):
+            skip_if_missing(err.__cause__)
+        raise
 
 
 @pytest.fixture(scope="session")
-def kernel_build(build_dir) -> tuple[Path, Path]:
-    """(libmsda_kernel.so, nvcc's intermediate files) for sm_80, built once per session."""
-    if msda_build.find_nvcc() is None:
-        pytest.skip(NO_NVCC)
-    keep = build_dir / "nvcc-keep"
-    return msda_build.build_kernel(build_dir, archs=TEST_ARCHS, keep_dir=keep), keep
+def kernel_build(msda_targets) -> tuple[Path, Path]:
+    """(libmsda_kernel.so, the PTX it embeds) for sm_80, built once per session."""
+    config = msda_targets("msda_kernel", "msda_kernel_ptx")
+    return config.output("msda_kernel"), config.output("msda_kernel_ptx")
 
 
 @pytest.fixture
@@ -117,23 +112,59 @@ LEVELS = {
 # ---- build ---------------------------------------------------------------------------------------------------------
 
 
-def test_arch_flags_sass_per_arch_and_ptx_of_the_highest(monkeypatch):
+def test_arch_list_parsing_and_choice(monkeypatch, tmp_path):
     assert msda_build.parse_archs("80;90") == ["80", "90"]
     assert msda_build.parse_archs("sm_86, sm_90") == ["86", "90"]
-    monkeypatch.setenv("LAYERFUSE_CUDA_ARCHS", "75")
-    assert msda_build.parse_archs(None) == ["75"]
-    flags = msda_build.gencode_flags(["80", "90"])
-    assert flags == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
-                     "-gencode=arch=compute_90,code=compute_90"]
     with pytest.raises(msda_build.BuildError, match="architectures"):
         msda_build.parse_archs("ampere")
+    monkeypatch.delenv("LAYERFUSE_CUDA_ARCHS", raising=False)
+    assert msda_build.choose_archs(None, tmp_path) == ["80", "90"]  # not configured: the default
+    monkeypatch.setenv("LAYERFUSE_CUDA_ARCHS", "75")
+    assert msda_build.choose_archs(None, tmp_path) == ["75"]
+    assert msda_build.choose_archs("86", tmp_path) == ["86"]
+
+
+def test_cmake_default_architectures_equal_the_driver_default():
+    """Direct cmake users get the driver's default: the two spellings of it agree."""
+    cmake = (msda_build.PACKAGE_DIR / "CMakeLists.txt").read_text()
+    assert re.search(r'set\(MSDA_CUDA_ARCHS "([^"]+)" CACHE', cmake).group(1) == msda_build.DEFAULT_ARCHS
+
+
+def test_cmake_compiles_sass_per_arch_and_ptx_of_the_highest(tmp_path, monkeypatch):
+    """Configure only (the compile is covered below): what nvcc is asked for, and the architectures kept for later."""
+    monkeypatch.delenv("LAYERFUSE_CUDA_ARCHS", raising=False)
+    config = msda_build.configure(tmp_path, "90;80")
+    if "msda_kernel" in config.unavailable:
+        pytest.skip(config.unavailable["msda_kernel"])
+    assert config.archs == ["90", "80"] and msda_build.choose_archs(None, tmp_path) == ["90", "80"]
+    ninja = (msda_build.cmake_dir(tmp_path) / "build.ninja").read_text()
+    block = ninja.split("build CMakeFiles/msda_kernel_objects.dir/csrc/msda_kernel.cu.o:")[1].split("\n\n")[0]
+    codes = set(re.findall(r"--generate-code=arch=compute_(\d+),code=\[(\w+)\]", block))
+    assert codes == {("80", "sm_80"), ("90", "sm_90"), ("90", "compute_90")}
+
+
+def test_driver_errors_name_the_missing_tool_and_the_failed_command(monkeypatch, msda_build_dir):
+    with pytest.raises(msda_build.BuildError, match=r"cmake --build .* --target no_such_target") as failed:
+        msda_build.build(["no_such_target"], msda_build_dir, TEST_ARCHS)
+    assert "no_such_target" in str(failed.value).split("\n", 1)[1]  # ninja's own output follows the command
+    monkeypatch.setattr(msda_build, "_pypi_tool", lambda *args: None)
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(msda_build.BuildError, match=r"cmake not found: pip install 'layerfuse\[kernel\]'") as missing:
+        msda_build.configure(msda_build_dir, TEST_ARCHS)
+    assert missing.value.missing == "cmake"
+
+
+def test_an_up_to_date_build_compiles_nothing(host_lib, msda_build_dir):
+    before = host_lib.path.stat().st_mtime_ns
+    assert msda_build.build(["msda_host"], msda_build_dir, TEST_ARCHS).output("msda_host") == host_lib.path
+    assert host_lib.path.stat().st_mtime_ns == before
 
 
 def test_nvcc_builds_the_kernel_library_with_vectorised_loads(kernel_build):
-    lib_path, keep = kernel_build
+    lib_path, ptx_path = kernel_build
     assert lib_path.is_file() and lib_path.stat().st_size > 0
-    ptx = "\n".join(p.read_text() for p in keep.glob("*msda_kernel*.ptx"))
-    assert ".entry" in ptx, "nvcc kept no PTX of msda_kernel.cu"
+    ptx = ptx_path.read_text()
+    assert ".entry" in ptx and ".target sm_80" in ptx
     # 16-byte channel packs: 8 x fp16/bf16 (v4.u32) and 4 x fp32 (v4.f32) per load, read-only path
     assert "ld.global.nc.v4.u32" in ptx and "ld.global.nc.v4.f32" in ptx
     assert "shfl.sync.bfly" in ptx  # backward group reduction
