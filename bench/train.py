@@ -36,7 +36,7 @@ import transformers  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from extract import build_vitb  # noqa: E402  (bench/extract.py)
-from layerfuse.pipeline.cache.reader import STORAGE_DTYPES  # noqa: E402
+from layerfuse.core.dtypes import StorageDtype  # noqa: E402
 from layerfuse.pipeline.data.conversation import collate  # noqa: E402
 from layerfuse.core.distributed import DistContext  # noqa: E402
 from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_default_vision  # noqa: E402
@@ -123,7 +123,7 @@ def run_scenario(sc: Scenario, root: Path) -> dict:
     fc = setup.batches.cache
     encoder = load_vision_encoder(sc.vision)
     layers = setup.vlm.fuser.required_layers
-    stored = STORAGE_DTYPES[fc.storage_dtype][1]
+    stored = StorageDtype(fc.storage_dtype).torch_dtype
     steps_rows = [np.concatenate([m.rows.numpy() for m in micro]) for micro in held]
     live = LiveSteps(steps_rows, data / "images", fc.sample_ids(), fc.conversations(), encoder.preprocessor(False),
                      setup.bundle.tokenizer, setup.batches.fmt.settings)

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from layerfuse.core import __version__
+from layerfuse.core.dtypes import StorageDtype
 from layerfuse.core.options import option_pair
 from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL
 
@@ -106,7 +107,7 @@ def data_synthetic(out_dir: str, n: int, seed: int, shard_size: int, quiet: bool
 @click.option("--vision-revision", default=None, help="Hub revision of --vision.")
 @click.option("--vision-pretrain-steps", type=click.IntRange(min=0), default=None, help="Pretraining steps of the default tower (--vision default only); 0 = random weights. [default: 2000]")
 @click.option("--pad-to-square/--no-pad-to-square", default=False, show_default=True, help="LLaVA's expand2square before the processor.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True, help="Stored feature dtype.")
+@click.option("--dtype", type=click.Choice(StorageDtype.names()), default="float16", show_default=True, help="Stored feature dtype.")
 @click.option("--text-model", default=DEFAULT_TEXT_MODEL, show_default=True, help="sentence-transformers model (id or folder) for instructions.")
 @click.option("--suffix", "suffixes", multiple=True, help="Answer-format suffix to strip before embedding (repeat; replaces the LLaVA defaults).")
 @click.option("--shard-samples", type=click.IntRange(min=1), default=None, help="Samples per output shard. [default: from --shard-mib]")
@@ -117,7 +118,7 @@ def data_synthetic(out_dir: str, n: int, seed: int, shard_size: int, quiet: bool
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers for decoding.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
-@click.option("--compute-dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True, help="Encoder dtype (auto: bf16 on CUDA, fp32 on CPU).")
+@click.option("--compute-dtype", type=click.Choice(["auto", *StorageDtype.names()]), default="auto", show_default=True, help="Encoder dtype (auto: bf16 on CUDA, fp32 on CPU).")
 @click.option("--strict", is_flag=True, help="Stop at the first bad sample instead of skipping and recording it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import zarr
 
+from layerfuse.core.dtypes import StorageDtype
+
 FORMAT = "layerfuse-cache"
 FORMAT_VERSION = 1
 ATTRS_KEY = "layerfuse"
@@ -36,12 +38,6 @@ ATTRS_KEY = "layerfuse"
 PENDING, OK, TEXT_ONLY, SKIPPED = 0, 1, 2, 3
 STATUS_NAMES = {PENDING: "pending", OK: "ok", TEXT_ONLY: "text-only", SKIPPED: "skipped"}
 
-# storage dtype name -> (numpy dtype stored in zarr, torch dtype returned by the reader)
-STORAGE_DTYPES: dict[str, tuple[str, torch.dtype]] = {
-    "float16": ("float16", torch.float16),
-    "bfloat16": ("uint16", torch.bfloat16),  # bf16 bit patterns; zarr v3 core has no bfloat16 data type
-    "float32": ("float32", torch.float32),
-}
 SAMPLE_FIELDS = ("id", "source", "category", "split", "image_ref", "conversations", "locator")
 ISSUE_FIELDS = ("row", "id", "stage", "reason", "where")
 
@@ -65,14 +61,14 @@ def open_group(url: str | Path, mode: str, storage_options: dict[str, Any] | Non
 def to_torch(a: np.ndarray, storage_dtype: str) -> torch.Tensor:
     """A stored feature array as a torch tensor of its logical dtype (bf16 bit patterns re-viewed)."""
     t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.view(torch.bfloat16) if storage_dtype == "bfloat16" else t
+    return t.view(torch.bfloat16) if StorageDtype(storage_dtype) is StorageDtype.BFLOAT16 else t
 
 
 def from_torch(t: torch.Tensor, storage_dtype: str) -> np.ndarray:
     """A feature tensor as the numpy array that is stored (bf16 as its uint16 bit pattern)."""
-    torch_dtype = STORAGE_DTYPES[storage_dtype][1]
-    t = t.detach().to("cpu", torch_dtype).contiguous()
-    return t.view(torch.int16).numpy().view(np.uint16) if storage_dtype == "bfloat16" else t.numpy()
+    dtype = StorageDtype(storage_dtype)
+    t = t.detach().to("cpu", dtype.torch_dtype).contiguous()
+    return t.view(torch.int16).numpy().view(np.uint16) if dtype is StorageDtype.BFLOAT16 else t.numpy()
 
 
 class FeatureCache:

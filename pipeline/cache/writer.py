@@ -21,6 +21,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from layerfuse.core.atomic import write_bytes
+from layerfuse.core.dtypes import StorageDtype
 from layerfuse.pipeline.cache.reader import (
     ATTRS_KEY,
     FORMAT,
@@ -30,7 +31,6 @@ from layerfuse.pipeline.cache.reader import (
     PENDING,
     SAMPLE_FIELDS,
     SKIPPED,
-    STORAGE_DTYPES,
     TEXT_ONLY,
     CacheError,
     open_group,
@@ -125,7 +125,7 @@ class CacheWriter:
         codec = compressor(int(storage["clevel"]))
         if s % c:
             raise ValueError(f"shard_samples {s} is not a multiple of chunk_samples {c}")
-        zdtype = STORAGE_DTYPES[storage["dtype"]][0]
+        zdtype = StorageDtype(storage["dtype"]).zarr_dtype.name  # bfloat16 as uint16 bit patterns
         g = open_group(url, "w", storage_options)
         g.create_array(
             "features",

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from layerfuse.core.dtypes import StorageDtype
 from layerfuse.fusion import VisionLanguageModel
-from layerfuse.pipeline.cache.reader import STORAGE_DTYPES
 from layerfuse.pipeline.data.conversation import TokenizedSample, prompt_for_generation
 from layerfuse.pipeline.models.encoder import load_vision_encoder
 from layerfuse.pipeline.models.generate import greedy_generate
@@ -61,7 +61,7 @@ class LivePipeline:
     def inputs(self, images: Sequence[Image.Image], questions: Sequence[str]) -> LiveInputs:
         pixels = torch.from_numpy(np.stack([self.preprocess(im) for im in images]))  # [B, 3, H, W]
         hidden = self.encoder(pixels)[:, self.vlm.fuser.required_layers]  # [B, k, T, D]
-        stored = STORAGE_DTYPES[self.model.feature_dtype][1]
+        stored = StorageDtype(self.model.feature_dtype).torch_dtype
         layers = hidden.to(stored).float()
         text = None
         if self.embedder is not None:
