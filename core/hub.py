@@ -10,10 +10,12 @@ import os
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from layerfuse.core.errors import StateError
+
 T = TypeVar("T")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(StateError):
     """A checkpoint could not be found locally nor fetched from the hub."""
 
 

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 import transformers
 
+from layerfuse.core.errors import ConfigError
 from layerfuse.fusion.vlm import VisionLanguageModel
 from layerfuse.pipeline.models.encoder import load_vision_encoder
 
 
-class HFExportError(ValueError):
+class HFExportError(ConfigError):
     """The model cannot be written as a transformers LLaVA checkpoint."""
 
 

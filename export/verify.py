@@ -23,16 +23,18 @@ import numpy as np
 import onnx
 import torch
 
+from layerfuse.core.errors import CheckError
 from layerfuse.fusion.base import Fuser
 
+from .frontend import FrontEnd, OnnxExportError
+from .msda_numpy import MSDeformAttnOp
 from .msda_onnx import msda_nodes
-from .onnx import FrontEnd, OnnxExportError
 
 RUNTIMES = ("onnxruntime-cpu", "onnxruntime-cuda", "reference")
 DEFAULT_ATOL = 1e-4
 
 
-class OnnxMismatchError(AssertionError):
+class OnnxMismatchError(CheckError):
     """An exported graph's outputs differ from PyTorch eager by more than the tolerance."""
 
 
@@ -116,8 +118,6 @@ def run_onnx(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray], 
     """Run the graph on one runtime; outputs in graph order."""
     if runtime == "reference":
         from onnx.reference import ReferenceEvaluator
-
-        from .msda_numpy import MSDeformAttnOp
 
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
         return list(ReferenceEvaluator(proto, new_ops=[MSDeformAttnOp]).run(None, feeds))

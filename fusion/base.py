@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from layerfuse.core.errors import ConfigError
 from .layers import LayerSelection, parse_layers
 
 
@@ -79,7 +80,7 @@ class FuserOutput:
     aux_loss: torch.Tensor | None = None  # scalar added to the LM loss (igva entropy regulariser)
 
 
-class FuserBuildError(ValueError):
+class FuserBuildError(ConfigError):
     """A fuser/layer-spec combination that does not make sense (reported, not crashed on, by sweeps)."""
 
 

@@ -29,6 +29,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from layerfuse.core.errors import ConfigError
+
 PRESET_DEPTH = 24
 PRESET_BASE = 23
 
@@ -48,7 +50,7 @@ _DASH = re.compile(r"^\d+(-\d+)*$")
 _TERM = re.compile(r"^(-?\d+)(?::(-?\d+))?$")
 
 
-class LayerSpecError(ValueError):
+class LayerSpecError(ConfigError):
     """A layer spec that cannot be parsed or does not fit the encoder."""
 
 

@@ -10,33 +10,53 @@ from typing import Any
 import click
 
 from layerfuse.core import __version__
+from layerfuse.core.errors import LayerfuseError, StateError
 from layerfuse.core.dtypes import StorageDtype
 from layerfuse.core.options import option_pair
 from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that are the user's input, shown as one clean line instead of a traceback."""
-    from layerfuse.pipeline.cache.reader import CacheError
-    from layerfuse.core.hub import CheckpointError
-    from layerfuse.pipeline.models.default_vision import DefaultVisionError
-    from layerfuse.pipeline.cache.extract import ExtractError
-    from layerfuse.fusion import FuserBuildError
-    from layerfuse.pipeline.data.conversation import TemplateError
-    from layerfuse.pipeline.data.records import SampleError
-    from layerfuse.pipeline.training.train import TrainError
+class UserError(click.ClickException):
+    """A `LayerfuseError` as the CLI shows it: `layerfuse <command>: <message>` on stderr, exit status 1."""
 
-    return (CacheError, CheckpointError, DefaultVisionError, ExtractError, SampleError, FileNotFoundError, TrainError, FuserBuildError, TemplateError)
+    def __init__(self, command: str, error: LayerfuseError):
+        super().__init__(str(error))
+        self.command = command
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"{self.command}: {self.format_message()}", file=file, err=file is None)
 
 
-def _run_cli(fn, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except _user_errors() as e:
-        raise click.ClickException(str(e)) from e
+def _command_path(ctx: click.Context) -> str:
+    """"layerfuse cache info" for the `info` command, whatever name the program was started under (torchrun -m ...)."""
+    names = []
+    while ctx.parent is not None:
+        names.append(ctx.info_name or ctx.command.name or "")
+        ctx = ctx.parent
+    return " ".join(["layerfuse", *reversed(names)])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _OneLineUserErrors:
+    """Command mixin: a `LayerfuseError` (an error the user can fix) becomes a `UserError`; every other exception
+    keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)  # type: ignore[misc]
+        except LayerfuseError as e:
+            raise UserError(_command_path(ctx), e) from e
+
+
+class LayerfuseCommand(_OneLineUserErrors, click.Command):
+    pass
+
+
+class LayerfuseGroup(_OneLineUserErrors, click.Group):
+    command_class = LayerfuseCommand
+    group_class = type  # subgroups (cache, data, export, bench) are LayerfuseGroups too
+
+
+@click.group(cls=LayerfuseGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="layerfuse")
 def main() -> None:
     """layerfuse: multi-layer visual feature fusion for LLaVA-style VLMs on a cached-feature pipeline.
@@ -152,7 +172,7 @@ def extract(out: str | None, run_dir: str, suffixes: tuple[str, ...], quiet: boo
         progress=not quiet,
         **{k: v for k, v in kw.items() if k in names},
     )
-    res = _run_cli(run_extract, cfg)
+    res = run_extract(cfg)
     if not res.summary and not res.already_complete:
         return  # a non-zero rank under torchrun: rank 0 reports
     if res.already_complete:
@@ -200,7 +220,7 @@ def cache_info_cmd(path: str, as_json: bool) -> None:
     """
     from layerfuse.pipeline.cache.verify import cache_info, format_info
 
-    info = _run_cli(cache_info, path)
+    info = cache_info(path)
     click.echo(json.dumps(info, indent=1) if as_json else format_info(info))
 
 
@@ -217,7 +237,7 @@ def cache_verify_cmd(path: str, as_json: bool, quiet: bool) -> None:
     """
     from layerfuse.pipeline.cache.verify import report_json, verify_cache
 
-    rep = _run_cli(verify_cache, path, progress=not quiet)
+    rep = verify_cache(path, progress=not quiet)
     if as_json:
         click.echo(report_json(rep))
     elif rep.ok:
@@ -246,7 +266,7 @@ def fusers_cmd(spec: str | None, depth: int, cache_path: str | None, as_json: bo
     """
     from dataclasses import MISSING
 
-    from layerfuse.fusion import LayerSpecError, fuser_class, list_fusers, parse_layers
+    from layerfuse.fusion import fuser_class, list_fusers, parse_layers
 
     listing = {}
     for name in list_fusers():
@@ -259,11 +279,8 @@ def fusers_cmd(spec: str | None, depth: int, cache_path: str | None, as_json: bo
         if cache_path is not None:
             from layerfuse.pipeline.cache.reader import FeatureCache
 
-            depth = _run_cli(FeatureCache, cache_path).num_layers - 1
-        try:
-            sel = parse_layers(spec, depth)
-        except LayerSpecError as e:
-            raise click.ClickException(str(e)) from e
+            depth = FeatureCache(cache_path).num_layers - 1
+        sel = parse_layers(spec, depth)
         resolved = {"spec": spec, "depth": depth, "terms": [list(t) for t in sel.terms], "read": sel.layers, "text": sel.describe()}
     if as_json:
         click.echo(json.dumps({"fusers": listing, "layers": resolved}, indent=1, default=str))
@@ -361,7 +378,7 @@ def train_cmd(fuser_opts: tuple[str, ...], categories: str | None, resume: bool,
         progress=not quiet,
         **{k: v for k, v in kw.items() if k in names},
     )
-    res = _run_cli(train, cfg, resume=resume, overwrite=overwrite)
+    res = train(cfg, resume=resume, overwrite=overwrite)
     if not res.is_main:
         return  # under torchrun, rank 0 reports
     if res.resumed_from >= res.steps:
@@ -404,7 +421,7 @@ def eval_cmd(run_dir: str, categories: str | None, as_json: bool, quiet: bool, *
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.logging.disable_progress_bar()
     cfg = EvalConfig(run=run_dir, categories=[c.strip() for c in categories.split(",")] if categories else None, progress=not quiet, **kw)
-    res = _run_cli(evaluate, cfg)
+    res = evaluate(cfg)
     if as_json:
         click.echo((res.out_dir / "results.json").read_text())
         return
@@ -443,28 +460,13 @@ def infer_cmd(run_dir: str, images: tuple[str, ...], questions: tuple[str, ...],
         try:
             loaded.append(load_image(path))
         except SampleError as e:
-            raise click.ClickException(f"{path}: {e}") from e
-    pipe = _run_cli(LivePipeline, run_dir, device=DistContext().device(device))
+            raise SampleError(f"{path}: {e.reason}") from e
+    pipe = LivePipeline(run_dir, device=DistContext().device(device))
     for path, q, a in zip(images, qs, pipe.answer(loaded, qs, max_new_tokens)):
         click.echo(a if len(images) == 1 else f"{path}\t{q}\t{a}")
 
 
 # --- ablations ------------------------------------------------------------------------------------------------------
-def _ablate_errors() -> tuple[type[BaseException], ...]:
-    from layerfuse.pipeline.ablation.run import AblateError
-    from layerfuse.pipeline.ablation.report import ReportError
-    from layerfuse.pipeline.ablation.sweep import SweepError
-
-    return (AblateError, ReportError, SweepError)
-
-
-def _run_ablate(fn, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return _run_cli(fn, *args, **kwargs)
-    except _ablate_errors() as e:
-        raise click.ClickException(str(e)) from e
-
-
 @main.command("ablate")
 @click.option("--cache", default=None, help="Feature cache to sweep on (or `cache:` in the sweep file).")
 @click.option("--sweep", "sweep_file", default=None, type=click.Path(dir_okay=False), help="YAML or TOML sweep file; command-line values override it.")
@@ -523,11 +525,10 @@ def ablate_cmd(sweep_file: str | None, fuser_opts: tuple[str, ...], group_size: 
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.logging.disable_progress_bar()
-    num_states = lambda path: _run_cli(FeatureCache, path).num_layers  # noqa: E731
-    spec = _run_ablate(sweep_from_inputs, sweep_file, cli, list(fuser_opts), num_states=num_states)
+    spec = sweep_from_inputs(sweep_file, cli, list(fuser_opts), num_states=lambda path: FeatureCache(path).num_layers)
     opts = AblateOptions(out=out, group_size=group_size, memory_fraction=memory_fraction, workers=workers, threads=threads, device=device,
                          overwrite=overwrite, progress=not quiet)
-    res = _run_ablate(run_ablation, spec, opts)
+    res = run_ablation(spec, opts)
     click.echo(f"ablate: {res.trained} variant(s) trained in {res.groups} shared pass(es), {res.reused} finished earlier, "
                f"{res.invalid} invalid; {res.wall_s:.0f}s")
     click.echo(f"results: {res.out / 'results.md'} (also .csv, .json), plots in {res.out / 'plots'}")
@@ -542,9 +543,10 @@ def report_cmd(out: str) -> None:
     Example:
       layerfuse report runs/default/ablate
     """
-    from layerfuse.pipeline.ablation.report import load_results, write_report
+    from layerfuse.pipeline.ablation.report import write_report
+    from layerfuse.pipeline.ablation.results import load_results
 
-    files = _run_ablate(write_report, out)
+    files = write_report(out)
     res = load_results(out)
     valid = [a for a in res.arms if a.status != "invalid"]
     done = sum(len(a.seeds_done) for a in valid)
@@ -565,29 +567,14 @@ def export_group() -> None:
     """
 
 
-def _export_user_errors() -> tuple[type[BaseException], ...]:
-    from layerfuse.export.engine import EngineBuildError, TensorRTUnavailable
-    from layerfuse.export.onnx import OnnxExportError
-    from layerfuse.export.verify import OnnxMismatchError
-
-    return (OnnxExportError, OnnxMismatchError, TensorRTUnavailable, EngineBuildError)
-
-
-def _run_export(fn, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return _run_cli(fn, *args, **kwargs)
-    except _export_user_errors() as e:
-        raise click.ClickException(str(e)) from e
-
-
 def _encoder_of(run_dir: str):
     from layerfuse.pipeline.models.encoder import load_vision_encoder
     from layerfuse.pipeline.models.run import read_run_model
 
     enc = read_run_model(run_dir).encoder
     if not enc.get("path"):
-        raise click.ClickException(f"run {run_dir} does not record its vision encoder; export without --with-encoder")
-    return _run_cli(load_vision_encoder, enc["path"], revision=enc.get("revision"))
+        raise StateError(f"run {run_dir} does not record its vision encoder; export without --with-encoder")
+    return load_vision_encoder(enc["path"], revision=enc.get("revision"))
 
 
 @export_group.command("onnx")
@@ -609,13 +596,13 @@ def export_onnx_cmd(run_dir: str, out: str, msda: str, with_encoder: bool, opset
     from layerfuse.export.verify import verify_onnx
     from layerfuse.pipeline.models.run import load_run_fuser
 
-    fuser, _ = _run_cli(load_run_fuser, run_dir)
+    fuser, _ = load_run_fuser(run_dir)
     encoder = _encoder_of(run_dir) if with_encoder else None
-    path = _run_export(export_onnx, fuser, out, msda=msda, encoder=encoder, opset=opset)
+    path = export_onnx(fuser, out, msda=msda, encoder=encoder, opset=opset)
     click.echo(f"wrote {path} ({fuser.name}, msda={msda}{', with encoder' if encoder is not None else ''})")
     batches = [int(b) for b in check_batches.split(",") if b.strip()]
     if batches:
-        report = _run_export(verify_onnx, path, fuser, encoder=encoder, batch_sizes=batches)
+        report = verify_onnx(path, fuser, encoder=encoder, batch_sizes=batches)
         click.echo(report.summary())
         if not report.ok:
             sys.exit(1)
@@ -640,15 +627,15 @@ def export_engine_cmd(onnx_path: str, out: str, precision: str, plugin_library: 
     from layerfuse.export.engine import BatchProfile, build_engine, compare_engine, default_plugin_library
 
     library = plugin_library or default_plugin_library()
-    info = _run_export(build_engine, onnx_path, out, precision, library, batch=BatchProfile(min_batch, opt_batch, max_batch))
+    info = build_engine(onnx_path, out, precision, library, batch=BatchProfile(min_batch, opt_batch, max_batch))
     click.echo(f"wrote {out} ({precision}, batch {min_batch}..{max_batch}, TensorRT {info.tensorrt_version})")
     for note in info.notes:
         click.echo(f"  note: {note}")
     if run_dir:
         from layerfuse.pipeline.models.run import load_run_fuser
 
-        fuser, _ = _run_cli(load_run_fuser, run_dir)
-        report = _run_export(compare_engine, out, fuser, onnx_path=onnx_path, plugin_library=library)
+        fuser, _ = load_run_fuser(run_dir)
+        report = compare_engine(out, fuser, onnx_path=onnx_path, plugin_library=library)
         click.echo(report.summary())
         if not report.ok:
             sys.exit(1)
@@ -670,8 +657,8 @@ def bench_engine_cmd(plan: str, run_dir: str, batch_sizes: str, repeats: int, pl
     from layerfuse.export.engine import bench_engine, default_plugin_library
     from layerfuse.pipeline.models.run import load_run_fuser
 
-    fuser, _ = _run_cli(load_run_fuser, run_dir)
-    rows = _run_export(bench_engine, plan, fuser, batch_sizes=[int(b) for b in batch_sizes.split(",")], repeats=repeats,
+    fuser, _ = load_run_fuser(run_dir)
+    rows = bench_engine(plan, fuser, batch_sizes=[int(b) for b in batch_sizes.split(",")], repeats=repeats,
                        plugin_library=plugin_library or default_plugin_library())
     click.echo("| batch | TensorRT ms | PyTorch ms | speed-up |\n|---|---|---|---|")
     for r in rows:

@@ -32,6 +32,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from layerfuse.core.errors import ToolchainError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 CSRC = PACKAGE_DIR / "csrc"
 DEFAULT_BUILD_DIR = PACKAGE_DIR / "build"
@@ -44,7 +46,7 @@ UNIT_TESTS = ("msda_plugin_rules_test", "msda_plugin_model_test")
 PIP_HINT = "pip install 'layerfuse[kernel]' (the cmake and ninja PyPI packages)"
 
 
-class BuildError(RuntimeError):
+class BuildError(ToolchainError):
     """A tool or header is missing (`missing` names it), or a cmake command failed (the message carries the
     command and its output)."""
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from layerfuse.fusion.msda import ms_deform_attn_grid_sample, register_kernel
+from layerfuse.core.errors import ToolchainError
+from layerfuse.fusion.msda import ms_deform_attn_grid_sample, register_kernel, unregister_kernel
 
 from . import build as msda_build
 
@@ -31,7 +32,7 @@ _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
 
 
-class MSDAKernelError(RuntimeError):
+class MSDAKernelError(ToolchainError):
     """The library could not be built or loaded, or a launcher returned an error status."""
 
 
@@ -216,8 +217,6 @@ def register(build: bool = True, host: bool = False, archs: str | None = None) -
 
 def unregister() -> None:
     """Drop the bound libraries and the registration."""
-    from layerfuse.fusion.msda import unregister_kernel
-
     _LIBS.clear()
     unregister_kernel()
 

@@ -1,4 +1,4 @@
-"""The figures of a sweep (matplotlib, Agg backend, PNG), drawn from `pipeline.report.SweepResults`.
+"""The figures of a sweep (matplotlib, Agg backend, PNG), drawn from `pipeline.ablation.results.SweepResults`.
 
     heatmap_overall.png   fuser x layer set: overall accuracy (mean ± std over seeds); invalid and unfinished cells marked
     categories.png        accuracy per task category, one bar per (fuser, layer set), std as error bars, majority ticks
@@ -9,15 +9,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from layerfuse.pipeline.ablation.report import Arm, SweepResults
+from layerfuse.pipeline.ablation.results import Arm, SweepResults, layer_probe_table
+from layerfuse.pipeline.ablation.sweep import STUDY_LAYERS
 
 
 def _pyplot():
+    # imported on first use: pyplot is slow to import (seconds), and only a report that draws a figure needs it
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -41,8 +41,6 @@ def draw_plots(res: SweepResults, folder: Path) -> list[Path]:
 
 
 def _sweep_arms(res: SweepResults) -> list[Arm]:
-    from layerfuse.pipeline.ablation.sweep import STUDY_LAYERS
-
     return [a for a in res.arms if a.study != STUDY_LAYERS]
 
 
@@ -124,8 +122,6 @@ def category_bars(res: SweepResults, path: Path) -> bool:
 
 
 def layer_probe(res: SweepResults, path: Path) -> bool:
-    from layerfuse.pipeline.ablation.report import layer_probe_table
-
     table = layer_probe_table(res)
     if not table or not table["layers"]:
         return False

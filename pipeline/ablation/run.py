@@ -35,15 +35,23 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from tqdm.auto import tqdm
 
+from layerfuse.core.errors import StateError
 from layerfuse.core.atomic import write_json
+from layerfuse.core.hub import load_pretrained
 from layerfuse.fusion import LLMSpec, VisionSpec, parse_layers
 from layerfuse.pipeline.cache.reader import FeatureCache
 from layerfuse.core.distributed import DistContext
+from layerfuse.pipeline.models.llm import DEFAULT_LLM, build_default_llm, load_llm
+from layerfuse.pipeline.training.epoch_plan import BatchShape
+from layerfuse.pipeline.training.loader import CacheBatches, ConversationFormat, scan_training_set
+from layerfuse.pipeline.ablation.lm import LMVariant, eval_chunks, resolved_lm, token_settings
 from layerfuse.pipeline.ablation.probe import ProbeBatches, ProbeVariant, default_workers, prepare_batch, total_steps
 from layerfuse.pipeline.ablation.questions import QuestionSet, question_set
-from layerfuse.pipeline.ablation.report import SWEEP_FILE, VARIANTS_DIR, write_report
+from layerfuse.pipeline.ablation.report import write_report
+from layerfuse.pipeline.ablation.results import SWEEP_FILE, VARIANTS_DIR
 from layerfuse.pipeline.ablation.shared_pass import PassTiming, evaluate_together, train_together
 from layerfuse.pipeline.ablation.sweep import SweepSpec, Variant, expand_sweep
 from layerfuse.pipeline.ablation.groups import LLMFootprint, available_memory, pass_bytes, plan_groups, variant_bytes
@@ -52,7 +60,7 @@ from layerfuse.pipeline.ablation.groups import LLMFootprint, available_memory, p
 EVAL_CHUNK = 256
 
 
-class AblateError(RuntimeError):
+class AblateError(StateError):
     """A sweep that cannot start or continue as asked (clear message, no traceback in the CLI)."""
 
 
@@ -199,8 +207,6 @@ def variant_record(v: Variant, member: Any, timing: PassTiming, eval_timing: Pas
 
 # -- the sweep --------------------------------------------------------------------------------------------------------
 def _llm_name(spec: SweepSpec, out: Path) -> str:
-    from layerfuse.pipeline.models.llm import DEFAULT_LLM, build_default_llm
-
     if spec.lm.llm == DEFAULT_LLM:
         return str(build_default_llm(out / "default-llm").resolve())
     return spec.lm.llm
@@ -209,9 +215,6 @@ def _llm_name(spec: SweepSpec, out: Path) -> str:
 def _llm_spec(spec: SweepSpec, out: Path) -> LLMSpec:
     if spec.mode == "probe":
         return LLMSpec(spec.probe.width)
-    import transformers
-    from layerfuse.core.hub import load_pretrained
-
     config = load_pretrained("LLM config", _llm_name(spec, out), transformers.AutoConfig.from_pretrained)
     return LLMSpec.from_config(config)
 
@@ -336,9 +339,6 @@ class _ProbeSweep(_Sweep):
 class _LMSweep(_Sweep):
     def __init__(self, *args: Any, **kw: Any):
         super().__init__(*args, **kw)
-        from layerfuse.pipeline.ablation.lm import resolved_lm
-        from layerfuse.pipeline.models.llm import load_llm
-
         self.lm = resolved_lm(self.spec.lm)
         self.bundle = load_llm(_llm_name(self.spec, self.out), device=self.device)
         cfg = self.bundle.model.config
@@ -362,10 +362,6 @@ class _LMSweep(_Sweep):
         return super().fixed_cost(pending) + shared * 4
 
     def train_group(self, group: list[Variant], index: int, total_groups: int):
-        from layerfuse.pipeline.ablation.lm import LMVariant, eval_chunks, token_settings
-        from layerfuse.pipeline.training.loader import CacheBatches, ConversationFormat, scan_training_set
-        from layerfuse.pipeline.training.epoch_plan import BatchShape
-
         union = self.union(group)
         need_text = any(v.needs_text for v in group)
         settings = token_settings(self.spec, self.bundle, group[0].num_visual_tokens)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import zarr
 
+from layerfuse.core.errors import StateError
 from layerfuse.core.dtypes import StorageDtype
 
 FORMAT = "layerfuse-cache"
@@ -42,7 +43,7 @@ SAMPLE_FIELDS = ("id", "source", "category", "split", "image_ref", "conversation
 ISSUE_FIELDS = ("row", "id", "stage", "reason", "where")
 
 
-class CacheError(RuntimeError):
+class CacheError(StateError):
     """The cache is missing, incomplete, of another format, or lacks what was asked for."""
 
 

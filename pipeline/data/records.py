@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from layerfuse.core.errors import InputError
+
 SOURCES = ("llava", "webdataset", "synthetic")
 
 
-class SampleError(Exception):
+class SampleError(InputError):
     """A sample that cannot be used; `reason` is a short human-readable cause (no id: the caller adds it)."""
 
     def __init__(self, reason: str):

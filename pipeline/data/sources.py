@@ -29,7 +29,10 @@ from typing import TYPE_CHECKING, Any, Iterable
 import fsspec
 from braceexpand import braceexpand
 
+from layerfuse.core.errors import MissingError
+from layerfuse.pipeline.data.images import decode_image
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
+from layerfuse.pipeline.data.synthetic import render_record
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -315,7 +318,7 @@ def expand_shards(spec: str | list[str]) -> list[str]:
 
     `spec` is a comma-separated string or a list; each item may be a local path, a glob ("*", "?",
     "[...]"), or a brace pattern such as "data/train-{000000..000009}.tar" (expanded with braceexpand).
-    Local paths are made absolute and must exist (FileNotFoundError naming the missing shard, or the glob
+    Local paths are made absolute and must exist (MissingError naming the missing shard, or the glob
     that matched nothing). fsspec URLs are kept as they are (a URL with a glob is expanded with fsspec).
     """
     items: list[str] = []
@@ -331,7 +334,7 @@ def expand_shards(spec: str | list[str]) -> list[str]:
                     fs, fs_path = fsspec.core.url_to_fs(path)
                     matches = sorted(fs.glob(fs_path))
                     if not matches:
-                        raise FileNotFoundError(f"no shard matches {path}")
+                        raise MissingError(f"no shard matches {path}; check the shard spec (--wds)")
                     out.extend(fs.unstrip_protocol(m) for m in matches)
                 else:
                     out.append(path)
@@ -340,11 +343,11 @@ def expand_shards(spec: str | list[str]) -> list[str]:
             if _has_glob(path):
                 matches = sorted(m for m in globmod.glob(path) if os.path.isfile(m))
                 if not matches:
-                    raise FileNotFoundError(f"no shard matches {path}")
+                    raise MissingError(f"no shard matches {path}; check the shard spec (--wds)")
                 out.extend(os.path.abspath(m) for m in matches)
             else:
                 if not os.path.isfile(path):
-                    raise FileNotFoundError(f"shard not found: {path}")
+                    raise MissingError(f"shard not found: {path}; check the shard spec (--wds)")
                 out.append(os.path.abspath(path))
     return list(dict.fromkeys(out))
 
@@ -559,7 +562,7 @@ def _plan_shard(shard: str, split: str, plan: Plan) -> None:
     try:
         f = fsspec.open(shard, "rb").open()
     except FileNotFoundError:
-        raise FileNotFoundError(f"shard not found: {shard}") from None
+        raise MissingError(f"shard not found: {shard}; check the shard spec (--wds)") from None
     except OSError as e:
         shard_issue("<shard>", f"cannot open shard: {e}")
         return
@@ -645,7 +648,7 @@ def plan_webdataset(spec: str | list[str], *, split: str = "train") -> Plan:
     without an image and without an <image> token gives a text-only record.
 
     One bad shard never raises: damage becomes issues and every complete sample before it is kept. A
-    missing shard raises FileNotFoundError.
+    missing shard raises MissingError.
     """
     plan = Plan()
     for shard in expand_shards(spec):
@@ -694,12 +697,8 @@ def read_image_bytes(rec: SampleRecord) -> bytes:
 def load_image(rec: SampleRecord, *, max_pixels: int) -> Image.Image:
     """Load and decode a record's image into an RGB `PIL.Image.Image` (raises `SampleError` if bad).
 
-    Synthetic records are rendered by `layerfuse.pipeline.data.synthetic.render_record(rec)` (imported lazily).
+    Synthetic records are rendered by `layerfuse.pipeline.data.synthetic.render_record(rec)`.
     """
     if rec.source == "synthetic":
-        from layerfuse.pipeline.data.synthetic import render_record
-
         return render_record(rec)
-    from layerfuse.pipeline.data.images import decode_image
-
     return decode_image(read_image_bytes(rec), max_pixels=max_pixels)

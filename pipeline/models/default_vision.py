@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from layerfuse.core.atomic import replacing
+from layerfuse.core.errors import StateError
 from layerfuse.pipeline.models.encoder import ImagePreprocessor
 from layerfuse.core.schedule import warmup_cosine
 from layerfuse.pipeline.data.synthetic import COLOURS, IMAGE_SIZE, SHAPES, Scene, dense_scene, detail_mask, glyph_mask, render, shape_mask
@@ -43,7 +44,7 @@ DETAILS = ("dot", "stripe")
 BACKGROUND_WEIGHT = 0.2  # cross-entropy weight of the "nothing here" class
 
 
-class DefaultVisionError(RuntimeError):
+class DefaultVisionError(StateError):
     """A default-tower folder that does not match the requested settings."""
 
 

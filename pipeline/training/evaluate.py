@@ -27,6 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from layerfuse.core.distributed import DistContext
+from layerfuse.core.errors import ConfigError
 from layerfuse.pipeline.cache.reader import FeatureCache
 from layerfuse.pipeline.data.conversation import SkipSample, prompt_for_generation
 from layerfuse.pipeline.models.generate import greedy_generate
@@ -139,8 +141,6 @@ def majority_baseline(cache: FeatureCache, split: str = "train") -> dict[str, tu
 
 @torch.inference_mode()
 def evaluate(cfg: EvalConfig) -> EvalResult:
-    from layerfuse.core.distributed import DistContext
-
     device = DistContext().device(cfg.device)
     vlm, bundle, model = load_run(cfg.run, device=device)
     cache_url = cfg.cache or model.cache
@@ -153,7 +153,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
     if rows.size == 0:
-        raise FileNotFoundError(f"cache {cache_url} has no samples in split {cfg.split!r}" + (f" of categories {cfg.categories}" if cfg.categories else ""))
+        raise ConfigError(f"cache {cache_url} has no samples in split {cfg.split!r}" + (f" of categories {cfg.categories}" if cfg.categories else "")
+                          + "; choose another --split or --categories (`layerfuse cache info` lists them)")
     chunks = [rows[i : i + cfg.batch_size] for i in range(0, rows.size, cfg.batch_size)]
     ds = EvalChunks(LazyCache(cache_url, None), chunks, fuser.required_layers, fuser.needs_text, bundle.tokenizer, model.template,
                      fuser.num_visual_tokens, bundle.image_token_id)

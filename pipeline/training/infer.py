@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from layerfuse.core.dtypes import StorageDtype
+from layerfuse.core.errors import StateError
 from layerfuse.fusion import VisionLanguageModel
 from layerfuse.pipeline.data.conversation import TokenizedSample, prompt_for_generation
 from layerfuse.pipeline.models.encoder import load_vision_encoder
@@ -48,7 +49,7 @@ class LivePipeline:
         self.model: RunModel
         enc = self.model.encoder
         if not enc.get("path"):
-            raise FileNotFoundError(f"run {run} does not record its vision encoder (retrain with this layerfuse version)")
+            raise StateError(f"run {run} does not record its vision encoder (retrain with this layerfuse version)")
         self.encoder = load_vision_encoder(enc["path"], revision=enc.get("revision"), device=device)
         if self.encoder.info.num_layers != self.model.vision["num_layers"] or self.encoder.info.hidden_size != self.model.vision["hidden_size"]:
             raise ValueError(f"the encoder at {enc['path']} is not the one run {run} was trained on")

@@ -10,7 +10,9 @@ import zipfile
 import pytest
 import torch
 from click.testing import CliRunner
+from layerfuse.core.errors import ToolchainError
 from layerfuse.pipeline.cache.reader import FeatureCache
+from layerfuse.pipeline.data.records import SampleError
 from layerfuse.pipeline.cli import main
 
 from tests.support import REPO, layerfuse_cmd
@@ -58,12 +60,39 @@ def test_three_sources_give_the_same_cache(tmp_path, vision_dir):
 
 
 def test_user_errors_are_one_line(tmp_path):
+    """A LayerfuseError is `layerfuse <command>: <message>` on stderr and exit status 1, also in nested groups."""
     r = CliRunner().invoke(main, ["cache", "info", str(tmp_path / "nothing")])
-    assert r.exit_code == 1 and "no layerfuse cache" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and r.stderr == f"layerfuse cache info: no layerfuse cache at '{tmp_path / 'nothing'}'\n", r.output
+    assert r.stdout == ""
     bad = tmp_path / "bad.json"
     bad.write_text("[{]")
     r = CliRunner().invoke(main, ["extract", "--llava", str(bad), "--out", str(tmp_path / "c"), "--vision", str(tmp_path / "nope")])
-    assert r.exit_code == 1 and "Error:" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and r.stderr.startswith("layerfuse extract: ") and r.stderr.count("\n") == 1, r.output
+    r = CliRunner().invoke(main, ["export", "onnx", "--run", str(tmp_path), "--out", str(tmp_path / "f.onnx")])
+    assert r.exit_code == 1 and r.stderr.startswith(f"layerfuse export onnx: '{tmp_path}' is not a finished layerfuse run"), r.output
+
+
+@pytest.mark.parametrize("error", [ToolchainError("no compiler here"), SampleError("truncated PNG")])
+def test_every_layerfuse_error_is_a_user_error(tmp_path, monkeypatch, error):
+    def fail(path):
+        raise error
+
+    monkeypatch.setattr("layerfuse.pipeline.cache.verify.cache_info", fail)
+    r = CliRunner().invoke(main, ["cache", "info", str(tmp_path)])
+    assert r.exit_code == 1 and r.stderr == f"layerfuse cache info: {error}\n"
+
+
+@pytest.mark.parametrize("error", [KeyError("a bug"), FileNotFoundError("an internal file")])
+def test_other_errors_keep_their_traceback(tmp_path, monkeypatch, error):
+    """Anything that is not a LayerfuseError is a bug: it propagates (click prints the traceback), including a
+    FileNotFoundError, which user-facing code raises as MissingError instead."""
+    def fail(path):
+        raise error
+
+    monkeypatch.setattr("layerfuse.pipeline.cache.verify.cache_info", fail)
+    with pytest.raises(type(error)) as caught:
+        CliRunner().invoke(main, ["cache", "info", str(tmp_path)], catch_exceptions=False)
+    assert caught.value is error
 
 
 def test_wheel_installs_only_under_layerfuse(tmp_path):

@@ -34,7 +34,7 @@ from layerfuse.pipeline.ablation.probe import (
     prepare_batch,
 )
 from layerfuse.pipeline.ablation.questions import UNKNOWN, question_set
-from layerfuse.pipeline.ablation.report import load_results
+from layerfuse.pipeline.ablation.results import load_results
 from layerfuse.pipeline.ablation.run import AblateError, AblateOptions, run_ablation
 from layerfuse.pipeline.ablation.shared_pass import train_together
 from layerfuse.pipeline.ablation.sweep import (
