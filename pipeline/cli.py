@@ -406,7 +406,8 @@ def eval_cmd(run_dir: str, categories: str | None, as_json: bool, quiet: bool, *
     """Greedy answers on a cache split: exact-match accuracy per task category and overall.
 
     Writes RUN/eval/SPLIT/results.{json,md} and answers.jsonl (LLaVA's answer-file format). The majority
-    column is the accuracy of always giving the training split's most frequent answer of that category.
+    column is the accuracy of always giving the training split's most frequent answer of that category; chance
+    is 1 / the number of distinct answers the training split gives in that category.
 
     \b
     Example:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from layerfuse.pipeline.cache.reader import FeatureCache
-from layerfuse.pipeline.training.evaluate import first_exchange, normalize_answer
+from layerfuse.pipeline.training.evaluate import chance_levels, first_exchange, normalize_answer
 
 
 UNKNOWN = -1
@@ -33,6 +33,7 @@ class QuestionSet:
     eval_categories: np.ndarray  # [m] str
     categories: list[str]
     majority: dict[str, float]  # category -> eval accuracy of always giving its most frequent training answer
+    chance: dict[str, float]  # category -> 1 / its distinct training answers (as `layerfuse eval` reports it)
 
     def labels_of(self, rows: np.ndarray) -> np.ndarray:
         """Training labels of reader rows (which must be training rows)."""
@@ -90,6 +91,9 @@ def question_set(cache: FeatureCache, categories: list[str] | None, train_split:
     for c in sorted(set(ev_cats.tolist())):
         sel = [a for a, cc in zip(ev_answers, ev_cats) if cc == c]
         majority[str(c)] = sum(a == top.get(c) for a in sel) / len(sel)
+    by_category: dict[str, list[str]] = {}
+    for a, c in zip(tr_answers, tr_cats):
+        by_category.setdefault(str(c), []).append(a)
     return QuestionSet(
         answers=vocab,
         train_rows=tr_rows,
@@ -99,4 +103,5 @@ def question_set(cache: FeatureCache, categories: list[str] | None, train_split:
         eval_categories=ev_cats,
         categories=sorted(cats),
         majority=majority,
+        chance=chance_levels(by_category),
     )

@@ -235,6 +235,7 @@ def run_ablation(spec: SweepSpec, opts: AblateOptions) -> AblateResult:
         "settings_hash": spec.settings_hash(), "settings": spec.settings(), "spec": asdict(spec),
         "vision": asdict(vision), "variants": [v.to_json() for v in variants],
         "questions": {"categories": questions.categories, "answers": questions.answers, "majority": questions.majority,
+                      "chance": questions.chance,
                       "train": int(questions.train_rows.size), "eval": int(questions.eval_rows.size), "eval_split": spec.eval_split},
         "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })

@@ -2,10 +2,11 @@
 
 Each sample is asked its first question (the first human turn, in the run's template) and its answer is
 compared with the first reference answer after normalisation (case, surrounding spaces and punctuation).
-Next to each category's accuracy stands the majority baseline: how often the training split's most frequent
-answer of that category would be right, so "above chance" can be read off the table.
+Next to each category's accuracy stand two baselines, so "above chance" can be read off the table: the majority
+baseline (how often the training split's most frequent answer of that category would be right) and chance
+(1 / the number of distinct answers the training split gives in that category: guessing uniformly among them).
 
-    RUN/eval/<split>/results.json   per category: n, correct, accuracy, majority baseline; overall
+    RUN/eval/<split>/results.json   per category: n, correct, accuracy, majority baseline, chance; overall
     RUN/eval/<split>/results.md     the same as a table
     RUN/eval/<split>/answers.jsonl  LLaVA answer-file format (question_id, prompt, text, answer_id, model_id,
                                     metadata), for real benchmark scorers
@@ -20,7 +21,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -62,16 +63,16 @@ class EvalConfig:
 @dataclass
 class EvalResult:
     out_dir: Path
-    per_category: dict[str, dict[str, Any]]  # category -> n, correct, accuracy, majority
+    per_category: dict[str, dict[str, Any]]  # category -> n, correct, accuracy, majority, chance
     overall: dict[str, Any]
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
     def table(self) -> str:
-        lines = ["| category | n | accuracy | majority baseline |", "|---|---|---|---|"]
+        lines = [f"| category | n | accuracy | majority baseline | {CHANCE_HEADER} |", "|---|---|---|---|---|"]
         for c, r in sorted(self.per_category.items()):
-            lines.append(f"| {c} | {r['n']} | {r['accuracy']:.3f} | {_fmt(r['majority'])} |")
+            lines.append(f"| {c} | {r['n']} | {r['accuracy']:.3f} | {_fmt(r['majority'])} | {_fmt(r['chance'])} |")
         o = self.overall
-        lines.append(f"| **overall** | {o['n']} | **{o['accuracy']:.3f}** | {_fmt(o['majority'])} |")
+        lines.append(f"| **overall** | {o['n']} | **{o['accuracy']:.3f}** | {_fmt(o['majority'])} | |")
         return "\n".join(lines)
 
 
@@ -128,15 +129,34 @@ def _collate(x: Any) -> Any:
     return x
 
 
-def majority_baseline(cache: FeatureCache, split: str = "train") -> dict[str, tuple[str, float]]:
-    """Per category: the most frequent normalised first answer in `split` (and its share there)."""
+def answer_counts(cache: FeatureCache, split: str = "train") -> dict[str, Counter]:
+    """Per category: how often each normalised first answer occurs in `split`."""
     rows = cache.select(split=split)
     answers: dict[str, Counter] = {}
     for conv, cat in zip(cache.conversations(rows), cache.categories[rows]):
         ex = first_exchange(conv)
         if ex is not None:
             answers.setdefault(str(cat), Counter())[normalize_answer(ex[1])] += 1
-    return {c: (cnt.most_common(1)[0][0], cnt.most_common(1)[0][1] / sum(cnt.values())) for c, cnt in answers.items()}
+    return answers
+
+
+def majority_baseline(counts: Mapping[str, Counter]) -> dict[str, tuple[str, float]]:
+    """Per category: the most frequent answer of `answer_counts` (and its share there)."""
+    return {c: (cnt.most_common(1)[0][0], cnt.most_common(1)[0][1] / sum(cnt.values())) for c, cnt in counts.items()}
+
+
+CHANCE_HEADER = "chance (1 / answers)"
+
+
+def chance_levels(answers: Mapping[str, Iterable[str]]) -> dict[str, float]:
+    """Per category: 1 / its number of distinct (normalised) training answers, the accuracy of guessing uniformly
+    among them. `answers`: category -> its answers (a Counter of `answer_counts`, or a list with repeats)."""
+    out = {}
+    for c, a in answers.items():
+        distinct = set(a)
+        if distinct:
+            out[c] = 1.0 / len(distinct)
+    return out
 
 
 @torch.inference_mode()
@@ -161,7 +181,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     workers = min(cfg.workers, len(chunks))
     loader = DataLoader(ds, batch_size=None, collate_fn=_collate, num_workers=workers, worker_init_fn=worker_init_fn(workers),
                         generator=own_generator(0))
-    baseline = majority_baseline(cache, "train")
+    counts = answer_counts(cache, "train")
+    baseline, chance = majority_baseline(counts), chance_levels(counts)
     records, skipped = [], []
     model_id = Path(cfg.run).resolve().name
     with tqdm(total=int(rows.size), unit="sample", desc=f"eval {cfg.split}", disable=not cfg.progress) as bar:
@@ -177,10 +198,11 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
                     records.append({**item, "answer": answer, "correct": normalize_answer(answer) == normalize_answer(item["reference"])})
             bar.update(len(chunk["items"]) + len(chunk["skipped"]))
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / "eval" / cfg.split
-    return _write(out, records, skipped, baseline, model_id)
+    return _write(out, records, skipped, baseline, chance, model_id)
 
 
-def _write(out: Path, records: list[dict[str, Any]], skipped: list[dict[str, Any]], baseline: dict[str, tuple[str, float]], model_id: str) -> EvalResult:
+def _write(out: Path, records: list[dict[str, Any]], skipped: list[dict[str, Any]], baseline: dict[str, tuple[str, float]],
+           chance: dict[str, float], model_id: str) -> EvalResult:
     out.mkdir(parents=True, exist_ok=True)
     per: dict[str, dict[str, Any]] = {}
     for r in records:
@@ -193,6 +215,7 @@ def _write(out: Path, records: list[dict[str, Any]], skipped: list[dict[str, Any
         v["accuracy"] = v["correct"] / v["n"]
         v["majority"] = v["majority_hits"] / v["n"] if v.pop("has_baseline") else None
         v["majority_answer"] = baseline[c][0] if c in baseline else None
+        v["chance"] = chance.get(c)
         v.pop("majority_hits")
     n = len(records)
     overall = {"n": n, "correct": sum(v["correct"] for v in per.values()), "accuracy": sum(v["correct"] for v in per.values()) / max(1, n),

@@ -50,6 +50,7 @@ from layerfuse.pipeline.ablation.sweep import (
 )
 from layerfuse.pipeline.cache.reader import FeatureCache
 from layerfuse.pipeline.cli import main
+from layerfuse.pipeline.training.evaluate import answer_counts, chance_levels
 
 from tests.support import REPO, layerfuse_cmd
 
@@ -221,6 +222,12 @@ def test_questions_and_probe_batches(train_cache):
     assert qs.train_rows.size > 50 and qs.eval_rows.size > 0 and set(qs.eval_categories) <= set(CATEGORIES)
     assert all(cache.splits[qs.train_rows] == "train") and all(cache.splits[qs.eval_rows] == "val")
     assert qs.answers and (qs.eval_labels >= UNKNOWN).all() and set(qs.majority) == set(qs.eval_categories)
+    # chance: 1 / the category's distinct training answers, the same numbers `layerfuse eval` prints
+    train_answers = [qs.answers[i] for i in qs.train_labels]
+    train_cats = cache.categories[qs.train_rows]
+    assert qs.chance == {c: 1 / len({a for a, cc in zip(train_answers, train_cats) if cc == c}) for c in set(train_cats.tolist())}
+    eval_chance = chance_levels(answer_counts(cache, "train"))
+    assert all(qs.chance[c] == pytest.approx(eval_chance[c]) for c in qs.chance)
     convs = cache.conversations(qs.train_rows[:5])
     assert [qs.answers[i] for i in qs.train_labels[:5]] == [c[1]["value"].strip().lower().rstrip(".") for c in convs]
     with pytest.raises(ValueError, match="no category nope"):
@@ -333,6 +340,10 @@ def test_sweep_writes_tables_plots_and_igva_weights(finished_sweep):
     assert "Finished: **16 of 16**" in md and "## Invalid combinations" in md and "## Layer probe" in md
     assert "| single | `3-18-23` | single reads exactly one layer" in md and "| igva | `former` | igva weighs at least 2 layer groups" in md
     data = json.loads((out / "results.json").read_text())
+    chance = data["questions"]["chance"]
+    assert set(chance) == set(data["questions"]["categories"]) and all(0 < x <= 1 for x in chance.values())
+    row = "| chance (1 / answers) |  |  |  | " + " | ".join(f"{chance[c]:.3f}" for c in data["questions"]["categories"]) + " |"
+    assert row in md and md.index("| majority baseline |") < md.index(row)  # under the majority baseline, as in the README
     arms = {(a["fuser"], a["layers"]): a for a in data["arms"]}
     concat = arms[("concat", "3-18-23")]
     assert concat["status"] == "done" and concat["seeds_done"] == [0, 1] and concat["overall"]["n"] == 2

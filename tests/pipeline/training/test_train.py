@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,9 @@ from layerfuse.pipeline.models.run import load_run, read_run_model
 from layerfuse.pipeline.training.evaluate import (
     EvalConfig,
     _write,
+    chance_levels,
     evaluate,
+    majority_baseline,
     normalize_answer,
 )
 from layerfuse.pipeline.training.loader import (
@@ -235,12 +238,17 @@ def test_answer_normalisation_and_scoring(tmp_path):
     assert normalize_answer("To the  LEFT") == "to the left" and normalize_answer("3") != normalize_answer("8")
     records = [{"id": f"s{i}", "category": c, "question": "q", "reference": ref, "answer": ans, "correct": normalize_answer(ans) == normalize_answer(ref)}
                for i, (c, ref, ans) in enumerate([("colour", "red", "Red"), ("colour", "blue", "red"), ("count", "3", "3"), ("count", "2", "3.")])]
-    res = _write(tmp_path, records, [], {"colour": ("red", 0.5), "count": ("3", 0.4)}, "m")
-    assert res.per_category["colour"] == {"n": 2, "correct": 1, "accuracy": 0.5, "majority": 0.5, "majority_answer": "red"}
+    counts = {"colour": Counter({"red": 2, "blue": 1, "green": 1}), "count": Counter({"3": 3, "2": 1, "1": 1, "4": 1})}
+    baseline, chance = majority_baseline(counts), chance_levels(counts)
+    assert baseline == {"colour": ("red", 0.5), "count": ("3", 0.5)} and chance == {"colour": 1 / 3, "count": 1 / 4}
+    assert chance_levels({"colour": ["red", "red", "blue"], "none": []}) == {"colour": 0.5}  # answers with repeats
+    res = _write(tmp_path, records, [], baseline, chance, "m")
+    assert res.per_category["colour"] == {"n": 2, "correct": 1, "accuracy": 0.5, "majority": 0.5, "majority_answer": "red", "chance": 1 / 3}
     assert res.per_category["count"]["accuracy"] == 0.5 and res.overall["accuracy"] == 0.5
     lines = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} <= set(lines[0]) and lines[1]["text"] == "red"
-    assert "| colour | 2 | 0.500 | 0.500 |" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "| accuracy | majority baseline | chance (1 / answers) |" in md and "| colour | 2 | 0.500 | 0.500 | 0.333 |" in md
 
 
 def test_eval_scores_every_answered_val_sample(train_cache, stage1, tmp_path):
