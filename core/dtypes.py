@@ -13,6 +13,8 @@ from enum import Enum
 import numpy as np
 import torch
 
+from layerfuse.core.errors import ConfigError
+
 
 class StorageDtype(str, Enum):
     """A feature dtype by name; `StorageDtype("bfloat16")` reads a name, `str(d)` and `d.value` give it back."""
@@ -31,11 +33,11 @@ class StorageDtype(str, Enum):
 
     @classmethod
     def parse(cls, name: str, option: str = "dtype") -> "StorageDtype":
-        """`name` as a StorageDtype; a ValueError naming `option` and the known names otherwise."""
+        """`name` as a StorageDtype; a ConfigError (a ValueError) naming `option` and the known names otherwise."""
         try:
             return cls(name)
         except ValueError:
-            raise ValueError(f"{option} must be one of {', '.join(cls.names())}, not {name!r}") from None
+            raise ConfigError(f"{option} must be one of {', '.join(cls.names())}, not {name!r}") from None
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from layerfuse.core.errors import ConfigError
+
 
 def option_value(text: str) -> Any:
     """`4` -> 4, `true` -> True, `[1, 2]` -> [1, 2], `"x"` -> "x", `mean` -> "mean" (surrounding spaces dropped)."""
@@ -22,9 +24,9 @@ def option_value(text: str) -> Any:
 def option_pair(text: str) -> tuple[str, Any]:
     """`KEY=VALUE` -> (KEY with `-` as `_`, option_value(VALUE)); only the first `=` splits, so values may hold `=`.
 
-    Raises ValueError naming the text when there is no `=` or no key."""
+    Raises ConfigError (a ValueError) naming the text when there is no `=` or no key."""
     key, sep, value = text.partition("=")
     key = key.strip().replace("-", "_")
     if not sep or not key:
-        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+        raise ConfigError(f"expected KEY=VALUE, got {text!r}")
     return key, option_value(value)

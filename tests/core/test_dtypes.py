@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import pytest
 import torch
 
 from layerfuse.core.dtypes import StorageDtype
+from layerfuse.pipeline.cache.extract import ComputeDtype, ExtractConfig
 from layerfuse.pipeline.cache.reader import from_torch, to_torch
 from layerfuse.pipeline.cli import main
 
@@ -43,3 +46,9 @@ def test_the_cache_stores_each_dtype_as_its_zarr_dtype_and_reads_it_back(dtype):
     assert stored.dtype == dtype.zarr_dtype
     back = to_torch(stored, dtype.value)
     assert back.dtype == dtype.torch_dtype and torch.equal(back, x.to(dtype.torch_dtype))
+
+
+def test_the_extract_config_names_agree_with_the_enum():
+    """ExtractConfig keeps a Literal of the compute dtypes for type checking; it must list the same names."""
+    assert set(get_args(ComputeDtype)) == {"auto", *StorageDtype.names()}
+    assert ExtractConfig.__dataclass_fields__["dtype"].default in StorageDtype.names()
