@@ -8,9 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import tarfile
-import types
 import uuid
 
 import fsspec
@@ -255,16 +253,14 @@ def test_load_image_llava_bad_files(tmp_path):
         load_image(by["good.jpg"], max_pixels=1000)
 
 
-def test_load_image_synthetic_delegates_lazily(monkeypatch):
+def test_load_image_synthetic_delegates_to_render_record(monkeypatch):
     calls = []
-    fake = types.ModuleType("layerfuse.pipeline.data.synthetic")
 
     def render_record(rec):
         calls.append(rec.id)
         return Image.new("RGB", (2, 2))
 
-    fake.render_record = render_record
-    monkeypatch.setitem(sys.modules, "layerfuse.pipeline.data.synthetic", fake)
+    monkeypatch.setattr("layerfuse.pipeline.data.sources.render_record", render_record)
     rec = SampleRecord("s0", "synthetic", {"seed": 0, "index": 0}, CONV, True)
     assert load_image(rec, max_pixels=100).size == (2, 2)
     assert calls == ["s0"]
