@@ -10,7 +10,8 @@ recomputation under gradient checkpointing and the decoding steps after a cached
 
 Positions: the hooks work in sequence indices (0..S-1 of the prefill, the image span's coordinates; left padding
 included), not in `position_ids`. transformers 4.x passes `cache_position` to the decoder layers; 5.x does not, so
-the offset of a decoding step is the length of the layer's own KV cache (not yet updated for this step).
+the offset of a decoding step is the length of the layer's own KV cache (not yet updated for this step), found
+under whichever name the layer gets it (`cache` from transformers 5.24, `past_key_values` before; see kv_cache.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from .base import Fuser, FuserBuildError, FuserConfig, FuserOutput, LLMSpec, VisionSpec
+from .kv_cache import cached_tokens, layer_cache
 from .layers import llm_layer_for
 from .projector import Projector
 
@@ -43,17 +45,6 @@ def decoder_layers(llm: nn.Module) -> nn.ModuleList:
     )
 
 
-def cached_tokens(past: Any, layer_idx: int = 0) -> int:
-    """Tokens already in a KV cache (a transformers `Cache`, or the legacy tuple of (key, value) per layer)."""
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length(layer_idx))
-    if isinstance(past, (tuple, list)) and len(past) > layer_idx and past[layer_idx] is not None:
-        return int(past[layer_idx][0].shape[-2])
-    return 0
-
-
 def sequence_positions(hidden: torch.Tensor, kwargs: dict, layer_idx: int) -> torch.Tensor:
     """Sequence indices [s] of the hidden states [B, s, d] entering decoder layer `layer_idx`.
 
@@ -65,8 +56,7 @@ def sequence_positions(hidden: torch.Tensor, kwargs: dict, layer_idx: int) -> to
     pos = kwargs.get("cache_position")
     if pos is not None and pos.numel() == s:
         return pos.to(hidden.device, torch.long).reshape(s)
-    past = kwargs.get("past_key_values", kwargs.get("past_key_value"))
-    offset = cached_tokens(past, layer_idx)
+    offset = cached_tokens(layer_cache(kwargs), layer_idx)
     return torch.arange(offset, offset + s, device=hidden.device)
 
 

@@ -6,7 +6,8 @@ LLaVA. Internal fusers get their features and the image span through `set_contex
 
     input_ids [B, S], layers [B, k, T, D], text [B, d_s] | None, has_image [B] -> logits [B, S, V]
 
-Decoding with a KV cache: call it again with the new token(s) and `past_key_values` (`layers` may be None).
+Decoding with a KV cache: call it again with the new token(s) and `cache=` the previous output's `cache`
+(`layers` may be None); the model passes it to the LLM under the name its transformers version wants (kv_cache.py).
 Such a step carries no image; the internal fusers keep the context of the prefill (inject adds nothing, xattn
 still attends to the image). Calling the LLM directly after a prefill through this model (e.g. transformers'
 `generate(inputs_embeds=...)`) works the same way, as long as the fuser context is that prefill's.
@@ -20,7 +21,8 @@ import torch
 from torch import nn
 
 from .base import Fuser, FuserOutput
-from .internal import ImageSpan, InternalFuser, cached_tokens
+from .internal import ImageSpan, InternalFuser
+from .kv_cache import LEGACY, cache_kwargs, cached_tokens, output_cache
 
 
 @dataclass
@@ -29,7 +31,7 @@ class VLMOutput:
     loss: torch.Tensor | None  # LM loss (+ the fuser's aux loss)
     lm_loss: torch.Tensor | None
     fused: FuserOutput | None  # None in a decoding step (the fuser does not run)
-    past_key_values: object | None = None
+    cache: object | None = None  # the LLM's KV cache when called with use_cache=True
 
 
 class VisionLanguageModel(nn.Module):
@@ -84,9 +86,14 @@ class VisionLanguageModel(nn.Module):
         has_image: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        cache: object | None = None,
         **llm_kwargs,
     ) -> VLMOutput:
-        past = cached_tokens(llm_kwargs.get("past_key_values"))
+        legacy = [name for name in LEGACY if name in llm_kwargs]
+        if legacy:
+            raise TypeError(f"VisionLanguageModel takes the KV cache as `cache=`, not `{legacy[0]}=`")
+        llm_kwargs.update(cache_kwargs(self.llm, cache))
+        past = cached_tokens(cache)
         if past > 0:
             return self._decode_step(input_ids, past, attention_mask, labels, llm_kwargs)
         if layers is None:
@@ -97,7 +104,7 @@ class VisionLanguageModel(nn.Module):
         loss = lm_loss
         if loss is not None and fused.aux_loss is not None:
             loss = loss + fused.aux_loss
-        return VLMOutput(out.logits, loss, lm_loss, fused, getattr(out, "past_key_values", None))
+        return VLMOutput(out.logits, loss, lm_loss, fused, output_cache(out))
 
     def _decode_step(self, input_ids: torch.Tensor, past: int, attention_mask: torch.Tensor | None,
                      labels: torch.Tensor | None, llm_kwargs: dict) -> VLMOutput:
@@ -125,4 +132,4 @@ class VisionLanguageModel(nn.Module):
                 )
         out = self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **llm_kwargs)
         lm_loss = getattr(out, "loss", None)
-        return VLMOutput(out.logits, lm_loss, lm_loss, None, getattr(out, "past_key_values", None))
+        return VLMOutput(out.logits, lm_loss, lm_loss, None, output_cache(out))

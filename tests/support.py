@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,3 +26,30 @@ def extract_config(out: str, vision_dir: Path, **kw):
     return ExtractConfig(**base)
 
 
+@contextmanager
+def cache_deprecations() -> Iterator[list[str]]:
+    """The KV-cache deprecation notices (`past_key_values` -> `cache`, transformers 5.24) given while the block runs:
+    `deprecate_kwarg` FutureWarnings and the `transformers` loggers' warnings (`warning_once` remembers what it said
+    in this process; that memory is cleared first)."""
+    seen: list[str] = []
+
+    def about_the_cache(message: str) -> bool:
+        return "deprecat" in message and "past_key_value" in message
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if about_the_cache(record.getMessage()):
+                seen.append(f"log {record.name}: {record.getMessage()}")
+
+    once = getattr(logging.Logger, "warning_once", None)  # installed by transformers.utils.logging
+    if hasattr(once, "cache_clear"):
+        once.cache_clear()
+    logger, handler = logging.getLogger("transformers"), Collect(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield seen
+    finally:
+        logger.removeHandler(handler)
+    seen += [f"{w.category.__name__}: {w.message}" for w in caught if about_the_cache(str(w.message))]

@@ -49,7 +49,7 @@ def greedy_generate(
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out = vlm(ids, layers.to(device), None if text is None else text.to(device), has_image=has_image,
               attention_mask=mask, position_ids=position_ids, use_cache=True)
-    past = out.past_key_values
+    cache = out.cache
     banned = torch.tensor(list(suppress), dtype=torch.long, device=device)
 
     def pick(logits: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B]
@@ -70,7 +70,7 @@ def greedy_generate(
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos + 1
-        step = vlm.llm(input_ids=next_tok[:, None], attention_mask=mask, position_ids=pos[:, None], past_key_values=past, use_cache=True)
-        past = step.past_key_values
+        step = vlm(next_tok[:, None], None, attention_mask=mask, position_ids=pos[:, None], cache=cache, use_cache=True)
+        cache = step.cache
         next_tok = pick(step.logits[:, -1])
     return generated

@@ -10,6 +10,7 @@ exercised too.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ from layerfuse.fusion import (
     build_fuser,
 )
 from layerfuse.fusion.internal import InternalFuser
+from layerfuse.fusion.kv_cache import cache_argument, cache_kwargs, cached_tokens
 from layerfuse.fusion.layers import llm_layer_for
 from layerfuse.fusion.projector import Projector
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -36,6 +39,9 @@ from transformers import (
     PretrainedConfig,
     Qwen2Config,
 )
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from tests.support import cache_deprecations
 
 ARCHS = ("llama", "qwen2", "mistral")
 INTERNAL = ("inject", "xattn")
@@ -320,17 +326,17 @@ def test_inject_is_prefill_only(llm: nn.Module) -> None:
     batch = make_batch(fuser)
     nxt = next_tokens(3)
     pre = vlm(batch.input_ids, batch.layers, has_image=batch.has_image, use_cache=True)
-    assert pre.past_key_values is not None and pre.past_key_values.get_seq_length() == SEQ
+    assert pre.cache is not None and pre.cache.get_seq_length() == SEQ
     torch.testing.assert_close(pre.logits, run(vlm, batch), atol=1e-6, rtol=0)  # the prefill got the injection
     assert not torch.allclose(pre.logits, plain_logits(vlm, batch), atol=1e-4)
     pre = vlm(batch.input_ids, batch.layers, has_image=batch.has_image, use_cache=True)  # context of this prefill
 
     # decoding step through the VLM (the prefill's context is kept), and straight through the LLM as
     # generate() does, with the context still set: both add nothing ...
-    through_vlm = vlm(nxt, None, past_key_values=copy.deepcopy(pre.past_key_values)).logits[:, -1]
-    through_llm = llm(input_ids=nxt, past_key_values=copy.deepcopy(pre.past_key_values)).logits[:, -1]
+    through_vlm = vlm(nxt, None, cache=copy.deepcopy(pre.cache)).logits[:, -1]
+    through_llm = llm(input_ids=nxt, **cache_kwargs(llm, copy.deepcopy(pre.cache))).logits[:, -1]
     fuser.clear_context()
-    bare = llm(input_ids=nxt, past_key_values=copy.deepcopy(pre.past_key_values)).logits[:, -1]
+    bare = llm(input_ids=nxt, **cache_kwargs(llm, copy.deepcopy(pre.cache))).logits[:, -1]
     assert torch.equal(through_vlm, bare) and torch.equal(through_llm, bare)
     # ... and continue the injected prefill: the last position of a full forward
     full = run(vlm, Batch(torch.cat([batch.input_ids, nxt], dim=1), batch.layers, batch.has_image))[:, -1]
@@ -392,8 +398,8 @@ def test_xattn_acts_at_decoding_steps(llm: nn.Module) -> None:
     full = run(vlm, extended)[:, -1]
     plain = plain_logits(vlm, extended)[:, -1]
     pre = vlm(batch.input_ids, batch.layers, has_image=batch.has_image, use_cache=True)
-    through_vlm = vlm(nxt, None, past_key_values=copy.deepcopy(pre.past_key_values)).logits[:, -1]
-    through_llm = llm(input_ids=nxt, past_key_values=copy.deepcopy(pre.past_key_values)).logits[:, -1]
+    through_vlm = vlm(nxt, None, cache=copy.deepcopy(pre.cache)).logits[:, -1]
+    through_llm = llm(input_ids=nxt, **cache_kwargs(llm, copy.deepcopy(pre.cache))).logits[:, -1]
     for step in (through_vlm, through_llm):
         torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
         assert (step[:2] - plain[:2]).abs().amax(dim=-1).min() > 1e-3  # the image rows are still fused
@@ -445,7 +451,7 @@ def test_left_padding(llm: nn.Module, name: str) -> None:
 
     vlm(padded.input_ids, padded.layers, has_image=padded.has_image, attention_mask=attention, position_ids=positions, use_cache=True)
     nxt = next_tokens(2)
-    step = vlm(nxt, None, past_key_values=pre.past_key_values, attention_mask=torch.cat([attention, torch.ones(2, 1, dtype=torch.long)], 1),
+    step = vlm(nxt, None, cache=pre.cache, attention_mask=torch.cat([attention, torch.ones(2, 1, dtype=torch.long)], 1),
                position_ids=positions[:, -1:] + 1).logits[:, -1]
     alone_next = run(vlm, Batch(torch.cat([short.input_ids, nxt[1:]], 1), short.layers, short.has_image))[0, -1]
     torch.testing.assert_close(step[1], alone_next, atol=1e-5, rtol=1e-5)
@@ -554,7 +560,7 @@ def test_embed_names_the_bad_batch_row(llama: nn.Module) -> None:
         vlm(batch.input_ids, batch.layers, has_image=torch.tensor([False, True, False]))
     pre = vlm(batch.input_ids, batch.layers, has_image=batch.has_image, use_cache=True)
     with pytest.raises(ValueError, match=r"decoding step.*batch rows \[1\]"):
-        vlm(torch.tensor([[3], [IMAGE_TOKEN], [4]]), None, past_key_values=pre.past_key_values)
+        vlm(torch.tensor([[3], [IMAGE_TOKEN], [4]]), None, cache=pre.cache)
 
 
 @torch.no_grad()
@@ -565,10 +571,10 @@ def test_decoding_step_needs_its_prefill(llama: nn.Module) -> None:
     pre = vlm(batch.input_ids, batch.layers, has_image=batch.has_image, use_cache=True)
     fuser.clear_context()
     with pytest.raises(RuntimeError, match="prefill"):
-        vlm(next_tokens(3), None, past_key_values=copy.deepcopy(pre.past_key_values))
+        vlm(next_tokens(3), None, cache=copy.deepcopy(pre.cache))
     vlm(batch.input_ids, batch.layers, has_image=batch.has_image)
     with pytest.raises(RuntimeError, match="batch of 3"):
-        vlm(next_tokens(2), None, past_key_values=copy.deepcopy(pre.past_key_values))
+        vlm(next_tokens(2), None, cache=copy.deepcopy(pre.cache))
 
 
 # -- 11. gradient checkpointing ----------------------------------------------------------------------------
@@ -635,3 +641,37 @@ def test_vlm_loss_adds_the_fuser_aux_loss_only_when_present(llama: nn.Module) ->
     assert out.loss is not None and torch.equal(out.loss, out.lm_loss)
     assert out.fused.internal.keys() == {0, 1, 2}
 
+
+
+# -- 12. the KV cache under the name of the installed transformers (`cache` from 5.24, `past_key_values` before) --
+def test_the_cache_argument_is_the_name_the_outputs_carry(llm: nn.Module) -> None:
+    name = cache_argument(llm)
+    assert name in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    lora = get_peft_model(llm, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert cache_argument(lora) == name  # a PEFT wrapper (stage 2 LoRA) answers for the model it wraps
+
+
+@torch.no_grad()
+def test_no_cache_deprecation_notices_from_our_calls(llama: nn.Module) -> None:
+    """Prefill, decoding steps through the VLM and straight through the LLM, and a training call: transformers
+    gets the cache under the name it wants and we read it from its outputs without the deprecated name."""
+    fuser = make_fuser("xattn", llama)
+    open_gates(fuser)
+    vlm = VisionLanguageModel(fuser, llama, IMAGE_TOKEN)
+    batch = make_batch(fuser)
+    with cache_deprecations() as seen:
+        pre = vlm(batch.input_ids, batch.layers, has_image=batch.has_image, use_cache=True)
+        step = vlm(next_tokens(3), None, cache=pre.cache, use_cache=True)
+        llama(input_ids=next_tokens(3, seed=6), **cache_kwargs(llama, step.cache))
+        vlm(batch.input_ids, batch.layers, has_image=batch.has_image, labels=batch.input_ids.masked_fill(batch.mask, -100))
+    assert seen == []
+    assert cached_tokens(step.cache) == SEQ + 2  # the direct LLM step went into the same cache
+
+
+def test_the_vlm_takes_the_cache_only_as_cache(llama: nn.Module) -> None:
+    fuser = make_fuser("xattn", llama)
+    vlm = VisionLanguageModel(fuser, llama, IMAGE_TOKEN)
+    batch = make_batch(fuser)
+    pre = vlm(batch.input_ids, batch.layers, has_image=batch.has_image, use_cache=True)
+    with pytest.raises(TypeError, match="`cache=`, not `past_key_values=`"):
+        vlm(next_tokens(3), None, past_key_values=pre.cache)
