@@ -2,6 +2,7 @@
 #   make extract   phase one on the embedded default (creates .venv and installs on first use)
 #   make train     phase two on it: stage 1, stage 2, then per-category accuracy on the val split
 #   make test      the test suite
+#   make lock      rewrite constraints.txt from the venv (after a deliberate upgrade; README "Installation")
 #
 # Installation knobs (see README "Installation"):
 #   TORCH_SPEC   what to install when the venv has no torch yet. Default torch==2.13.0 (a CPU wheel where
@@ -10,6 +11,9 @@
 #   VENV_FLAGS   e.g. --system-site-packages to reuse a container's torch (NGC images): a torch that is
 #                already importable is always kept, never replaced.
 #   EXTRAS       extra pip extras, e.g. EXTRAS=dev,s3
+#   LOCK         the pip constraints file the install follows, default constraints.txt: the exact version of
+#                every dependency but torch, as tested and measured. LOCK= opts out (the newest versions
+#                pyproject allows).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,6 +21,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
 EXTRAS ?= dev
 PIP_FLAGS ?= -q
+LOCK ?= constraints.txt
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.layerfuse-installed
@@ -36,20 +41,35 @@ STAGE2_LR ?= 1e-3
 TRAIN_ARGS ?=
 QUESTIONS := colour,shape,count,position,glyph,detail
 
-.PHONY: help install extract train test bench kernel clean clean-train
+.PHONY: help install lock extract train test bench kernel clean clean-train
 
 help:
-	@sed -n '2,15p' Makefile
+	@sed -n '/^[^#]/q;2,$$p' Makefile
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 	   echo "layerfuse: keeping the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	 else echo "layerfuse: installing $(TORCH_SPEC)"; $(BIN)/pip install $(PIP_FLAGS) $(TORCH_SPEC); fi
-	$(BIN)/pip install $(PIP_FLAGS) -e ".[$(EXTRAS)]"
+	$(BIN)/pip install $(PIP_FLAGS) $(if $(LOCK),-c $(LOCK)) -e ".[$(EXTRAS)]"
 	@touch $@
 
 install: $(STAMP)
+
+# constraints.txt from this venv (issue #13: pin the versions behind quoted numbers): every installed distribution
+# but layerfuse itself, pip, setuptools/wheel, and torch with the CUDA wheels that follow its build (nvidia-*,
+# triton): TORCH_SPEC, or the torch already installed, governs those. Moving the lock: rm -rf .venv && make install
+# LOCK= && make lock, then re-run what the README quotes.
+LOCK_OUT := $(or $(LOCK),constraints.txt)
+lock:
+	@test -x $(PY) || { echo "make lock: no $(VENV) to lock; run make install first" >&2; exit 1; }
+	@{ echo "# pip constraints (make install: pip install -c $(LOCK_OUT)), written by make lock from $(VENV) on"; \
+	   $(PY) -c "import platform, torch; print(f'# Python {platform.python_version()}, {platform.system()} {platform.machine()}, ' \
+	     f'torch {torch.__version__} (not pinned here: TORCH_SPEC or the installed torch governs it)')"; \
+	   $(BIN)/pip list --format=freeze --exclude-editable --disable-pip-version-check 2>/dev/null \
+	     | grep -viE '^(layerfuse|pip|setuptools|wheel|torch|triton|nvidia-[^=]*)=='; \
+	 } > $(LOCK_OUT).tmp && mv $(LOCK_OUT).tmp $(LOCK_OUT)
+	@echo "make lock: $$(grep -vc '^#' $(LOCK_OUT)) pins in $(LOCK_OUT)"
 
 extract: $(STAMP)
 	$(BIN)/layerfuse extract --run-dir $(RUN) --builtin $(N) --seed $(SEED) $(EXTRACT_ARGS)
