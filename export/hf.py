@@ -2,9 +2,10 @@
 
 transformers' `LlavaForConditionalGeneration` selects `vision_feature_layer` (an int, or a list whose hidden
 states it concatenates on channels), drops CLS with `vision_feature_select_strategy="default"` and projects with
-`linear_1 -> GELU -> linear_2`: exactly layerfuse's `single` and `concat` fusers (SPEC section 2) when every
-term is one layer and the projector is the 2-layer MLP. Everything else (group means, STI, MMFuser, IGVA,
-the internal fusers, a 1-layer projector) has no LLaVA equivalent and is refused with the reason.
+`linear_1 -> GELU -> linear_2`: exactly layerfuse's `single` and `concat` fusers
+(docs/methods.md#baseline-and-external-direct) when every term is one layer and the projector is the 2-layer MLP.
+Everything else (group means, STI, MMFuser, IGVA, the internal fusers, a 1-layer projector) has no LLaVA equivalent
+and is refused with the reason.
 
     export_llava(vlm, vision_dir, out_dir, tokenizer=tok)
     LlavaForConditionalGeneration.from_pretrained(out_dir)   # same logits as vlm on the same image and ids

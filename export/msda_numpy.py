@@ -1,5 +1,5 @@
-"""A numpy MSDeformAttn, written from the SPEC section 4 formula, and the `onnx.reference` op that runs the custom
-node with it (so `--msda custom` graphs can be checked without the TensorRT plugin).
+"""A numpy MSDeformAttn, written from the formula of docs/methods.md#msdeformattn, and the `onnx.reference` op that
+runs the custom node with it (so `--msda custom` graphs can be checked without the TensorRT plugin).
 
     from onnx.reference import ReferenceEvaluator
     ReferenceEvaluator(model, new_ops=[MSDeformAttnOp]).run(None, feeds)

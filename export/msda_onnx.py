@@ -1,4 +1,5 @@
-"""The MSDeformAttn operator in ONNX (SPEC section 4): the custom node, its gather body, and the three modes.
+"""The MSDeformAttn operator in ONNX (docs/methods.md#msdeformattn): the custom node, its gather body, the three
+modes.
 
     value              [B, S, H, Dh]        float (fp16 / bf16 allowed by the schema)
     spatial_shapes     [L, 2] int32         (h, w) of each level
@@ -77,7 +78,7 @@ def register_onnx_schema() -> None:
     param = schema.FormalParameter
     s = schema(
         PLUGIN_NAME, ONNX_DOMAIN, ONNX_DOMAIN_VERSION,
-        "Multi-scale deformable attention core (layerfuse, SPEC section 4; docs/msda-op.md).",
+        "Multi-scale deformable attention core (layerfuse, docs/methods.md#msdeformattn; docs/msda-op.md).",
         inputs=[param("value", "T"), param("spatial_shapes", "I"), param("level_start_index", "I"),
                 param("sampling_locations", "F"), param("attention_weights", "F")],
         outputs=[param("output", "T")],

@@ -1,4 +1,4 @@
-"""`concat`: External Direct fusion (MLVF E_D; Dense Connector SCI/DCI).
+"""`concat`: External Direct fusion, MLVF E_D / Dense Connector SCI, DCI (docs/methods.md#baseline-and-external-direct).
 
 The selected layers (group terms averaged first: DCI) are concatenated on channels and projected by an MLP
 with a wider first layer. `3-18-23` -> P(cat[h3, h18, h23]) with in-dim 3D; the token count stays N.

@@ -1,4 +1,4 @@
-"""`igva`: the instruction-guided vision aggregator (IGVA, SPEC section 5).
+"""`igva`: the instruction-guided vision aggregator (IGVA, docs/methods.md#igva).
 
 The extra terms are K groups of consecutive layers (default 1-6, 7-12, 13-18, 19-24). Each group's hidden
 states are averaged over its layers (all tokens) and split into a group CLS c_k [B, D] (the mean patch token

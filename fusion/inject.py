@@ -1,4 +1,4 @@
-"""`inject`: MLVF Internal Direct fusion (I_D).
+"""`inject`: MLVF Internal Direct fusion (I_D, docs/methods.md#internal-fusion).
 
 Before decoder layer m(k), P_k(h_k) is added to the residual stream at the image-token positions, during
 the prefill only: decoding steps with a KV cache (whose tokens lie after the prompt) add nothing, the cached

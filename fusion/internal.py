@@ -1,4 +1,4 @@
-"""Shared machinery of the LLM-internal fusers (MLVF I_D `inject` and I_M `xattn`, SPEC section 6).
+"""Shared machinery of the LLM-internal fusers (MLVF I_D `inject`, I_M `xattn`; docs/methods.md#internal-fusion).
 
 The input sequence carries the base layer as usual, `P(hs[base])`. Each extra term k (and the base too when the
 spec lists it: `3-18-23` fuses 3, 18 and 23, `3-18` only 3 and 18) gets its own projector P_k and enters the LLM
@@ -97,7 +97,7 @@ class InternalFuser(Fuser):
     def __init__(self, config: InternalConfig, vision: VisionSpec, llm: LLMSpec):
         super().__init__(config, vision, llm)
         n = len(self.selection.terms)
-        # the extra terms, and the base when the spec lists it (SPEC section 6: 3-18-23 -> three LLM layers)
+        # the extra terms, and the base when the spec lists it (3-18-23 -> three LLM layers; docs/methods.md)
         self.fused_terms = list(range(n - 1)) + ([n - 1] if self.selection.base_listed else [])
         if not self.fused_terms:
             raise FuserBuildError(f"{self.name} fuses extra layers inside the LLM; {self.selection.describe()} has none")

@@ -1,4 +1,4 @@
-"""Layer selection: which hidden states of the vision encoder a fuser reads (SPEC section 1).
+"""Layer selection: which encoder hidden states a fuser reads (docs/methods.md#layer-indexing-and-presets).
 
 A ViT with L blocks gives L+1 hidden states `hs[0..L]` (hs[0] = embeddings, hs[i] = output of block i).
 A selection is an ordered list of *terms*; each term is one layer or a group of layers that is averaged.
@@ -65,7 +65,7 @@ class LayerSelection:
     num_layers: int  # L, blocks of the encoder
     terms: tuple[tuple[int, ...], ...]
     # the base was written in the spec (`3-18-23`, explicit lists) rather than appended (`3-18`, named presets);
-    # the internal fusers then fuse it inside the LLM too (SPEC section 6: `3-18-23` -> LLM layers {2, 17, 22})
+    # the internal fusers then fuse it inside the LLM too (`3-18-23` -> LLM layers {2, 17, 22}; docs/methods.md)
     base_listed: bool = False
 
     @property
@@ -215,5 +215,6 @@ def _explicit_term(part: str, num_layers: int, spec: str) -> tuple[int, ...]:
 
 
 def llm_layer_for(vision_layer: int, vision_depth: int, llm_depth: int) -> int:
-    """MLVF's injection point m(k) = int(k * L_llm / L_vit - 1), 0-based, clamped to the LLM (SPEC section 6)."""
+    """MLVF's injection point m(k) = int(k * L_llm / L_vit - 1), 0-based, clamped to the LLM
+    (docs/methods.md#internal-fusion)."""
     return max(0, min(llm_depth - 1, int(vision_layer * llm_depth / vision_depth - 1)))

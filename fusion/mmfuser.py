@@ -1,4 +1,4 @@
-"""`mmfuser`: External Modular fusion (MMFuser, SPEC section 3).
+"""`mmfuser`: External Modular fusion (MMFuser, docs/methods.md#mmfuser).
 
 The base layer's patches are the query; the extra terms (default hs 3, 8, 13, 18) are the levels of a
 deformable cross-attention, each an h x w map of the same grid. A deformable self-attention over the single

@@ -1,4 +1,6 @@
-"""`single`: the LLaVA-1.5 baseline. One layer (default the penultimate), CLS dropped, MLP projector."""
+"""`single`: the LLaVA-1.5 baseline (docs/methods.md#baseline-and-external-direct).
+
+One layer (default the penultimate), CLS dropped, MLP projector."""
 
 from __future__ import annotations
 

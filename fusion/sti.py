@@ -1,4 +1,4 @@
-"""`sti`: Dense Connector's Sparse Token Integration.
+"""`sti`: Dense Connector's Sparse Token Integration (docs/methods.md#sparse-token-integration).
 
 The base layer's N patch tokens, followed by each extra term's patch grid average-pooled with stride s
 (N / s^2 tokens each), all through one projector with in-dim D. Visual tokens: N + K_extra * N / s^2.

@@ -1,4 +1,4 @@
-"""`xattn`: MLVF Internal Modular fusion (I_M), Flamingo-style gated cross-attention.
+"""`xattn`: MLVF Internal Modular fusion (I_M, docs/methods.md#internal-fusion), Flamingo-style gated cross-attention.
 
 Before decoder layer m(k) a block is run on the residual stream (the pretrained layer itself is untouched):
 

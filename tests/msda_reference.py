@@ -1,5 +1,5 @@
 """The MSDeformAttn float64 reference the fusion and plugins_trt tests share: a plain Python loop written from
-the formula in docs/methods.md (section MSDeformAttn)."""
+the formula in docs/methods.md#msdeformattn."""
 
 from __future__ import annotations
 

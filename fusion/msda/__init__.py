@@ -1,6 +1,6 @@
 """MSDeformAttn, kept apart as in Deformable-DETR's models/ops: the function (`ms_deform_attn` and its
 implementations) and the module (`MSDeformAttn`); compiled kernels plug in through `register_kernel`.
-The operator contract is SPEC section 4 and docs in `function.py`."""
+The operator contract is docs/methods.md#msdeformattn (summed up in `function.py`)."""
 
 from .function import IMPLS, kernel_available, ms_deform_attn, register_impl, register_kernel, unregister_impl, unregister_kernel
 from .gather import ms_deform_attn_gather

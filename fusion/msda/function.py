@@ -1,4 +1,4 @@
-"""`ms_deform_attn`: the MSDeformAttn operator (SPEC section 4) and its implementation dispatch.
+"""`ms_deform_attn`: the MSDeformAttn operator (docs/methods.md#msdeformattn) and its implementation dispatch.
 
     value              [B, S, H, Dh]         fp32 / fp16 / bf16 / fp64
     spatial_shapes     [L, 2] int            (h, w) of each level, S = sum(h*w)

@@ -1,4 +1,4 @@
-"""`MSDeformAttn`: Deformable-DETR's multi-scale deformable attention module (SPEC section 3).
+"""`MSDeformAttn`: Deformable-DETR's multi-scale deformable attention module (docs/methods.md#msdeformattn).
 
     query [B, Q, D], reference_points [B, Q, 2] or [B, Q, L, 2] (x, y in [0, 1]),
     input_flatten [B, S, D] (L levels, S = sum h_l*w_l) -> [B, Q, D]

@@ -37,7 +37,7 @@ from layerfuse.core.workers import worker_init_fn
 
 
 def resolved_lm(lm: LMSettings) -> LMSettings:
-    """The stage's defaults (SPEC section 7) filled in where the sweep leaves them open."""
+    """The stage's defaults (docs/methods.md#training-recipe) filled in where the sweep leaves them open."""
     d = STAGE_DEFAULTS[lm.stage]
     return dataclasses.replace(lm, **{k: (getattr(lm, k) if getattr(lm, k) is not None else d[k])
                                       for k in ("llm_mode", "lr_fuser", "lr_projector", "lr_llm")})

@@ -4,8 +4,8 @@
       -> arms: one row per (fuser, layer set): mean +- std over the finished seeds of the accuracy per category and
          overall, trainable parameters, train time, samples/s; invalid arms with the registry's reason; unfinished
          ones marked
-      -> the layer-probe table (SPEC section 8): accuracy per hidden state per category, raw and normalised per
-         category (divided by the category's best layer)
+      -> the layer-probe table (docs/methods.md#reference-numbers): accuracy per hidden state per category, raw and
+         normalised per category (divided by the category's best layer)
       -> DIR/results.md, results.csv, results.json and the plots (pipeline/ablation/plots.py) in DIR/plots/
 """
 
@@ -85,7 +85,8 @@ def markdown(res: SweepResults, plots: list[Path]) -> str:
         missing = sorted(set(table["planned"]) - set(table["layers"]))
         parts += ["## Layer probe: one `single` probe per hidden state", "",
                   "Accuracy (mean over seeds):", "", _table(hdr, raw), "",
-                  "Normalised per category (divided by the category's best layer, as in SPEC section 8):", "", _table(hdr, norm), ""]
+                  "Normalised per category (divided by the category's best layer, as in the single-layer study of "
+                  "docs/methods.md, Reference numbers):", "", _table(hdr, norm), ""]
         if missing:
             parts += [f"Not finished yet: hs{missing}.", ""]
     if invalid:

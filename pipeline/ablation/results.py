@@ -3,7 +3,7 @@
     DIR/sweep.json          the sweep's settings, variants and question set (written by `layerfuse ablate`)
     DIR/variants/<id>.json  one finished variant: its evaluation, timings and losses
       -> `SweepResults`: one `Arm` per (fuser, layer set) with mean +- std over its finished seeds
-      -> `layer_probe_table`: accuracy per hidden state per category (SPEC section 8)
+      -> `layer_probe_table`: accuracy per hidden state per category (docs/methods.md#reference-numbers)
 
 `pipeline/ablation/report.py` writes the tables from these, `pipeline/ablation/plots.py` the figures.
 """

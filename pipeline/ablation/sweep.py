@@ -54,8 +54,8 @@ class ProbeSettings:
 class LMSettings:
     """The LM budget: fuser + projector (+ the LLM) trained on the next-token loss as phase two does.
 
-    `stage` picks phase two's defaults (SPEC section 7: stage 1 = LLM frozen at lr 1e-3, stage 2 = everything at
-    2e-5); every variant starts from the base LLM (a sweep has no stage-1 run per variant to start from)."""
+    `stage` picks phase two's defaults (docs/methods.md#training-recipe: stage 1 = LLM frozen at lr 1e-3, stage 2 =
+    everything at 2e-5); every variant starts from the base LLM (a sweep has no stage-1 run per variant to start from)."""
 
     llm: str = "default"  # hub id or folder; "default" = the embedded tiny Llama (built in OUT/default-llm)
     stage: int = 1

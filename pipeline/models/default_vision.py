@@ -50,7 +50,7 @@ class DefaultVisionError(StateError):
 
 @dataclass(frozen=True)
 class DefaultVisionConfig:
-    """The embedded default tower: CLIP ViT with 24 blocks (so SPEC presets apply unscaled), 96 px, 12 px patches
+    """The embedded default tower: CLIP ViT with 24 blocks (so the layer presets apply unscaled), 96 px, 12 px patches
     (8x8 grid), pretrained for `pretrain_steps` steps of `pretrain_batch` fresh renders."""
 
     image_size: int = 96

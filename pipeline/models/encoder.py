@@ -1,8 +1,8 @@
 """The frozen vision tower: loading (hub id or local directory), preprocessing, and all-layer forward.
 
-A ViT with L blocks yields L+1 hidden states (SPEC section 1): hs[0] is the embedding output (after CLIP's
-`pre_layrnorm`), hs[i] the output of block i; none passes through `post_layernorm`. `VisionEncoder.forward`
-returns them stacked, every token kept (CLS included where the model has one).
+A ViT with L blocks yields L+1 hidden states (docs/methods.md#layer-indexing-and-presets): hs[0] is the embedding
+output (after CLIP's `pre_layrnorm`), hs[i] the output of block i; none passes through `post_layernorm`.
+`VisionEncoder.forward` returns them stacked, every token kept (CLS included where the model has one).
 
 The embedded default (`--vision default`) is a small CLIP built and pretrained in code (pipeline/models/default_vision.py),
 saved to a directory and loaded back through exactly the same code path as a real checkpoint.

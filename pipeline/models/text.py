@@ -1,4 +1,4 @@
-"""Instruction embeddings with a frozen sentence-transformers model (IGVA's text input, SPEC section 5).
+"""Instruction embeddings with a frozen sentence-transformers model (IGVA's text input, docs/methods.md#igva).
 
 Each human turn is cleaned (the `<image>` token and answer-format suffixes such as "Answer the question
 using a single word or phrase." removed) and embedded; the cache keeps every turn and the mean over turns.

@@ -58,7 +58,8 @@ from layerfuse.pipeline.training.state import checkpoint_dir, load_checkpoint, s
 
 Stage = Literal[1, 2]  # phase two: 1 trains fuser + projector (LLM frozen), 2 also the LLM
 Precision = Literal["auto", "fp32", "bf16"]
-# LLaVA-1.5's recipe (SPEC section 7): stage 1 at 1e-3 with the LLM frozen, stage 2 at 2e-5 for everything
+# LLaVA-1.5's recipe (docs/methods.md#training-recipe): stage 1 at 1e-3 with the LLM frozen, stage 2 at 2e-5 for
+# everything
 STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
     1: {"template": "plain", "lr_fuser": 1e-3, "lr_projector": 1e-3, "lr_llm": 0.0, "llm_mode": "frozen"},
     2: {"template": "v1", "lr_fuser": 2e-5, "lr_projector": 2e-5, "lr_llm": 2e-5, "llm_mode": "full"},

@@ -1,6 +1,6 @@
-"""Parity with transformers' LLaVA (SPEC section 2): `single`/`concat` + projector give the visual embeddings of
-`LlavaForConditionalGeneration` with `vision_feature_layer` int or list, and `layerfuse.export.hf` writes a model
-that `from_pretrained` loads with the same logits. Tiny CLIP (with CLS) and SigLIP (without) towers, both loaded
+"""Parity with transformers' LLaVA (docs/methods.md#baseline-and-external-direct): `single`/`concat` + projector give
+the visual embeddings of `LlavaForConditionalGeneration` with `vision_feature_layer` int or list, and
+`layerfuse.export.hf` writes a model that `from_pretrained` loads with the same logits. Tiny CLIP (with CLS) and SigLIP (without) towers, both loaded
 through `load_vision_encoder`, the real loading path."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """External fusers built from the registry: identity at init, gradients, batch independence, real-size
-parameter counts, bf16 autocast (SPEC sections 2, 3, 5)."""
+parameter counts, bf16 autocast (docs/methods.md: Baseline and External Direct, MMFuser, IGVA)."""
 
 from __future__ import annotations
 
@@ -225,7 +225,7 @@ def test_bf16_autocast_close_to_fp32(name):
 
 
 def test_real_size_parameter_counts():
-    """SPEC: MMFuser block at D=1024, 16 heads, 4 levels, 4 points ~ 5.19 M; IGVA allocator ~ 27 M."""
+    """docs/methods.md: MMFuser block at D=1024, 16 heads, 4 levels, 4 points ~ 5.19 M; IGVA allocator ~ 27 M."""
     block = MMFuserBlock(1024, (24, 24), levels=4, heads=16, points=4, eps=1e-6, impl="auto")
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(block.cross) == 2_886_400

@@ -1,5 +1,5 @@
 """Internal fusers (`inject` = MLVF I_D, `xattn` = MLVF I_M) and VisionLanguageModel on real Hugging Face
-causal LMs (SPEC section 6).
+causal LMs (docs/methods.md#internal-fusion).
 
 Tiny Llama / Qwen2 / Mistral models are built from their configs with a fixed seed, saved with
 `save_pretrained` and loaded back through `AutoModelForCausalLM.from_pretrained` (the real loading path).
@@ -180,7 +180,7 @@ def layer_io(llm: nn.Module) -> Iterator[tuple[list[torch.Tensor], list[torch.Te
 
 
 def expected_llm_layer(k: int, llm_depth: int) -> int:
-    """SPEC section 6, written out: m(k) = int(k * L_llm / 24 - 1), clamped to the stack."""
+    """docs/methods.md#internal-fusion written out for a 24-block tower: m(k) = int(k * L_llm / 24 - 1), clamped."""
     return min(llm_depth - 1, max(0, int(k * llm_depth / 24 - 1)))
 
 
@@ -190,7 +190,7 @@ def test_layer_mapping_on_a_24_layer_llm(name: str) -> None:
     torch.manual_seed(0)
     llm = AutoModelForCausalLM.from_config(tiny_config("llama", num_layers=24)).eval().requires_grad_(False)
     fuser = make_fuser(name, llm)
-    assert fuser.llm_layer_of == [2, 17, 22]  # SPEC: 3-18-23 -> {2, 17, 22}
+    assert fuser.llm_layer_of == [2, 17, 22]  # docs/methods.md: 3-18-23 -> {2, 17, 22}
     assert [llm_layer_for(k, 24, 24) for k in (3, 18, 23)] == [2, 17, 22]
     assert "3->2" in repr(fuser) and "18->17" in repr(fuser) and "23->22" in repr(fuser)
     open_gates(fuser)
@@ -239,8 +239,8 @@ def test_internal_fuser_needs_extra_layers(name: str) -> None:
 
 # -- 2. inject: exact against a hand-written reference -------------------------------------------------------
 def inject_reference(llm: nn.Module, fuser: InternalFuser, batch: Batch, vision_layers: tuple[int, ...] = (3, 18, 23)) -> torch.Tensor:
-    """SPEC section 6 written out: inputs_embeds carry P(hs[23] patches) at the image positions; a pre-hook on
-    decoder layer m(k) adds P_k(hs[k] patches) there. The fuser's hooks must be idle (context cleared)."""
+    """docs/methods.md#internal-fusion written out: inputs_embeds carry P(hs[23] patches) at the image positions; a
+    pre-hook on decoder layer m(k) adds P_k(hs[k] patches) there. The fuser's hooks must be idle (context cleared)."""
     d, depth = llm.config.hidden_size, llm.config.num_hidden_layers
     where = {layer: i for i, layer in enumerate(fuser.required_layers)}
     patches = batch.layers[:, :, 1:] if fuser.vision.has_cls else batch.layers  # CLS dropped where there is one

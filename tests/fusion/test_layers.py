@@ -1,4 +1,5 @@
-"""Layer specs (SPEC section 1): presets, scaling to other depths, explicit lists and groups, errors."""
+"""Layer specs (docs/methods.md#layer-indexing-and-presets): presets, scaling to other depths, explicit lists and
+groups, errors."""
 
 from __future__ import annotations
 

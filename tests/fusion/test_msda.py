@@ -1,4 +1,4 @@
-"""MSDeformAttn (SPEC section 4): both implementations against a float64 loop written from the formula."""
+"""MSDeformAttn (docs/methods.md#msdeformattn): both implementations against a float64 loop written from the formula."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def test_full_clip_checkpoint_loads_its_vision_tower(tmp_path):
     with torch.no_grad():
         ref = full.vision_model(pixel_values=x, output_hidden_states=True).hidden_states
     assert torch.equal(enc(x), torch.stack(ref, 1))
-    # hs[0] is after pre_layrnorm, hs[L] before post_layernorm (SPEC section 1)
+    # hs[0] is after pre_layrnorm, hs[L] before post_layernorm (docs/methods.md#layer-indexing-and-presets)
     with torch.no_grad():
         emb = full.vision_model.pre_layrnorm(full.vision_model.embeddings(x))
     assert torch.allclose(enc(x)[:, 0], emb)
