@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import get_args
-
 import numpy as np
 import pytest
 import torch
 
 from layerfuse.core.dtypes import StorageDtype
-from layerfuse.pipeline.cache.extract import ComputeDtype, ExtractConfig
+from layerfuse.pipeline.cache.extract import ExtractConfig, _compute_dtype
 from layerfuse.pipeline.cache.reader import from_torch, to_torch
 from layerfuse.pipeline.cli import main
 
@@ -48,7 +46,8 @@ def test_the_cache_stores_each_dtype_as_its_zarr_dtype_and_reads_it_back(dtype):
     assert back.dtype == dtype.torch_dtype and torch.equal(back, x.to(dtype.torch_dtype))
 
 
-def test_the_extract_config_names_agree_with_the_enum():
-    """ExtractConfig keeps a Literal of the compute dtypes for type checking; it must list the same names."""
-    assert set(get_args(ComputeDtype)) == {"auto", *StorageDtype.names()}
+def test_extract_defaults_and_compute_dtypes_come_from_the_enum():
     assert ExtractConfig.__dataclass_fields__["dtype"].default in StorageDtype.names()
+    cpu = torch.device("cpu")
+    assert [_compute_dtype(name, cpu) for name in _choices("extract", "compute_dtype")] == [
+        torch.float32, *(d.torch_dtype for d in StorageDtype)]  # auto is float32 on the CPU
