@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,16 +103,23 @@ def test_wheel_installs_only_under_layerfuse(tmp_path):
 
     root = REPO
     src = tmp_path / "src"  # build from a copy: setuptools leaves build/ behind in the tree it builds
-    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "data", "build", "*.egg-info", "__pycache__"))
+    generated = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:  # runs/ and data/ only at the root: pipeline/data is code
+        at_root = {".venv", ".git", "runs", "data"} if Path(folder) == root else set()
+        return set(generated(folder, names)) | (at_root & set(names))
+
+    shutil.copytree(root, src, ignore=ignore)
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = tmp_path.glob("layerfuse-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"layerfuse", next(t for t in tops if t.endswith(".dist-info"))}
-    for sub in ("pipeline", "fusion", "export", "plugins_trt"):
-        assert f"layerfuse/{sub}/__init__.py" in names
-    assert "layerfuse/pipeline/cache.py" in names
+    stages = ("data", "models", "cache", "training", "ablation")
+    for sub in ("core", "fusion", "plugins_trt", "export", "pipeline", *(f"pipeline/{p}" for p in stages)):
+        assert f"layerfuse/{sub}/__init__.py" in names, sub
+    assert "layerfuse/pipeline/cache/reader.py" in names and "layerfuse/pipeline/cli.py" in names
 
 
 def test_extract_ends_with_a_summary_naming_skipped_samples(tmp_path, vision_dir):

@@ -339,7 +339,7 @@ def test_cli_export_onnx_and_engine_without_tensorrt(stage1, tmp_path):
     except ImportError:
         assert res.exit_code != 0 and "TensorRT is not installed" in res.output and "Traceback" not in res.output
     else:  # pragma: no cover - a machine with TensorRT
-        pytest.skip("TensorRT is installed: the engine path is exercised by tests/test_onnx_export.py")
+        pytest.skip("TensorRT is installed: the engine path is exercised by tests/export/test_onnx_export.py")
 
 
 # -- real processes: kill + resume, DDP, FSDP -------------------------------------------------------------------------
