@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import subprocess
 import sys
-from dataclasses import fields
-from typing import Any
+import types
+import typing
+from dataclasses import MISSING, Field, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import click
+from click.core import ParameterSource
 
 from layerfuse.core import __version__
+from layerfuse.core.config import choices, field_types
 from layerfuse.core.errors import LayerfuseError, StateError
 from layerfuse.core.dtypes import StorageDtype
 from layerfuse.core.options import option_pair
-from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL
 
 
 class UserError(click.ClickException):
@@ -56,6 +62,134 @@ class LayerfuseGroup(_OneLineUserErrors, click.Group):
     group_class = type  # subgroups (cache, data, export, bench) are LayerfuseGroups too
 
 
+# --- options bound to config fields ---------------------------------------------------------------------------------
+# A command's settings live once, in its config dataclass; an option names the field (`module:Class` + field path)
+# and takes its default, its choices (a Literal annotation) and its type from there. The config module is imported
+# when click first needs the field (a command's --help or run), so `layerfuse --help` stays fast.
+EXTRACT = "layerfuse.pipeline.cache.extract:ExtractConfig"
+TRAIN = "layerfuse.pipeline.training.train:TrainConfig"
+EVAL = "layerfuse.pipeline.training.evaluate:EvalConfig"
+SWEEP = "layerfuse.pipeline.ablation.sweep:SweepSpec"
+ABLATE = "layerfuse.pipeline.ablation.run:AblateOptions"
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One field of a config dataclass: `config` is "module:Class", `path` the field name (dotted into a nested
+    config dataclass: "probe.width")."""
+
+    config: str
+    path: str
+
+    def resolve(self) -> tuple[Field, Any]:
+        """The dataclass field and its annotation (string annotations evaluated)."""
+        cls = attribute(self.config)
+        *outer, last = self.path.split(".")
+        for part in outer:
+            cls = field_types(cls)[part]
+        found = {f.name: f for f in fields(cls)}
+        if last not in found:
+            raise TypeError(f"{self.config} has no field {self.path!r}")
+        return found[last], field_types(cls)[last]
+
+    def default(self) -> Any:
+        """The field's default (None for a field without one: the option is then required or derived)."""
+        f, _ = self.resolve()
+        if f.default is not MISSING:
+            return f.default
+        return f.default_factory() if f.default_factory is not MISSING else None
+
+
+class FieldType(click.ParamType):
+    """The click type of a config field, from its annotation when first needed: a Literal is a click.Choice of its
+    values; int, float, str (also as `X | None`) are click's."""
+
+    def __init__(self, option: FieldOption):
+        self.option = option
+
+    @property
+    def choices(self) -> tuple[Any, ...] | None:
+        return choices(self.option.field.resolve()[1])
+
+    @property
+    def resolved(self) -> click.ParamType:
+        allowed = self.choices
+        if allowed is not None:
+            return click.Choice([str(c) for c in allowed])
+        annotation = self.option.field.resolve()[1]
+        optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        base = [a for a in (typing.get_args(annotation) if optional else (annotation,)) if a is not type(None)]
+        return click.types.convert_type(base[0] if len(base) == 1 and base[0] in (int, float, str) else str)  # a list: its text
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.resolved.name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        converted = self.resolved.convert(value, param, ctx)
+        allowed = self.choices  # the Literal's own value (Literal[1, 2] gives the int 1, not "1")
+        return converted if allowed is None else next(c for c in allowed if str(c) == str(converted))
+
+    def get_metavar(self, *args: Any, **kwargs: Any) -> str | None:
+        return self.resolved.get_metavar(*args, **kwargs)
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+        return self.resolved.shell_complete(ctx, param, incomplete)
+
+
+class FieldOption(click.Option):
+    """A click option bound to a config field (`config_option`): its default is the field's (shown in --help), its
+    type the field's (FieldType) unless the option gives one (an IntRange, say); flags keep click's bool type.
+    `default_text` turns the field's default into what --help shows, for a default that the field only stands for
+    (None = "the stage's": "plain (stage 1), v1 (stage 2)")."""
+
+    def __init__(self, param_decls: Sequence[str], *, config: str, path: str | None = None,
+                 default_text: Callable[[Any], Any] | None = None, **attrs: Any):
+        flag = attrs.get("is_flag") or "flag_value" in attrs or any("/" in d for d in param_decls)
+        if not flag:
+            attrs.setdefault("type", FieldType(self))
+        attrs.setdefault("show_default", default_text is None and (not flag or any("/" in d for d in param_decls)))
+        super().__init__(param_decls, **attrs)
+        self.field = ConfigField(config, path or str(self.name))
+        self.default_text = default_text
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
+        return self.field.default()
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        record = super().get_help_record(ctx)
+        if record is None or self.default_text is None:
+            return record
+        return record[0], f"{record[1]}  [default: {self.default_text(self.field.default())}]".lstrip()
+
+
+def config_option(config: str, *param_decls: str, path: str | None = None, **attrs: Any) -> Callable[[Any], Any]:
+    """`@config_option(TRAIN, "--epochs", help=...)`: an option bound to the field it is named after (or `path`)."""
+    return click.option(*param_decls, cls=FieldOption, config=config, path=path, **attrs)
+
+
+def attribute(ref: str) -> Any:
+    """"module:name.attr" -> that object; the module is imported on first use (see ConfigField)."""
+    module, _, name = ref.partition(":")
+    found: Any = importlib.import_module(module)
+    for part in name.split("."):
+        found = getattr(found, part)
+    return found
+
+
+def stage_defaults(key: str) -> Callable[[Any], str]:
+    """default_text of a TrainConfig setting whose None means the stage's: "plain (stage 1), v1 (stage 2)"."""
+    return lambda _: ", ".join(f"{d[key]} (stage {s})" for s, d in attribute("layerfuse.pipeline.training.train:STAGE_DEFAULTS").items())
+
+
+def bound_values(ctx: click.Context, config: str, *, given_only: bool = False) -> dict[str, Any]:
+    """Field path -> value of the command's options bound to `config` (`given_only`: those given on the command line
+    or through their environment variable, to set over a file's values)."""
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {p.field.path: ctx.params[p.name] for p in ctx.command.params
+            if isinstance(p, FieldOption) and p.field.config == config and (not given_only or ctx.get_parameter_source(p.name) in given)}
+
+
 @click.group(cls=LayerfuseGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="layerfuse")
 def main() -> None:
@@ -65,6 +199,7 @@ def main() -> None:
     Phase one:  layerfuse extract      every vision-encoder layer + instruction embeddings -> zarr cache
     Inspect:    layerfuse cache info | verify
     Data:       layerfuse data synthetic  (the built-in dataset)
+    Tower:      layerfuse tower rebuild | record  (the shipped pretrained default vision tower)
     Fusion:     layerfuse fusers          (registered fusers, their options, layer-spec resolution)
     Phase two:  layerfuse train | eval | infer
     Ablations:  layerfuse ablate | report
@@ -116,33 +251,36 @@ def data_synthetic(out_dir: str, n: int, seed: int, shard_size: int, quiet: bool
 # --- extract --------------------------------------------------------------------------------------------------------
 @main.command()
 @click.option("--out", default=None, help="Cache URL: a local path or fsspec URL (memory://, s3://...). [default: RUN_DIR/cache]")
-@click.option("--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False), help="Run folder; the default vision tower is saved here.")
-@click.option("--llava", default=None, help="Source: LLaVA JSON/JSONL file (path or URL).")
-@click.option("--image-root", default=None, help="Folder the LLaVA 'image' paths are relative to. [default: the JSON's folder]")
-@click.option("--wds", default=None, help="Source: WebDataset shards: paths, globs or brace patterns, comma-separated.")
-@click.option("--builtin", type=click.IntRange(min=1), default=None, help="Source: N built-in synthetic samples (the default source, N=2000).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the built-in dataset.")
-@click.option("--split", default="train", show_default=True, help="Split recorded for samples whose record names none.")
-@click.option("--vision", default="default", show_default=True, help="Vision tower: HF hub id or local folder; 'default' = the embedded tiny CLIP, pretrained on built-in renders into RUN_DIR/vision.")
-@click.option("--vision-revision", default=None, help="Hub revision of --vision.")
-@click.option("--vision-pretrain-steps", type=click.IntRange(min=0), default=None, help="Pretraining steps of the default tower (--vision default only); 0 = random weights. [default: 2000]")
-@click.option("--pad-to-square/--no-pad-to-square", default=False, show_default=True, help="LLaVA's expand2square before the processor.")
-@click.option("--dtype", type=click.Choice(StorageDtype.names()), default="float16", show_default=True, help="Stored feature dtype.")
-@click.option("--text-model", default=DEFAULT_TEXT_MODEL, show_default=True, help="sentence-transformers model (id or folder) for instructions.")
+@config_option(EXTRACT, "--run-dir", type=click.Path(file_okay=False), help="Run folder; the default vision tower is saved here.")
+@config_option(EXTRACT, "--llava", help="Source: LLaVA JSON/JSONL file (path or URL).")
+@config_option(EXTRACT, "--image-root", help="Folder the LLaVA 'image' paths are relative to. [default: the JSON's folder]")
+@config_option(EXTRACT, "--wds", help="Source: WebDataset shards: paths, globs or brace patterns, comma-separated.")
+@config_option(EXTRACT, "--builtin", type=click.IntRange(min=1), default_text=lambda _: attribute("layerfuse.pipeline.cache.extract:BUILTIN_SAMPLES"),
+               help="Source: N built-in synthetic samples (the default source).")
+@config_option(EXTRACT, "--seed", help="Seed of the built-in dataset.")
+@config_option(EXTRACT, "--split", help="Split recorded for samples whose record names none.")
+@config_option(EXTRACT, "--vision", help="Vision tower: HF hub id or local folder; 'default' = the embedded tiny CLIP, pretrained on built-in renders into RUN_DIR/vision.")
+@config_option(EXTRACT, "--vision-revision", help="Hub revision of --vision.")
+@config_option(EXTRACT, "--vision-pretrain-steps", type=click.IntRange(min=0),
+               default_text=lambda _: attribute("layerfuse.pipeline.models.default_vision:DefaultVisionConfig.pretrain_steps"),
+               help="Pretraining steps of the default tower (--vision default only); 0 = random weights.")
+@config_option(EXTRACT, "--pad-to-square/--no-pad-to-square", help="LLaVA's expand2square before the processor.")
+@config_option(EXTRACT, "--dtype", type=click.Choice(StorageDtype.names()), help="Stored feature dtype.")
+@config_option(EXTRACT, "--text-model", help="sentence-transformers model (id or folder) for instructions.")
 @click.option("--suffix", "suffixes", multiple=True, help="Answer-format suffix to strip before embedding (repeat; replaces the LLaVA defaults).")
-@click.option("--shard-samples", type=click.IntRange(min=1), default=None, help="Samples per output shard. [default: from --shard-mib]")
-@click.option("--shard-mib", type=click.IntRange(min=1), default=512, show_default=True, help="Target uncompressed size of an output shard.")
-@click.option("--chunk-kib", type=click.IntRange(min=1), default=256, show_default=True, help="Target size of a chunk (one layer of several samples, for tiny encoders).")
-@click.option("--clevel", type=click.IntRange(0, 9), default=3, show_default=True, help="zstd level (blosc, byte shuffle); 5 stores ~12% less at half the write speed.")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=89_478_485, show_default=True, help="Decompression-bomb guard: larger images are skipped.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers for decoding.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
-@click.option("--compute-dtype", type=click.Choice(["auto", *StorageDtype.names()]), default="auto", show_default=True, help="Encoder dtype (auto: bf16 on CUDA, fp32 on CPU).")
-@click.option("--strict", is_flag=True, help="Stop at the first bad sample instead of skipping and recording it.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
+@config_option(EXTRACT, "--shard-samples", type=click.IntRange(min=1), help="Samples per output shard. [default: from --shard-mib]")
+@config_option(EXTRACT, "--shard-mib", type=click.IntRange(min=1), help="Target uncompressed size of an output shard.")
+@config_option(EXTRACT, "--chunk-kib", type=click.IntRange(min=1), help="Target size of a chunk (one layer of several samples, for tiny encoders).")
+@config_option(EXTRACT, "--clevel", type=click.IntRange(0, 9), help="zstd level (blosc, byte shuffle); 5 stores ~12% less at half the write speed.")
+@config_option(EXTRACT, "--max-pixels", type=click.IntRange(min=1), help="Decompression-bomb guard: larger images are skipped.")
+@config_option(EXTRACT, "--batch-size", type=click.IntRange(min=1))
+@config_option(EXTRACT, "--workers", type=click.IntRange(min=0), help="DataLoader workers for decoding.")
+@config_option(EXTRACT, "--device", help="auto | cpu | cuda | cuda:N")
+@config_option(EXTRACT, "--compute-dtype", type=click.Choice(["auto", *StorageDtype.names()]), help="Encoder dtype (auto: bf16 on CUDA, fp32 on CPU).")
+@config_option(EXTRACT, "--strict", is_flag=True, help="Stop at the first bad sample instead of skipping and recording it.")
+@config_option(EXTRACT, "--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(out: str | None, run_dir: str, suffixes: tuple[str, ...], quiet: bool, **kw: Any) -> None:
+def extract(out: str | None, suffixes: tuple[str, ...], quiet: bool, **settings: Any) -> None:
     """Phase one: store every vision-encoder layer and the instruction embeddings in a zarr v3 cache.
 
     Reads one source (LLaVA JSON + images, WebDataset shards, or the built-in dataset), runs the frozen
@@ -164,14 +302,9 @@ def extract(out: str | None, run_dir: str, suffixes: tuple[str, ...], quiet: boo
 
     transformers.logging.disable_progress_bar()  # per-file weight-loading bars would drown the extraction bar
 
-    names = {f.name for f in fields(ExtractConfig)}
-    cfg = ExtractConfig(
-        out=out or f"{run_dir.rstrip('/')}/cache",
-        run_dir=run_dir,
-        suffixes=tuple(suffixes) if suffixes else DEFAULT_SUFFIXES,
-        progress=not quiet,
-        **{k: v for k, v in kw.items() if k in names},
-    )
+    values = bound_values(click.get_current_context(), EXTRACT)
+    cfg = ExtractConfig(out=out or f"{values['run_dir'].rstrip('/')}/cache", progress=not quiet,
+                        **({"suffixes": tuple(suffixes)} if suffixes else {}), **values)
     res = run_extract(cfg)
     if not res.summary and not res.already_complete:
         return  # a non-zero rank under torchrun: rank 0 reports
@@ -193,6 +326,77 @@ def extract(out: str | None, run_dir: str, suffixes: tuple[str, ...], quiet: boo
             click.echo(f"  {what}: {i['id']}: {i['reason']}" + (f" ({i['where']})" if i["where"] else ""))
         if len(issues) > 10:
             click.echo(f"  ... {len(issues) - 10} more: `layerfuse cache info {res.url} --json` lists all")
+
+
+# --- the shipped default tower --------------------------------------------------------------------------------------
+@main.group()
+def tower() -> None:
+    """The default vision tower the package ships (pipeline/models/default_tower/): `layerfuse extract` installs it
+    instead of pretraining when the settings are its recipe's.
+
+    \b
+    Examples:
+      layerfuse tower rebuild                  # pretrain it again (~9 min on 2 cores), compare with the shipped files
+      layerfuse tower record runs/default/vision --commit $(git rev-parse HEAD)
+    """
+
+
+def _git_commit() -> str:
+    """This checkout's commit (+uncommitted when tracked files changed), or 'unknown' outside git."""
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+    return res.stdout.strip() + ("+uncommitted" if dirty.strip() else "")
+
+
+@tower.command("rebuild")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Folder to build into (kept). [default: a temporary folder]")
+@click.option("--device", default="cpu", show_default=True, help="Where to pretrain; the shipped tower was built on the CPU.")
+@click.option("--record", is_flag=True, help="Make the rebuilt tower the shipped one (rewrites pipeline/models/default_tower/).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def tower_rebuild(out: str | None, device: str, record: bool, quiet: bool) -> None:
+    """Pretrain the default tower from the shipped recipe with this code and compare every file's sha256 (and the
+    held-out accuracies) with the shipped ones; exits 1 when they differ (unless --record)."""
+    import tempfile
+
+    from layerfuse.pipeline.models.default_vision import (
+        DefaultVisionConfig,
+        build_default_vision,
+        read_recipe,
+        record_shipped,
+        shipped_differences,
+    )
+
+    recipe = read_recipe()
+    cfg = DefaultVisionConfig(**recipe["config"]) if recipe else DefaultVisionConfig()
+    with tempfile.TemporaryDirectory(prefix="layerfuse-tower-") as tmp:
+        folder = Path(out) if out else Path(tmp) / "vision"
+        build_default_vision(folder, cfg, progress=not quiet, device=device, shipped=None)
+        diffs = shipped_differences(folder)
+        click.echo(f"rebuilt default tower in {folder}: " + ("identical to the shipped one" if not diffs else f"{len(diffs)} difference(s) from the shipped one"))
+        for d in diffs:
+            click.echo(f"  {d}")
+        if record:
+            record_shipped(folder, commit=_git_commit(), device=device)
+            click.echo("recorded it as the shipped tower (pipeline/models/default_tower/)")
+        elif diffs:
+            raise SystemExit(1)
+
+
+@tower.command("record")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--commit", default=None, help="The code version that built FOLDER. [default: this checkout's git commit]")
+@click.option("--device", default="cpu", show_default=True, help="Where FOLDER was pretrained.")
+def tower_record(folder: str, commit: str | None, device: str) -> None:
+    """Make the default tower built in FOLDER (default settings, on this machine) the shipped one: copy its files to
+    pipeline/models/default_tower/ with a new recipe.json (settings, code version, machine, sha256, held-out
+    accuracies, and a fingerprint of the first pretraining steps, rerun here in seconds)."""
+    from layerfuse.pipeline.models.default_vision import record_shipped, shipped_summary
+
+    recipe = record_shipped(folder, commit=commit or _git_commit(), device=device)
+    click.echo(shipped_summary(recipe).replace("installed the shipped one", "recorded as the shipped one"))
 
 
 # --- cache ----------------------------------------------------------------------------------------------------------
@@ -307,45 +511,45 @@ def _fuser_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 
 
 @main.command("train")
-@click.option("--cache", required=True, help="Feature cache (phase one output).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
-@click.option("--stage", type=click.IntRange(1, 2), default=1, show_default=True, help="1: fuser + projector, LLM frozen. 2: also the LLM (from --init-from).")
-@click.option("--fuser", default="concat", show_default=True, help="Fuser name (`layerfuse fusers` lists them).")
-@click.option("--layers", default=None, help="Layer spec (preset, dash list, explicit list, groups). [default: the fuser's]")
+@config_option(TRAIN, "--cache", required=True, help="Feature cache (phase one output).")
+@config_option(TRAIN, "--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@config_option(TRAIN, "--stage", help="1: fuser + projector, LLM frozen. 2: also the LLM (from --init-from).")
+@config_option(TRAIN, "--fuser", help="Fuser name (`layerfuse fusers` lists them).")
+@config_option(TRAIN, "--layers", help="Layer spec (preset, dash list, explicit list, groups). [default: the fuser's]")
 @click.option("--fuser-opt", "fuser_opts", multiple=True, metavar="KEY=VALUE", help="Another fuser option, e.g. heads=4 (repeat).")
-@click.option("--llm", default="default", show_default=True, help="Causal LM: hub id or folder; 'default' = the embedded tiny Llama (random weights).")
-@click.option("--llm-default-dir", default=None, help="Where the embedded default LLM is built. [default: OUT/default-llm]")
-@click.option("--init-from", default=None, type=click.Path(file_okay=False), help="Stage 2: the stage-1 run to start from.")
-@click.option("--template", type=click.Choice(["plain", "v1", "chat"]), default=None, help="Conversation template. [default: plain (stage 1), v1 (stage 2)]")
-@click.option("--split", default="train", show_default=True, help="Cache split to train on.")
+@config_option(TRAIN, "--llm", help="Causal LM: hub id or folder; 'default' = the embedded tiny Llama (random weights).")
+@config_option(TRAIN, "--llm-default-dir", help="Where the embedded default LLM is built. [default: OUT/default-llm]")
+@config_option(TRAIN, "--init-from", type=click.Path(file_okay=False), help="Stage 2: the stage-1 run to start from.")
+@config_option(TRAIN, "--template", default_text=stage_defaults("template"), help="Conversation template.")
+@config_option(TRAIN, "--split", help="Cache split to train on.")
 @click.option("--categories", default=None, help="Only these sample categories (comma-separated), e.g. caption for stage 1.")
-@click.option("--max-length", type=click.IntRange(min=8), default=2048, show_default=True, help="Max tokens per sample (image span included); longer ones are cut, never inside the image.")
-@click.option("--epochs", type=float, default=1.0, show_default=True)
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (overrides --epochs).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Global batch (all ranks x accumulation).")
-@click.option("--micro-batch-size", type=click.IntRange(min=1), default=None, help="Per rank and forward pass; the rest is gradient accumulation. [default: batch/world]")
-@click.option("--lr-fuser", type=float, default=None, help="[default: 1e-3 stage 1, 2e-5 stage 2]")
-@click.option("--lr-projector", type=float, default=None, help="[default: 1e-3 stage 1, 2e-5 stage 2]")
-@click.option("--lr-llm", type=float, default=None, help="[default: 2e-5 in stage 2]")
-@click.option("--llm-mode", type=click.Choice(["frozen", "full", "lora"]), default=None, help="What stage 2 does to the LLM. [default: full]")
-@click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lora-alpha", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lora-dropout", type=float, default=0.05, show_default=True)
-@click.option("--lora-targets", default="all-linear", show_default=True, help="'all-linear' or module names, comma-separated.")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
-@click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True, help="auto = bf16 autocast on CUDA, fp32 on CPU.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute LLM activations in the backward pass.")
-@click.option("--fsdp", is_flag=True, help="Shard the model over torchrun ranks (FSDP2) instead of DDP.")
-@click.option("--attn-implementation", default="auto", show_default=True, help="auto (flash_attention_2 when installed on CUDA, else sdpa) | sdpa | eager | ...")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--buffer-rows", type=click.IntRange(min=1), default=1024, show_default=True, help="Shuffle buffer in samples (whole global batches).")
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers reading the cache.")
-@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--save-every", type=click.IntRange(min=0), default=200, show_default=True, help="Checkpoint every N steps (0: only at the end).")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
-@click.option("--no-tensorboard", "tensorboard", flag_value=False, default=True, help="Do not write TensorBoard events.")
+@config_option(TRAIN, "--max-length", type=click.IntRange(min=8), help="Max tokens per sample (image span included); longer ones are cut, never inside the image.")
+@config_option(TRAIN, "--epochs")
+@config_option(TRAIN, "--max-steps", type=click.IntRange(min=1), help="Optimizer steps (overrides --epochs).")
+@config_option(TRAIN, "--batch-size", type=click.IntRange(min=1), help="Global batch (all ranks x accumulation).")
+@config_option(TRAIN, "--micro-batch-size", type=click.IntRange(min=1), help="Per rank and forward pass; the rest is gradient accumulation. [default: batch/world]")
+@config_option(TRAIN, "--lr-fuser", default_text=stage_defaults("lr_fuser"))
+@config_option(TRAIN, "--lr-projector", default_text=stage_defaults("lr_projector"))
+@config_option(TRAIN, "--lr-llm", default_text=stage_defaults("lr_llm"))
+@config_option(TRAIN, "--llm-mode", default_text=stage_defaults("llm_mode"), help="What stage 2 does to the LLM.")
+@config_option(TRAIN, "--lora-r", type=click.IntRange(min=1))
+@config_option(TRAIN, "--lora-alpha", type=click.IntRange(min=1))
+@config_option(TRAIN, "--lora-dropout")
+@config_option(TRAIN, "--lora-targets", help="'all-linear' or module names, comma-separated.")
+@config_option(TRAIN, "--weight-decay")
+@config_option(TRAIN, "--warmup-ratio")
+@config_option(TRAIN, "--max-grad-norm")
+@config_option(TRAIN, "--precision", help="auto = bf16 autocast on CUDA, fp32 on CPU.")
+@config_option(TRAIN, "--gradient-checkpointing", is_flag=True, help="Recompute LLM activations in the backward pass.")
+@config_option(TRAIN, "--fsdp", is_flag=True, help="Shard the model over torchrun ranks (FSDP2) instead of DDP.")
+@config_option(TRAIN, "--attn-implementation", help="auto (flash_attention_2 when installed on CUDA, else sdpa) | sdpa | eager | ...")
+@config_option(TRAIN, "--seed")
+@config_option(TRAIN, "--buffer-rows", type=click.IntRange(min=1), help="Shuffle buffer in samples (whole global batches).")
+@config_option(TRAIN, "--workers", type=click.IntRange(min=0), help="DataLoader workers reading the cache.")
+@config_option(TRAIN, "--log-every", type=click.IntRange(min=1))
+@config_option(TRAIN, "--save-every", type=click.IntRange(min=0), help="Checkpoint every N steps (0: only at the end).")
+@config_option(TRAIN, "--device", help="auto | cpu | cuda | cuda:N")
+@config_option(TRAIN, "--no-tensorboard", "tensorboard", flag_value=False, help="Do not write TensorBoard events.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out that holds a run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -371,12 +575,11 @@ def train_cmd(fuser_opts: tuple[str, ...], categories: str | None, resume: bool,
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after the tokenizer is loaded
     transformers.logging.disable_progress_bar()
-    names = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(
         fuser_options=_fuser_options(fuser_opts),
         categories=[c.strip() for c in categories.split(",") if c.strip()] if categories else None,
         progress=not quiet,
-        **{k: v for k, v in kw.items() if k in names},
+        **bound_values(click.get_current_context(), TRAIN),
     )
     res = train(cfg, resume=resume, overwrite=overwrite)
     if not res.is_main:
@@ -390,16 +593,16 @@ def train_cmd(fuser_opts: tuple[str, ...], categories: str | None, resume: bool,
 
 
 @main.command("eval")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run folder.")
-@click.option("--cache", default=None, help="Cache to evaluate on. [default: the run's training cache]")
-@click.option("--split", default="val", show_default=True)
+@config_option(EVAL, "--run", "run_dir", path="run", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run folder.")
+@config_option(EVAL, "--cache", help="Cache to evaluate on. [default: the run's training cache]")
+@config_option(EVAL, "--split")
 @click.option("--categories", default=None, help="Only these categories (comma-separated).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N samples of the split.")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder. [default: RUN/eval/SPLIT]")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@config_option(EVAL, "--batch-size", type=click.IntRange(min=1))
+@config_option(EVAL, "--max-new-tokens", type=click.IntRange(min=1))
+@config_option(EVAL, "--limit", type=click.IntRange(min=1), help="Only the first N samples of the split.")
+@config_option(EVAL, "--out", type=click.Path(file_okay=False), help="Output folder. [default: RUN/eval/SPLIT]")
+@config_option(EVAL, "--device")
+@config_option(EVAL, "--workers", type=click.IntRange(min=0))
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the table.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_cmd(run_dir: str, categories: str | None, as_json: bool, quiet: bool, **kw: Any) -> None:
@@ -421,7 +624,8 @@ def eval_cmd(run_dir: str, categories: str | None, as_json: bool, quiet: bool, *
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.logging.disable_progress_bar()
-    cfg = EvalConfig(run=run_dir, categories=[c.strip() for c in categories.split(",")] if categories else None, progress=not quiet, **kw)
+    cfg = EvalConfig(categories=[c.strip() for c in categories.split(",")] if categories else None, progress=not quiet,
+                     **bound_values(click.get_current_context(), EVAL))
     res = evaluate(cfg)
     if as_json:
         click.echo((res.out_dir / "results.json").read_text())
@@ -469,38 +673,37 @@ def infer_cmd(run_dir: str, images: tuple[str, ...], questions: tuple[str, ...],
 
 # --- ablations ------------------------------------------------------------------------------------------------------
 @main.command("ablate")
-@click.option("--cache", default=None, help="Feature cache to sweep on (or `cache:` in the sweep file).")
+@config_option(SWEEP, "--cache", help="Feature cache to sweep on (or `cache:` in the sweep file).")
 @click.option("--sweep", "sweep_file", default=None, type=click.Path(dir_okay=False), help="YAML or TOML sweep file; command-line values override it.")
-@click.option("--fusers", default=None, help="Fusers, comma-separated, e.g. single,concat,mmfuser,igva.")
-@click.option("--layers", default=None, help="Layer sets, comma-separated (e.g. 18,3-18-23,all); separate with ';' when a set has commas ('4,12,20;12,').")
-@click.option("--seeds", default=None, help="A count (3 = seeds 0,1,2) or a comma list (0,5). [default: 1]")
-@click.option("--probe-layers", default=None, help="Layer-probe study: one single-layer probe per hidden state: 'all' or e.g. 0,3,12,23.")
-@click.option("--mode", type=click.Choice(["probe", "lm"]), default=None, help="probe: fuser + small answer head (minutes); lm: fuser + projector + LLM, greedy exact match. [default: probe]")
-@click.option("--epochs", type=float, default=None, help="Epochs over the training questions. [default: 5]")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps per variant (overrides --epochs).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 32]")
-@click.option("--lr", type=float, default=None, help="Probe mode learning rate (fuser, projector, head). [default: 1e-3]")
-@click.option("--probe-width", type=click.IntRange(min=4), default=None, help="Probe mode: the fuser's output width and the head's. [default: 128]")
+@config_option(SWEEP, "--fusers", help="Fusers, comma-separated, e.g. single,concat,mmfuser,igva.")
+@config_option(SWEEP, "--layers", help="Layer sets, comma-separated (e.g. 18,3-18-23,all); separate with ';' when a set has commas ('4,12,20;12,').")
+@config_option(SWEEP, "--seeds", default_text=lambda seeds: "seed " + ",".join(map(str, seeds)), help="A count (3 = seeds 0,1,2) or a comma list (0,5).")
+@config_option(SWEEP, "--probe-layers", help="Layer-probe study: one single-layer probe per hidden state: 'all' or e.g. 0,3,12,23.")
+@config_option(SWEEP, "--mode", help="probe: fuser + small answer head (minutes); lm: fuser + projector + LLM, greedy exact match.")
+@config_option(SWEEP, "--epochs", help="Epochs over the training questions.")
+@config_option(SWEEP, "--steps", type=click.IntRange(min=1), help="Optimizer steps per variant (overrides --epochs).")
+@config_option(SWEEP, "--batch-size", type=click.IntRange(min=1))
+@config_option(SWEEP, "--lr", path="probe.lr", help="Probe mode learning rate (fuser, projector, head).")
+@config_option(SWEEP, "--probe-width", path="probe.width", type=click.IntRange(min=4), help="Probe mode: the fuser's output width and the head's.")
 @click.option("--fuser-opt", "fuser_opts", multiple=True, metavar="FUSER.KEY=VALUE", help="A fuser option for the whole sweep, e.g. mmfuser.heads=4 (repeat).")
-@click.option("--categories", default=None, help="Train and evaluate on these categories (comma-separated). [default: the closed-answer ones]")
-@click.option("--eval-split", default=None, help="Split to evaluate on. [default: val]")
-@click.option("--eval-limit", type=click.IntRange(min=1), default=None, help="Evaluate on at most N questions.")
-@click.option("--llm", default=None, help="lm mode: causal LM, hub id or folder; 'default' = the embedded tiny Llama. [default: default]")
-@click.option("--stage", type=click.IntRange(1, 2), default=None, help="lm mode: phase two's stage defaults (1: LLM frozen, lr 1e-3; 2: all trained, 2e-5). [default: 1]")
-@click.option("--llm-mode", type=click.Choice(["frozen", "full", "lora"]), default=None, help="lm mode: what happens to the LLM. [default: the stage's]")
-@click.option("--template", type=click.Choice(["plain", "v1", "chat"]), default=None, help="lm mode: conversation template. [default: v1]")
-@click.option("--max-length", type=click.IntRange(min=8), default=None, help="lm mode: max tokens per sample. [default: 2048]")
-@click.option("--micro-batch-size", type=click.IntRange(min=1), default=None, help="lm mode: forward-pass batch (gradient accumulation). [default: batch]")
-@click.option("--group-size", type=click.IntRange(min=1), default=None, help="Variants per shared pass. [default: as many as fit the memory estimate]")
-@click.option("--memory-fraction", type=click.FloatRange(0.01, 1.0), default=0.5, show_default=True, help="Share of the available memory the groups may use.")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader reader processes. [default: 1, 2 from 8 cores]")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads. [default: cores - workers]")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep folder (results, plots, per-variant files).")
-@click.option("--overwrite", is_flag=True, help="Start over in an --out that holds a sweep with other settings.")
+@config_option(SWEEP, "--categories", help="Train and evaluate on these categories (comma-separated). [default: the closed-answer ones]")
+@config_option(SWEEP, "--eval-split", help="Split to evaluate on.")
+@config_option(SWEEP, "--eval-limit", type=click.IntRange(min=1), help="Evaluate on at most N questions.")
+@config_option(SWEEP, "--llm", path="lm.llm", help="lm mode: causal LM, hub id or folder; 'default' = the embedded tiny Llama.")
+@config_option(SWEEP, "--stage", path="lm.stage", help="lm mode: phase two's stage defaults (1: LLM frozen, lr 1e-3; 2: all trained, 2e-5).")
+@config_option(SWEEP, "--llm-mode", path="lm.llm_mode", help="lm mode: what happens to the LLM. [default: the stage's]")
+@config_option(SWEEP, "--template", path="lm.template", help="lm mode: conversation template.")
+@config_option(SWEEP, "--max-length", path="lm.max_length", type=click.IntRange(min=8), help="lm mode: max tokens per sample.")
+@config_option(SWEEP, "--micro-batch-size", path="lm.micro_batch_size", type=click.IntRange(min=1), help="lm mode: forward-pass batch (gradient accumulation). [default: batch]")
+@config_option(ABLATE, "--group-size", type=click.IntRange(min=1), help="Variants per shared pass. [default: as many as fit the memory estimate]")
+@config_option(ABLATE, "--memory-fraction", type=click.FloatRange(0.01, 1.0), help="Share of the available memory the groups may use.")
+@config_option(ABLATE, "--workers", type=click.IntRange(min=0), help="DataLoader reader processes. [default: 1, 2 from 8 cores]")
+@config_option(ABLATE, "--threads", type=click.IntRange(min=1), help="torch CPU threads. [default: cores - workers]")
+@config_option(ABLATE, "--device", help="auto | cpu | cuda | cuda:N")
+@config_option(ABLATE, "--out", required=True, type=click.Path(file_okay=False), help="Sweep folder (results, plots, per-variant files).")
+@config_option(ABLATE, "--overwrite", is_flag=True, help="Start over in an --out that holds a sweep with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def ablate_cmd(sweep_file: str | None, fuser_opts: tuple[str, ...], group_size: int | None, memory_fraction: float, workers: int | None,
-               threads: int | None, device: str, out: str, overwrite: bool, quiet: bool, **cli: Any) -> None:
+def ablate_cmd(sweep_file: str | None, fuser_opts: tuple[str, ...], quiet: bool, **settings: Any) -> None:
     """Fusion ablations: train fusers x layer sets x seeds on one cache, many variants per pass over it.
 
     Variants that fit in memory together share one pass: each batch is read once (the union of their layers) and
@@ -526,9 +729,10 @@ def ablate_cmd(sweep_file: str | None, fuser_opts: tuple[str, ...], group_size: 
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.logging.disable_progress_bar()
-    spec = sweep_from_inputs(sweep_file, cli, list(fuser_opts), num_states=lambda path: FeatureCache(path).num_layers)
-    opts = AblateOptions(out=out, group_size=group_size, memory_fraction=memory_fraction, workers=workers, threads=threads, device=device,
-                         overwrite=overwrite, progress=not quiet)
+    ctx = click.get_current_context()
+    spec = sweep_from_inputs(sweep_file, bound_values(ctx, SWEEP, given_only=True), list(fuser_opts),
+                             num_states=lambda path: FeatureCache(path).num_layers)
+    opts = AblateOptions(progress=not quiet, **bound_values(ctx, ABLATE))
     res = run_ablation(spec, opts)
     click.echo(f"ablate: {res.trained} variant(s) trained in {res.groups} shared pass(es), {res.reused} finished earlier, "
                f"{res.invalid} invalid; {res.wall_s:.0f}s")

@@ -1,5 +1,9 @@
 """What an ablation sweep is: its spec (from the command line or a YAML/TOML file) and its variants.
 
+A sweep file and the command line are read by one parser: pydantic validates the mapping against `SweepSpec` (types,
+choices, unknown keys, the shorthands of its field types: comma lists, a seed count, 'all' probe layers), and the
+command line sets the same dotted field names (`steps`, `probe.width`, `lm.llm`) over the file.
+
     SweepSpec (fusers x layer sets x seeds, + the layer-probe study, + the training budget)
       -- expand_sweep(spec, vision, llm) -->  [Variant]  each valid (trainable) or invalid (with the reason)
 
@@ -21,17 +25,24 @@ import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Callable, Literal
 
 import torch
+import yaml
+from pydantic import BeforeValidator, ValidationInfo, with_config
 
+from layerfuse.core.config import STRICT, check_choices, read_config
 from layerfuse.core.errors import ConfigError
 from layerfuse.core.fingerprint import FINGERPRINT, fingerprint, fingerprinted, fingerprinted_when
 from layerfuse.core.options import option_pair
 from layerfuse.fusion import FuserBuildError, LLMSpec, VisionSpec, build_fuser, fuser_class, list_fusers
+from layerfuse.pipeline.data.conversation import Template
+from layerfuse.pipeline.models.llm import DEFAULT_LLM
+from layerfuse.pipeline.models.run import LLMMode, Stage
+from layerfuse.pipeline.training.evaluate import EvalConfig
+from layerfuse.pipeline.training.train import STAGE_DEFAULTS, TrainConfig
 
-
-MODES = ("probe", "lm")
+Mode = Literal["probe", "lm"]  # probe: fuser + answer head; lm: fuser + projector + LLM, as phase two trains
 STUDY_SWEEP, STUDY_LAYERS = "sweep", "layers"
 VARIANT_LIST = {FINGERPRINT: False}  # field metadata: a list of variants, not a setting every variant shares
 
@@ -40,59 +51,146 @@ class SweepError(ConfigError):
     """A sweep spec that cannot be run as written (clear message, no traceback in the CLI)."""
 
 
+# -- the shorthands a sweep file and the command line may use (pydantic runs these before checking the type) -------
+def split_layer_sets(text: str) -> list[str]:
+    """`--layers` value -> layer specs: separated by ';' when one appears (explicit lists such as `4,12,20` or `12,`
+    contain commas), else by ','."""
+    sep = ";" if ";" in text else ","
+    return [s.strip() for s in text.split(sep) if s.strip()]
+
+
+def _words(value: Any) -> Any:
+    """`"a, b"` -> ["a", "b"]; a list's items as strings (a YAML `18` is the layer spec "18"); one number -> [it]."""
+    if isinstance(value, str):
+        return [x.strip() for x in value.split(",") if x.strip()]
+    return _strings(value)
+
+
+def _layer_sets(value: Any) -> Any:
+    return split_layer_sets(value) if isinstance(value, str) else _strings(value)
+
+
+def _strings(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [str(value)]
+    return value  # pydantic names what is wrong with it
+
+
+def _seeds(value: Any) -> Any:
+    """`3` or `"3"` -> [0, 1, 2]; `"0,5"` -> the seeds 0 and 5; a list as it is."""
+    if isinstance(value, str):
+        if "," in value:
+            return [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            value = int(value)
+        except ValueError:
+            raise ValueError("expected a count or a list of integers") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError("a count of seeds must be >= 1")
+        return list(range(value))
+    return value
+
+
+def _probe_layers(value: Any, info: ValidationInfo) -> Any:
+    """`all` -> every hidden state 0..L; `0,3,12,23` / [0, 3] -> those (negative counts from the end). Needs the
+    cache's number of hidden states: the validation context's `num_states` (a number or a callable giving it)."""
+    if value is None:
+        return None
+    states = (info.context or {}).get("num_states")
+    if states is None:
+        raise ValueError("needs the cache's number of hidden states")
+    num_states = states() if callable(states) else int(states)
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return list(range(num_states))
+    out = []
+    for v in value if isinstance(value, (list, tuple)) else [p for p in str(value).split(",") if p.strip()]:
+        i = _int(v)
+        j = i + num_states if i < 0 else i
+        if not 0 <= j < num_states:
+            raise ValueError(f"layer {i} does not exist: the cache stores hidden states 0..{num_states - 1}")
+        if j not in out:
+            out.append(j)
+    if not out:
+        raise ValueError("lists no layer; use 'all' or e.g. 0,3,12,23")
+    return out
+
+
+def _int(v: Any) -> int:
+    try:
+        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError
+        return int(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected an integer, not {v!r}") from None
+
+
+Names = Annotated[list[str], BeforeValidator(_words)]  # a list, or one comma-separated string
+LayerSets = Annotated[list[str], BeforeValidator(_layer_sets)]  # layer specs; in one string ';'- or ','-separated
+Seeds = Annotated[list[int], BeforeValidator(_seeds)]  # a count (3 = seeds 0, 1, 2) or a list
+ProbeLayers = Annotated[list[int] | None, BeforeValidator(_probe_layers)]  # 'all' or hidden-state indices
+
+
+@with_config(STRICT)
 @dataclass
 class ProbeSettings:
     """The probe budget: the fuser's projector maps to `width`, a small answer head replaces the LLM."""
 
     width: int = 128  # d: the fuser's output width, the head's width
     heads: int = 4  # attention-pooling heads of the answer head
-    lr: float = 1e-3  # fuser, projector and head
+    lr: float = STAGE_DEFAULTS[1]["lr_fuser"]  # fuser, projector and head, at phase two's stage-1 rate
     weight_decay: float = 0.0
 
 
+@with_config(STRICT)
 @dataclass
 class LMSettings:
     """The LM budget: fuser + projector (+ the LLM) trained on the next-token loss as phase two does.
 
     `stage` picks phase two's defaults (docs/methods.md#training-recipe: stage 1 = LLM frozen at lr 1e-3, stage 2 =
-    everything at 2e-5); every variant starts from the base LLM (a sweep has no stage-1 run per variant to start from)."""
+    everything at 2e-5); every variant starts from the base LLM (a sweep has no stage-1 run per variant to start from). The
+    other defaults are phase two's (`layerfuse train`, `layerfuse eval`)."""
 
-    llm: str = "default"  # hub id or folder; "default" = the embedded tiny Llama (built in OUT/default-llm)
-    stage: int = 1
-    template: str = "v1"  # the question must be in the prompt for exact-match evaluation ("plain" drops it)
-    llm_mode: str | None = None  # frozen | full | lora [the stage's]
-    lr_fuser: float | None = None
-    lr_projector: float | None = None
-    lr_llm: float | None = None
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    max_length: int = 2048
+    llm: str = DEFAULT_LLM  # hub id or folder; "default" = the embedded tiny Llama (built in OUT/default-llm)
+    stage: Stage = 1
+    template: Template = "v1"  # the question must be in the prompt for exact-match evaluation ("plain" drops it)
+    llm_mode: LLMMode | None = None  # [the stage's]
+    lr_fuser: float | None = None  # [the stage's]
+    lr_projector: float | None = None  # [the stage's]
+    lr_llm: float | None = None  # [the stage's]
+    lora_r: int = TrainConfig.lora_r
+    lora_alpha: int = TrainConfig.lora_alpha
+    lora_dropout: float = TrainConfig.lora_dropout
+    max_length: int = TrainConfig.max_length
     micro_batch_size: int | None = None  # [batch_size]
-    max_new_tokens: int = 16
+    max_new_tokens: int = EvalConfig.max_new_tokens
 
 
+@with_config(STRICT)
 @dataclass
 class SweepSpec:
-    """One sweep. Variant lists: fusers x layers x seeds (+ probe_layers); the rest is the shared budget."""
+    """One sweep. Variant lists: fusers x layers x seeds (+ probe_layers); the rest is the shared budget (phase
+    two's defaults where phase two has the setting)."""
 
     cache: str
-    fusers: list[str] = field(default_factory=list, metadata=VARIANT_LIST)
-    layers: list[str] = field(default_factory=list, metadata=VARIANT_LIST)
-    seeds: list[int] = field(default_factory=lambda: [0], metadata=VARIANT_LIST)
+    fusers: Names = field(default_factory=list, metadata=VARIANT_LIST)
+    layers: LayerSets = field(default_factory=list, metadata=VARIANT_LIST)
+    seeds: Seeds = field(default_factory=lambda: [0], metadata=VARIANT_LIST)
     fuser_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=VARIANT_LIST)  # fuser -> options of its config
-    probe_layers: list[int] | None = field(default=None, metadata=VARIANT_LIST)  # hidden states of the single-layer study
-    mode: str = "probe"
+    probe_layers: ProbeLayers = field(default=None, metadata=VARIANT_LIST)  # hidden states of the single-layer study
+    mode: Mode = "probe"
     epochs: float = 5.0
     steps: int | None = None  # overrides epochs
-    batch_size: int = 32
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    categories: list[str] | None = None  # train and evaluate on these; None = the closed-answer categories
-    train_split: str = "train"
-    eval_split: str = "val"
+    batch_size: int = TrainConfig.batch_size
+    warmup_ratio: float = TrainConfig.warmup_ratio
+    max_grad_norm: float = TrainConfig.max_grad_norm
+    categories: Names | None = None  # train and evaluate on these; None = the closed-answer categories
+    train_split: str = TrainConfig.split
+    eval_split: str = EvalConfig.split
     eval_limit: int | None = None  # at most this many evaluation samples (storage order)
-    buffer_rows: int = 1024  # shuffle buffer (whole batches)
+    buffer_rows: int = TrainConfig.buffer_rows  # shuffle buffer (whole batches)
     probe: ProbeSettings = fingerprinted_when(lambda s: s.mode == "probe", default_factory=ProbeSettings)  # probe mode's budget
     lm: LMSettings = fingerprinted_when(lambda s: s.mode == "lm", default_factory=LMSettings)  # lm mode's budget
 
@@ -108,8 +206,10 @@ class SweepSpec:
         return fingerprint(self.settings())
 
     def check(self) -> SweepSpec:
-        if self.mode not in MODES:
-            raise SweepError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        """What the types alone do not say: a cache, fusers that exist, a runnable combination of lists, a budget."""
+        if not self.cache:
+            raise SweepError("no cache given (--cache or `cache:` in the sweep file)")
+        check_choices(self, error=SweepError)
         unknown = sorted(set(self.fusers) - set(list_fusers()))
         if unknown:
             raise SweepError(f"unknown fuser(s) {', '.join(unknown)}; available: {', '.join(list_fusers())}")
@@ -132,75 +232,19 @@ class SweepSpec:
             raise SweepError("steps must be >= 1")
         if self.batch_size < 1:
             raise SweepError("batch_size must be >= 1")
-        if self.lm.stage not in (1, 2):
-            raise SweepError(f"lm.stage must be 1 or 2, got {self.lm.stage}")
         return self
 
 
-# -- parsing ----------------------------------------------------------------------------------------------------------
-def split_layer_sets(text: str) -> list[str]:
-    """`--layers` value -> layer specs: separated by ';' when one appears (explicit lists such as `4,12,20` or `12,`
-    contain commas), else by ','."""
-    sep = ";" if ";" in text else ","
-    return [s.strip() for s in text.split(sep) if s.strip()]
-
-
-def parse_seeds(value: Any) -> list[int]:
-    """`3` -> [0, 1, 2]; `0,5` or [0, 5] -> [0, 5]."""
-    if isinstance(value, bool):
-        raise SweepError(f"seeds must be a count or a list of integers, got {value!r}")
-    if isinstance(value, int):
-        if value < 1:
-            raise SweepError(f"seeds must be >= 1, got {value}")
-        return list(range(value))
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-        if len(parts) == 1 and "," not in value:
-            return parse_seeds(_int(parts[0], "seeds"))
-        return [_int(p, "seeds") for p in parts]
-    if isinstance(value, (list, tuple)):
-        return [_int(v, "seeds") for v in value]
-    raise SweepError(f"seeds must be a count or a list of integers, got {value!r}")
-
-
-def parse_probe_layers(value: Any, num_states: int) -> list[int]:
-    """`all` -> 0..L; `0,3,12,23` / [0, 3] -> those hidden states (negative counts from the end)."""
-    if isinstance(value, str) and value.strip().lower() == "all":
-        return list(range(num_states))
-    items = value if isinstance(value, (list, tuple)) else [p for p in str(value).split(",") if p.strip()]
-    out = []
-    for v in items:
-        i = _int(v, "probe_layers")
-        j = i + num_states if i < 0 else i
-        if not 0 <= j < num_states:
-            raise SweepError(f"probe layer {i} does not exist: the cache stores hidden states 0..{num_states - 1}")
-        if j not in out:
-            out.append(j)
-    if not out:
-        raise SweepError("probe_layers lists no layer; use 'all' or e.g. 0,3,12,23")
-    return out
-
-
-def _int(v: Any, what: str) -> int:
-    try:
-        if isinstance(v, float) and not v.is_integer():
-            raise ValueError
-        return int(v)
-    except (TypeError, ValueError):
-        raise SweepError(f"{what}: expected an integer, got {v!r}") from None
-
-
+# -- sweep file + command line ---------------------------------------------------------------------------------------
 def read_sweep_file(path: str | Path) -> dict[str, Any]:
     """A YAML (.yaml/.yml) or TOML (.toml) sweep file as a plain dict (keys as in SweepSpec)."""
     p = Path(path)
     if not p.is_file():
         raise SweepError(f"sweep file '{path}' does not exist")
-    import yaml
-
-    text = p.read_text()
     suffix = p.suffix.lower()
     if suffix not in (".toml", ".yaml", ".yml"):
         raise SweepError(f"sweep file '{path}': use a .yaml, .yml or .toml file")
+    text = p.read_text()
     try:
         data = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:  # both name line and column
@@ -212,82 +256,58 @@ def read_sweep_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def spec_from_dict(data: dict[str, Any], *, num_states: int | None = None, where: str = "sweep") -> SweepSpec:
-    """Build a SweepSpec from file/CLI values: lists may be comma strings, seeds a count, layers any scalars."""
-    data = dict(data)
-    known = {f.name for f in dataclasses.fields(SweepSpec)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise SweepError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    if "cache" not in data or not data["cache"]:
-        raise SweepError(f"{where}: no cache given (--cache or `cache:` in the sweep file)")
-    kw: dict[str, Any] = {"cache": str(data["cache"])}
-    if "fusers" in data:
-        kw["fusers"] = _str_list(data["fusers"], "fusers", split=lambda s: [x.strip() for x in s.split(",") if x.strip()])
-    if "layers" in data:
-        kw["layers"] = _str_list(data["layers"], "layers", split=split_layer_sets)
-    if "seeds" in data:
-        kw["seeds"] = parse_seeds(data["seeds"])
-    if "categories" in data and data["categories"] is not None:
-        kw["categories"] = _str_list(data["categories"], "categories", split=lambda s: [x.strip() for x in s.split(",") if x.strip()])
-    if data.get("fuser_options"):
-        opts = data["fuser_options"]
-        if not isinstance(opts, dict) or not all(isinstance(v, dict) for v in opts.values()):
-            raise SweepError(f"{where}: fuser_options must map a fuser name to its options, e.g. {{igva: {{allocator_dim: 256}}}}")
-        kw["fuser_options"] = {str(k): dict(v) for k, v in opts.items()}
-    if data.get("probe_layers") is not None:
-        if num_states is None:
-            raise SweepError("probe_layers needs the cache's number of hidden states")
-        kw["probe_layers"] = parse_probe_layers(data["probe_layers"], num_states)
-    for name, cls in (("probe", ProbeSettings), ("lm", LMSettings)):
-        if data.get(name) is not None:
-            kw[name] = _sub(cls, data[name], f"{where}: {name}")
-    for f in dataclasses.fields(SweepSpec):
-        if f.name not in kw and f.name in data and data[f.name] is not None:
-            kw[f.name] = data[f.name]
+def spec_from_dict(data: dict[str, Any], *, num_states: int | Callable[[], int] | None = None, where: str = "sweep") -> SweepSpec:
+    """A checked SweepSpec from a sweep file's (and the command line's) values, validated by pydantic against the
+    SweepSpec fields; `num_states` (the cache's hidden states, or a callable giving them) resolves probe_layers."""
+    spec = read_config(SweepSpec, data, where=where, context={"num_states": num_states}, error=SweepError)
     try:
-        spec = SweepSpec(**kw)
-    except TypeError as e:
+        return spec.check()
+    except SweepError as e:
         raise SweepError(f"{where}: {e}") from None
-    for name, typ in (("epochs", float), ("warmup_ratio", float), ("max_grad_norm", float)):
-        setattr(spec, name, _num(getattr(spec, name), typ, name))
-    for name in ("steps", "eval_limit"):
-        if getattr(spec, name) is not None:
-            setattr(spec, name, _int(getattr(spec, name), name))
-    spec.batch_size, spec.buffer_rows = _int(spec.batch_size, "batch_size"), _int(spec.buffer_rows, "buffer_rows")
-    return spec.check()
 
 
-def _num(v: Any, typ: type, what: str) -> Any:
+def fuser_option(text: str) -> tuple[str, str, Any]:
+    """`igva.allocator_dim=256` -> ("igva", "allocator_dim", 256): values as core/options.py reads them."""
+    malformed = SweepError(f"--fuser-opt: expected FUSER.KEY=VALUE (e.g. igva.allocator_dim=256), got {text!r}")
     try:
-        return typ(v)
-    except (TypeError, ValueError):
-        raise SweepError(f"{what}: expected a number, got {v!r}") from None
+        lhs, value = option_pair(text)
+    except ValueError:
+        raise malformed from None
+    fuser, _, key = (part.strip() for part in lhs.partition("."))
+    if not fuser or not key:
+        raise malformed
+    return fuser, key, value
 
 
-def _str_list(value: Any, what: str, split) -> list[str]:
-    if isinstance(value, str):
-        return split(value)
-    if isinstance(value, (list, tuple)):
-        return [str(v).strip() for v in value if str(v).strip()]
-    if isinstance(value, (int, float)):
-        return [str(value)]
-    raise SweepError(f"{what}: expected a list or a comma-separated string, got {value!r}")
+def sweep_from_inputs(sweep_file: str | None, overrides: dict[str, Any], fuser_opts: list[str], *,
+                      num_states: Callable[[str], int] | None = None) -> SweepSpec:
+    """The sweep file's settings (if any) with `overrides` set over them: SweepSpec field paths (`steps`,
+    `probe.width`, `lm.llm`) -> the command-line values that were given; then `--fuser-opt FUSER.KEY=VALUE`s.
+
+    `num_states` is a callable cache path -> number of hidden states (to resolve probe_layers)."""
+    data: dict[str, Any] = read_sweep_file(sweep_file) if sweep_file else {}
+    given = bool(overrides or fuser_opts)
+    where = f"sweep file '{sweep_file}'" + (" with the command line" if given else "") if sweep_file else "command line"
+    for path, value in overrides.items():
+        _set(data, path.split("."), value, where)
+    for text in fuser_opts:
+        fuser, key, value = fuser_option(text)
+        _set(data, ["fuser_options", fuser, key], value, where)
+    cache = data.get("cache")
+    states = (lambda: num_states(str(cache))) if num_states is not None and cache else None
+    return spec_from_dict(data, num_states=states, where=where)
 
 
-def _sub(cls: type, value: Any, where: str) -> Any:
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        raise SweepError(f"{where} must be a mapping of settings")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise SweepError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    return cls(**value)
+def _set(data: dict[str, Any], path: list[str], value: Any, where: str) -> None:
+    for i, key in enumerate(path[:-1]):
+        data = data.setdefault(key, {})
+        if not isinstance(data, dict):
+            raise SweepError(f"{where}: '{'.'.join(path[:i + 1])}' must be a mapping of settings to set '{'.'.join(path)}'")
+    data[path[-1]] = value
 
 
 # -- variants ---------------------------------------------------------------------------------------------------------
+@with_config(STRICT)
 @dataclass
 class Variant:
     """One fuser x layer spec x seed of a sweep (valid: it trains; invalid: `reason` says why not)."""
@@ -327,9 +347,13 @@ class Variant:
         return {**asdict(self), "id": self.id}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Variant:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_json(cls, d: dict[str, Any], *, where: str = "variant record", error: type[Exception] = SweepError) -> Variant:
+        """A variant from its `to_json` record; an unknown or missing key is an `error` naming `where`."""
+        record = {k: v for k, v in d.items() if k != "id"}  # the id is derived (to_json writes it for readers)
+        v = read_config(cls, record, where=where, error=error)
+        if "id" in d and d["id"] != v.id:
+            raise error(f"{where}: id {d['id']!r} is not the variant's ({v.id!r})")
+        return v
 
 
 def layer_slug(spec: str) -> str:
@@ -400,51 +424,3 @@ def check_variant(v: Variant, mode: str, vision: VisionSpec, llm: LLMSpec) -> Va
     v.num_visual_tokens = int(fuser.num_visual_tokens)
     v.describe = fuser.selection.describe()
     return v
-
-
-# -- command line + sweep file ----------------------------------------------------------------------------------------
-CLI_TOP = ("cache", "fusers", "layers", "seeds", "probe_layers", "mode", "epochs", "steps", "batch_size", "categories", "eval_split",
-           "eval_limit", "train_split")
-CLI_PROBE = {"probe_width": "width", "lr": "lr"}
-CLI_LM = {"llm": "llm", "stage": "stage", "llm_mode": "llm_mode", "template": "template", "max_length": "max_length",
-          "micro_batch_size": "micro_batch_size"}
-
-
-def fuser_option(text: str) -> tuple[str, str, Any]:
-    """`igva.allocator_dim=256` -> ("igva", "allocator_dim", 256): values as core/options.py reads them."""
-    malformed = SweepError(f"--fuser-opt: expected FUSER.KEY=VALUE (e.g. igva.allocator_dim=256), got {text!r}")
-    try:
-        lhs, value = option_pair(text)
-    except ValueError:
-        raise malformed from None
-    fuser, _, key = (part.strip() for part in lhs.partition("."))
-    if not fuser or not key:
-        raise malformed
-    return fuser, key, value
-
-
-def sweep_from_inputs(sweep_file: str | None, cli: dict[str, Any], fuser_opts: list[str], *, num_states: Any = None) -> SweepSpec:
-    """The sweep file's settings (if any), overridden by every command-line value that was given (not None).
-
-    `num_states` is a callable cache path -> number of hidden states (needed to resolve probe_layers 'all')."""
-    data: dict[str, Any] = read_sweep_file(sweep_file) if sweep_file else {}
-    where = f"sweep file '{sweep_file}'" if sweep_file else "command line"
-    for k in CLI_TOP:
-        if cli.get(k) is not None:
-            data[k] = cli[k]
-    for flag, key in CLI_PROBE.items():
-        if cli.get(flag) is not None:
-            data["probe"] = {**(data.get("probe") or {}), key: cli[flag]}
-    for flag, key in CLI_LM.items():
-        if cli.get(flag) is not None:
-            data["lm"] = {**(data.get("lm") or {}), key: cli[flag]}
-    if fuser_opts:
-        opts = {k: dict(v) for k, v in (data.get("fuser_options") or {}).items()}
-        for text in fuser_opts:
-            fuser, key, value = fuser_option(text)
-            opts.setdefault(fuser, {})[key] = value
-        data["fuser_options"] = opts
-    states = None
-    if data.get("probe_layers") is not None and data.get("cache") and num_states is not None:
-        states = num_states(str(data["cache"]))
-    return spec_from_dict(data, num_states=states, where=where)

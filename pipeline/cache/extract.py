@@ -15,14 +15,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from layerfuse.core.config import check_choices
 from layerfuse.core.errors import StateError
 from layerfuse.core.fingerprint import fingerprint, runtime
 from layerfuse.core import __version__
@@ -39,7 +38,6 @@ from layerfuse.core.workers import worker_init_fn
 from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL, InstructionEmbedder, max_human_turns
 
 BUILTIN_SAMPLES = 2000  # the built-in source's size when no source is given
-ComputeDtype = Literal["auto", "float32", "float16", "bfloat16"]  # the encoder's; auto: bf16 on CUDA, fp32 on CPU
 
 
 class ExtractError(StateError):
@@ -75,7 +73,7 @@ class ExtractConfig:
     batch_size: int = runtime(default=32)
     workers: int = runtime(default=2)
     device: str = runtime(default="auto")
-    compute_dtype: ComputeDtype = runtime(default="auto")
+    compute_dtype: str = runtime(default="auto")  # auto (bf16 on CUDA, fp32 on CPU) or a StorageDtype name
     text_batch_size: int = runtime(default=128)
     strict: bool = runtime(default=False)
     overwrite: bool = runtime(default=False)
@@ -275,7 +273,6 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         StorageDtype.parse(cfg.dtype, "--dtype")
     except ValueError as e:
         raise ExtractError(str(e)) from None
-    check_choices(cfg, name=lambda path: "--" + path.replace("_", "-"), error=ExtractError)
     spec = cfg.source_spec()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork DataLoader workers after loading a tokenizer
     ctx = DistContext.from_env()

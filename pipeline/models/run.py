@@ -20,12 +20,15 @@ from typing import Any, Literal
 
 import torch
 import transformers
+from pydantic import with_config
 from safetensors.torch import load_file, save_file
 
 from layerfuse.core.atomic import fresh_temp_dir, publish_dir, replacing, write_json
-from layerfuse.core.errors import MissingError
+from layerfuse.core.config import STRICT, read_config
+from layerfuse.core.errors import MissingError, StateError
 from layerfuse.core.hub import load_pretrained
 from layerfuse.fusion import Fuser, LLMSpec, VisionLanguageModel, VisionSpec, build_fuser, fuser_config
+from layerfuse.pipeline.data.conversation import Template
 from layerfuse.pipeline.models.llm import LLMBundle, load_llm
 
 CONFIG = "config.json"
@@ -33,8 +36,10 @@ FUSER_WEIGHTS = "fuser.safetensors"
 LLM_DIR = "llm"
 ADAPTER_DIR = "adapter"
 LLMMode = Literal["frozen", "full", "lora"]  # what a run does to the LLM: nothing, train it all, train a LoRA adapter
+Stage = Literal[1, 2]  # phase two: 1 trains fuser + projector (LLM frozen), 2 also the LLM
 
 
+@with_config(STRICT)
 @dataclass
 class RunModel:
     """Everything needed to rebuild and use the model of a run."""
@@ -44,9 +49,9 @@ class RunModel:
     llm: str  # the base LLM: hub id or folder (the embedded default is resolved to its folder)
     vision: dict[str, Any]  # VisionSpec as a dict
     image_token_id: int
-    template: str  # conversation template the run was trained with
+    template: Template  # conversation template the run was trained with
     max_length: int
-    stage: int
+    stage: Stage
     llm_mode: LLMMode  # what the run did to the LLM
     feature_dtype: str = "float32"  # the cache's stored dtype: live features are rounded to it, as in training
     encoder: dict[str, Any] = field(default_factory=dict)  # {"path", "revision", "pad_to_square"}: live inference
@@ -59,9 +64,9 @@ class RunModel:
         return VisionSpec(**v)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunModel":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: dict[str, Any], *, where: str = "run config") -> "RunModel":
+        """A run's saved model record; an unknown or missing key, a wrong type or mode is a StateError naming `where`."""
+        return read_config(cls, d, where=where, error=StateError)
 
 
 def build_vlm(model: RunModel, bundle: LLMBundle) -> VisionLanguageModel:
@@ -99,7 +104,11 @@ def read_run_model(run_dir: str | Path) -> RunModel:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise MissingError(f"'{run_dir}' is not a finished layerfuse run: {CONFIG} is missing (pass the --out folder of a finished `layerfuse train`)")
-    return RunModel.from_dict(json.loads(path.read_text()))
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StateError(f"cannot read {path}: {e}") from None
+    return RunModel.from_dict(saved, where=str(path))
 
 
 def load_run_llm(run_dir: str | Path, model: RunModel, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -45,6 +45,7 @@ from layerfuse.pipeline.models.run import (
     FUSER_WEIGHTS,
     LLMMode,
     RunModel,
+    Stage,
     build_vlm,
     load_fuser_weights,
     load_run_llm,
@@ -56,7 +57,6 @@ from layerfuse.core.schedule import warmup_cosine
 from layerfuse.core.resume_state import restore_rng
 from layerfuse.pipeline.training.state import checkpoint_dir, load_checkpoint, save_checkpoint
 
-Stage = Literal[1, 2]  # phase two: 1 trains fuser + projector (LLM frozen), 2 also the LLM
 Precision = Literal["auto", "fp32", "bf16"]
 # LLaVA-1.5's recipe (docs/methods.md#training-recipe): stage 1 at 1e-3 with the LLM frozen, stage 2 at 2e-5 for
 # everything

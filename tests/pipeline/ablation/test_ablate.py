@@ -42,6 +42,7 @@ from layerfuse.pipeline.ablation.sweep import (
     LMSettings,
     SweepError,
     SweepSpec,
+    Variant,
     expand_sweep,
     read_sweep_file,
     spec_from_dict,
@@ -146,7 +147,7 @@ lr = 0.002
     assert a.layers == ["penultimate", "3-18-23", "4,12,20", "12,", "18"] and a.seeds == [0, 1] and a.steps == 30
     assert a.probe.width == 64 and a.fuser_options["igva"] == {"allocator_dim": 64, "entropy_lambda": 0.02}
     # the command line overrides the file; ';' separates layer sets that contain commas
-    c = sweep_from_inputs(str(tmp_path / "s.yaml"), {"steps": 7, "seeds": "0,5", "layers": "3-18-23;4,12,20", "lr": 0.01},
+    c = sweep_from_inputs(str(tmp_path / "s.yaml"), {"steps": 7, "seeds": "0,5", "layers": "3-18-23;4,12,20", "probe.lr": 0.01},
                           ["igva.allocator_dim=32", "mmfuser.heads=4"])
     assert c.steps == 7 and c.seeds == [0, 5] and c.layers == ["3-18-23", "4,12,20"] and c.probe.lr == 0.01 and c.probe.width == 64
     assert c.fuser_options == {"igva": {"allocator_dim": 32, "entropy_lambda": 0.02}, "mmfuser": {"heads": 4}}
@@ -156,16 +157,32 @@ lr = 0.002
     assert d.probe_layers == list(range(25)) and not d.fusers
     # a variant-list change keeps the settings hash; a budget change does not
     assert c.settings_hash() != a.settings_hash() and spec_from_dict({**read_sweep_file(tmp_path / "s.yaml"), "seeds": 5}).settings_hash() == a.settings_hash()
-    for bad, msg in [("fusers: [concat]\nlayers: [18]\nbogus: 1\n", "unknown setting(s) bogus"),
+    for bad, msg in [("fusers: [concat]\nlayers: [18]\nbogus: 1\n", "'cache' is missing; unknown key 'bogus' (allowed: cache, fusers,"),
+                     ("cache: c\nfusers: [concat]\nlayers: [18]\nmode: fast\n", "bad.yaml': mode: Input should be 'probe' or 'lm' (got 'fast')"),
+                     ("cache: c\nfusers: [concat]\nlayers: [18]\nsteps: 2.5\n", "steps: Input should be a valid integer"),
+                     ("cache: c\nfusers: [concat]\nlayers: [18]\nseeds: 0\n", "seeds: a count of seeds must be >= 1 (got 0)"),
+                     ("cache: c\nfusers: [concat]\nlayers: [18]\nlm: {stage: 3}\n", "lm.stage: Input should be 1 or 2 (got 3)"),
                      ("cache: c\nfusers: [nope]\nlayers: [18]\n", "unknown fuser(s) nope"),
                      ("cache: c\nfusers: [concat]\n", "give the layer sets"),
                      ("cache: c\nfusers: [concat]\nlayers: [18]\nseeds: [1, 1]\n", "seeds repeat"),
-                     ("cache: c\nfusers: [concat]\nlayers: [18]\nprobe: {widht: 3}\n", "widht"),
+                     ("cache: c\nfusers: [concat]\nlayers: [18]\nprobe: {widht: 3}\n", "unknown key 'probe.widht' (allowed: width, heads, lr, weight_decay)"),
+                     ("cache: c\nprobe_layers: [0, 99]\n", "probe_layers: layer 99 does not exist: the cache stores hidden states 0..24"),
                      ("cache: c\nfusers: [concat\n", "cannot read sweep file")]:
         (tmp_path / "bad.yaml").write_text(bad)
         with pytest.raises(SweepError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-            spec_from_dict(read_sweep_file(tmp_path / "bad.yaml"))
+            sweep_from_inputs(str(tmp_path / "bad.yaml"), {}, [], num_states=lambda path: 25)
 
+
+
+def test_a_variant_record_reads_back_strictly():
+    v = next(v for v in expand_sweep(SweepSpec(cache="c", fusers=["igva"], layers=["3-18-23"]).check(), VISION, LLMSpec(128)))
+    assert Variant.from_json(json.loads(json.dumps(v.to_json()))) == v
+    with pytest.raises(SweepError, match=r"sweep.json: variants\[0\]: unknown key 'weight' \(allowed: fuser, layers, seed, options,"):
+        Variant.from_json({**v.to_json(), "weight": 1}, where="sweep.json: variants[0]")
+    with pytest.raises(SweepError, match="'seed' is missing"):
+        Variant.from_json({k: x for k, x in v.to_json().items() if k != "seed"})
+    with pytest.raises(SweepError, match="id 'igva__18__s0' is not the variant's"):
+        Variant.from_json({**v.to_json(), "id": "igva__18__s0"})
 
 # -- groups -----------------------------------------------------------------------------------------------------------
 def test_groups_keep_one_seed_and_fit_the_memory_budget():
