@@ -35,7 +35,7 @@ from layerfuse.core.config import STRICT, check_choices, read_config
 from layerfuse.core.errors import ConfigError
 from layerfuse.core.fingerprint import FINGERPRINT, fingerprint, fingerprinted, fingerprinted_when
 from layerfuse.core.options import option_pair
-from layerfuse.fusion import FuserBuildError, LLMSpec, VisionSpec, build_fuser, fuser_class, list_fusers
+from layerfuse.fusion import FuserBuildError, LLMSpec, VisionSpec, build_fuser, fuser_class, fuser_config, list_fusers
 from layerfuse.pipeline.data.conversation import Template
 from layerfuse.pipeline.models.llm import DEFAULT_LLM
 from layerfuse.pipeline.models.run import LLMMode, Stage
@@ -216,6 +216,11 @@ class SweepSpec:
         stray = sorted(set(self.fuser_options) - set(list_fusers()))
         if stray:
             raise SweepError(f"fuser_options for unknown fuser(s) {', '.join(stray)}; available: {', '.join(list_fusers())}")
+        for name, options in self.fuser_options.items():
+            try:
+                fuser_config(name, **options)  # a misspelt option is an error, not a column of invalid variants
+            except FuserBuildError as e:
+                raise SweepError(f"fuser_options.{name}: {e}") from None
         if self.fusers and not self.layers:
             raise SweepError("give the layer sets to sweep (--layers, e.g. 18,3-18-23,all)")
         if self.layers and not self.fusers:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from layerfuse.core.config import check_choices
 from layerfuse.core.errors import StateError
 from layerfuse.core.fingerprint import fingerprint, fingerprint_diff, runtime
-from layerfuse.fusion import VisionLanguageModel, VisionSpec
+from layerfuse.fusion import FuserBuildError, VisionLanguageModel, VisionSpec, fuser_class, fuser_config
 from layerfuse.fusion.internal import decoder_layers
 from layerfuse.pipeline.cache.reader import FeatureCache
 from layerfuse.pipeline.data.conversation import IGNORE_INDEX, Template
@@ -120,6 +120,11 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with the stage defaults filled in and the options checked."""
         check_choices(self, name=lambda path: "--" + path.replace("_", "-"), error=TrainError)
+        fuser_class(self.fuser)  # an unknown fuser is named as such, not as an option problem
+        try:
+            fuser_config(self.fuser, **self.fuser_options)  # an unknown option name is an error before anything loads
+        except FuserBuildError as e:
+            raise TrainError(f"--fuser-opt: {e}") from None
         d = STAGE_DEFAULTS[self.stage]
         c = dataclasses.replace(self, **{k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in d.items()})
         if c.stage == 1 and c.llm_mode != "frozen":

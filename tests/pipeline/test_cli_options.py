@@ -146,3 +146,9 @@ def test_ablate_sets_only_the_given_options_over_the_sweep_file_by_field_name(mo
                    "--memory-fraction", "0.25", "--quiet")
     assert (s.epochs, s.batch_size, s.probe.width, s.probe.lr, s.lm.template, s.lm.stage, s.seeds) == (5.0, 8, 32, 0.01, "v1", 2, [0, 1])
     assert (opts.memory_fraction, opts.progress) == (0.25, False)
+
+
+def test_an_unknown_fuser_option_is_an_error_naming_it_and_the_options_there_are():
+    r = CliRunner().invoke(main, ["train", "--cache", "c", "--out", "o", "--fuser-opt", "heads=4"])
+    assert r.exit_code == 1
+    assert "layerfuse train: --fuser-opt: fuser 'concat' has no option(s) heads; it takes: layers, projector_depth" in r.output

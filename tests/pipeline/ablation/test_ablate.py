@@ -163,6 +163,8 @@ lr = 0.002
                      ("cache: c\nfusers: [concat]\nlayers: [18]\nseeds: 0\n", "seeds: a count of seeds must be >= 1 (got 0)"),
                      ("cache: c\nfusers: [concat]\nlayers: [18]\nlm: {stage: 3}\n", "lm.stage: Input should be 1 or 2 (got 3)"),
                      ("cache: c\nfusers: [nope]\nlayers: [18]\n", "unknown fuser(s) nope"),
+                     ("cache: c\nfusers: [igva]\nlayers: [all]\nfuser_options: {igva: {allocator_dm: 3}}\n",
+                      "fuser_options.igva: fuser 'igva' has no option(s) allocator_dm; it takes: allocator_blocks, allocator_dim,"),
                      ("cache: c\nfusers: [concat]\n", "give the layer sets"),
                      ("cache: c\nfusers: [concat]\nlayers: [18]\nseeds: [1, 1]\n", "seeds repeat"),
                      ("cache: c\nfusers: [concat]\nlayers: [18]\nprobe: {widht: 3}\n", "unknown key 'probe.widht' (allowed: width, heads, lr, weight_decay)"),
