@@ -358,7 +358,15 @@ def _git_commit() -> str:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tower_rebuild(out: str | None, device: str, record: bool, quiet: bool) -> None:
     """Pretrain the default tower from the shipped recipe with this code and compare every file's sha256 (and the
-    held-out accuracies) with the shipped ones; exits 1 when they differ (unless --record)."""
+    held-out accuracies) with the shipped ones; exits 1 when they differ (unless --record). Bit-identical files
+    need the recipe's torch version, CPU and thread count (`recipe.json` "built_with"); elsewhere expect the
+    weights to differ while the held-out accuracies stay close.
+
+    \b
+    Examples:
+      layerfuse tower rebuild                          # what `make default-tower` runs
+      layerfuse tower rebuild --out /tmp/tower --record   # and make it the shipped tower
+    """
     import tempfile
 
     from layerfuse.pipeline.models.default_vision import (
@@ -392,7 +400,13 @@ def tower_rebuild(out: str | None, device: str, record: bool, quiet: bool) -> No
 def tower_record(folder: str, commit: str | None, device: str) -> None:
     """Make the default tower built in FOLDER (default settings, on this machine) the shipped one: copy its files to
     pipeline/models/default_tower/ with a new recipe.json (settings, code version, machine, sha256, held-out
-    accuracies, and a fingerprint of the first pretraining steps, rerun here in seconds)."""
+    accuracies, and a fingerprint of the first pretraining steps, rerun here in seconds).
+
+    \b
+    Example:
+      layerfuse tower rebuild --out /tmp/tower     # differs from the shipped tower after a deliberate change
+      layerfuse tower record /tmp/tower
+    """
     from layerfuse.pipeline.models.default_vision import record_shipped, shipped_summary
 
     recipe = record_shipped(folder, commit=commit or _git_commit(), device=device)

@@ -9,9 +9,7 @@ same code path as a real checkpoint. Its weights are random: it only learns what
 from __future__ import annotations
 
 import importlib.util
-import json
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,13 +17,12 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from layerfuse.core.atomic import fresh_temp_dir, publish_dir
 from layerfuse.pipeline.data import synthetic
 from layerfuse.core.hub import CheckpointError, load_pretrained
 from layerfuse.pipeline.data.conversation import IMAGE_TOKEN, V1_ROLES, V1_SEP, V1_SYSTEM
+from layerfuse.pipeline.models.default_build import build_default, settings_of
 
 DEFAULT_LLM = "default"
-MARKER = "layerfuse_default.json"
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IMAGE_TOKEN)  # ids 0..4 in the default tokenizer
 
@@ -114,56 +111,37 @@ def train_default_tokenizer(cfg: DefaultLLMConfig = DefaultLLMConfig()) -> trans
     )
 
 
-def _is_complete(out: Path) -> bool:
-    return (out / MARKER).is_file()
-
-
 def build_default_llm(out_dir: str | Path, cfg: DefaultLLMConfig = DefaultLLMConfig()) -> Path:
     """Create the default Llama (random weights from `cfg.seed`) and its tokenizer in `out_dir`.
 
-    Built in a private temporary directory and renamed into place, so a killed build never leaves a
-    half-written default, and concurrent builders (e.g. several ranks) all end up with one directory.
-    Idempotent: an existing complete directory is kept.
+    Built by the one default-model builder (default_build.py): in a private staging folder renamed into place, so
+    a killed build never leaves a half-written default and concurrent builders (e.g. several ranks) all end up with
+    one folder. Idempotent: a folder built with the same settings is kept; one built with other settings, or an
+    incomplete one, is an error.
     """
-    out = Path(out_dir)
-    if _is_complete(out):
-        return out
-    if out.exists():
-        raise CheckpointError(f"'{out}' exists but is not a complete default LLM (no {MARKER}); remove it or pass another directory")
-    tokenizer = train_default_tokenizer(cfg)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    gen_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(cfg.seed)
+
+    def fill(staging: Path) -> dict[str, Any]:
+        tokenizer = train_default_tokenizer(cfg)
+        config = transformers.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
         model = transformers.LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(gen_state)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_temp_dir(out)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    marker = {"note": "random weights", "kind": "llm", **asdict(cfg), "vocab_size": len(tokenizer),
-              "num_parameters": sum(p.numel() for p in model.parameters())}
-    (tmp / MARKER).write_text(json.dumps(marker, indent=1))
-    try:
-        publish_dir(tmp, out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _is_complete(out):  # someone else's directory appeared meanwhile, and it is not ours
-            raise
-    return out
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        return {"vocab_size": len(tokenizer), "num_parameters": sum(p.numel() for p in model.parameters())}
+
+    return build_default(out_dir, settings_of(cfg), fill, seed=cfg.seed, note={"note": "random weights", "kind": "llm"},
+                         what="default LLM", error=CheckpointError)
 
 
 # ---------------------------------------------------------------------------------------- loading

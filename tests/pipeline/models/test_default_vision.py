@@ -1,11 +1,15 @@
-"""The embedded default tower: dense pretraining targets true to the pixels, a deterministic build that learns,
-and a folder built with other settings refused instead of reused."""
+"""The embedded default tower: dense pretraining targets true to the pixels, a deterministic build that learns and
+resumes without pickle, and a folder built with other settings refused instead of reused (the shipped tower:
+test_shipped_tower.py)."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import pickle
 import re
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,10 +30,12 @@ from layerfuse.pipeline.models.default_vision import (
     DefaultVisionConfig,
     DefaultVisionError,
     build_default_vision,
+    resume_path,
     scene_targets,
 )
 from layerfuse.pipeline.models.encoder import load_vision_encoder
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 GRID = 8
 P = IMAGE_SIZE // GRID
@@ -143,6 +149,11 @@ def test_extract_builds_the_default_tower_and_refuses_other_settings(tmp_path):
     assert f"[default: {DefaultVisionConfig().pretrain_steps}]" in CliRunner().invoke(main, ["extract", "--help"]).output
 
 
+def _saved_step(path) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["layerfuse"])["step"]
+
+
 def test_a_killed_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
     import layerfuse.pipeline.models.default_vision as dv
 
@@ -150,27 +161,26 @@ def test_a_killed_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch)
     ref = _weights(build_default_vision(tmp_path / "ref", cfg, checkpoint_every=4))
     real, calls = dv.render_batch, []
 
-    def dying(*args, **kw):  # call 1 renders the held-out scenes, call k + 2 training step k; die in step 6
+    def dying(*args, **kw):  # call k + 1 renders training step k, the last one the held-out scenes; die in step 6
         calls.append(args[1])
-        if len(calls) == 8:
+        if len(calls) == 7:
             raise KeyboardInterrupt
         return real(*args, **kw)
 
     monkeypatch.setattr(dv, "render_batch", dying)
     with pytest.raises(KeyboardInterrupt):
         build_default_vision(tmp_path / "v", cfg, checkpoint_every=4)
-    assert not (tmp_path / "v").exists()
-    state = torch.load(tmp_path / "v.tmp" / "pretrain_state.pt", weights_only=False)
-    assert state["step"] == 4
+    assert not (tmp_path / "v").exists() and not list(tmp_path.glob(".v.tmp-*"))
+    assert _saved_step(resume_path(tmp_path / "v")) == 4  # model, heads, optimizer, RNG: safetensors; the rest JSON
 
     calls.clear()
     monkeypatch.setattr(dv, "render_batch", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
     out = build_default_vision(tmp_path / "v", cfg, checkpoint_every=4)
     starts = [cfg.eval_scenes + k * cfg.pretrain_batch for k in range(4, 12)]
-    assert calls == [0, *starts]  # the held-out scenes, then steps 4..11 only
+    assert calls == [*starts, 0]  # steps 4..11 only, then the held-out scenes
     got = _weights(out)
     assert all(torch.equal(got[k], ref[k]) for k in ref)  # bit for bit the uninterrupted run
-    assert not (tmp_path / "v.tmp").exists() and not (out / "pretrain_state.pt").exists()
+    assert not resume_path(out).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ref", "v"]
     report = json.loads((out / "layerfuse_default.json").read_text())["pretraining"]
     ref_report = json.loads((tmp_path / "ref" / "layerfuse_default.json").read_text())["pretraining"]
     assert report == ref_report
@@ -180,9 +190,40 @@ def test_a_saved_state_of_other_settings_is_not_resumed(tmp_path, monkeypatch):
     import layerfuse.pipeline.models.default_vision as dv
 
     cfg = replace(TINY, pretrain_steps=8)
-    (tmp_path / "v.tmp").mkdir()
-    torch.save({"config": {**asdict(cfg), "pretrain_lr": 1.0}, "step": 6}, tmp_path / "v.tmp" / "pretrain_state.pt")
+    meta = {"config": {**asdict(cfg), "pretrain_lr": 1.0}, "step": 6}
+    save_file({"model/x": torch.zeros(1)}, str(resume_path(tmp_path / "v")), metadata={"layerfuse": json.dumps(meta)})
     real, calls = dv.render_batch, []
     monkeypatch.setattr(dv, "render_batch", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
     build_default_vision(tmp_path / "v", cfg, checkpoint_every=4)
-    assert len(calls) == 1 + 8  # started over: every step ran
+    assert len(calls) == 8 + 1  # started over: every step ran
+
+
+class _Planted:
+    """Unpickling this writes a canary file: what a pickle-loading resume would execute."""
+
+    def __init__(self, canary):
+        self.canary = str(canary)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.canary), "executed"))
+
+
+def test_a_planted_pickle_is_never_executed(tmp_path, monkeypatch):
+    """Resume state is read with safetensors only: a pickle where the state lives (or where the old code kept it,
+    OUT.tmp/pretrain_state.pt) is ignored with a warning and pretraining starts over; no code runs."""
+    import layerfuse.core.resume_state as rs
+    import layerfuse.pipeline.models.default_vision as dv
+
+    canary = tmp_path / "canary"
+    payload = pickle.dumps({"config": asdict(TINY), "step": 5, "hook": _Planted(canary)})
+    resume_path(tmp_path / "v").write_bytes(payload)
+    (tmp_path / "v.tmp").mkdir()
+    (tmp_path / "v.tmp" / "pretrain_state.pt").write_bytes(payload)
+    real, calls = dv.render_batch, []
+    monkeypatch.setattr(dv, "render_batch", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    with pytest.warns(UserWarning, match="ignoring the unreadable pretraining state"):
+        build_default_vision(tmp_path / "v", TINY)
+    assert not canary.exists() and len(calls) == TINY.pretrain_steps + 1
+    for module in (dv, rs):  # nothing in the pretraining's state path can unpickle
+        source = inspect.getsource(module)
+        assert not any(call in source for call in ("torch.load(", "import pickle", "pickle.load", "weights_only"))

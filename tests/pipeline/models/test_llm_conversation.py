@@ -4,6 +4,7 @@ label masking, image expansion, truncation, generation prompts, collation)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,9 @@ from layerfuse.pipeline.data.conversation import (
     prompt_for_generation,
     tokenize_conversation,
 )
+from layerfuse.pipeline.models.default_build import MARKER
 from layerfuse.pipeline.models.llm import (
-    MARKER,
+    DefaultLLMConfig,
     build_default_llm,
     load_llm,
     resolve_attn_implementation,
@@ -129,6 +131,12 @@ def test_incomplete_default_dir_is_not_overwritten(tmp_path):
     (tmp_path / "llm" / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="not a complete default LLM"):
         build_default_llm(tmp_path / "llm")
+
+
+def test_default_dir_of_other_settings_is_refused(llm_dir):
+    """The default tower's reuse rule (one builder, default_build.py): a folder built otherwise is never reused."""
+    with pytest.raises(CheckpointError, match=r"default LLM built with other settings \(differs in: corpus_samples, seed\)"):
+        build_default_llm(llm_dir, replace(DefaultLLMConfig(), seed=1, corpus_samples=10))
 
 
 def test_load_default_by_name(llm_dir):
