@@ -12,13 +12,16 @@ fuses them and projects to the LLM width. Data at the boundary:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from layerfuse.core.errors import ConfigError
+
 from .layers import LayerSelection, parse_layers
+
+ProjectorDepth = Literal[1, 2]  # 1: one Linear (LLaVA-1); 2: mlp2x_gelu (LLaVA-1.5)
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class FuserConfig:
     """Options common to every fuser; each fuser extends it with its own."""
 
     layers: str = "penultimate"  # a layer spec, see layerfuse.fusion.layers
-    projector_depth: int = 2  # LLaVA-1.5 mlp2x_gelu: Linear(in, d) -> GELU -> Linear(d, d); 1 = one Linear
+    projector_depth: ProjectorDepth = 2  # LLaVA-1.5 mlp2x_gelu: Linear(in, d) -> GELU -> Linear(d, d); 1 = one Linear
 
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -10,14 +10,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from layerfuse.core.config import check_choice
+
+from .base import FuserBuildError, ProjectorDepth
+
 
 class Projector(nn.Module):
     """[..., in_dim] -> [..., out_dim]."""
 
-    def __init__(self, in_dim: int, out_dim: int, depth: int = 2):
+    def __init__(self, in_dim: int, out_dim: int, depth: ProjectorDepth = 2):
         super().__init__()
-        if depth not in (1, 2):
-            raise ValueError(f"projector depth must be 1 (linear) or 2 (mlp2x_gelu), got {depth}")
+        check_choice(depth, ProjectorDepth, "projector_depth (1: linear, 2: mlp2x_gelu)", FuserBuildError)
         self.in_dim, self.out_dim, self.depth = in_dim, out_dim, depth
         self.linear_1 = nn.Linear(in_dim, out_dim)
         self.act = nn.GELU() if depth == 2 else nn.Identity()
