@@ -450,9 +450,9 @@ def test_cli_ablate_and_its_errors_are_clean(train_cache, tmp_path):
         (["--fusers", "concat,nope", "--layers", "18"], "unknown fuser(s) nope"),
         (["--fusers", "concat"], "give the layer sets"),
         (["--fusers", "concat", "--layers", "18", "--fuser-opt", "heads=4"], "FUSER.KEY=VALUE"),
-        (["--fusers", "concat", "--layers", "18", "--probe-layers", "99"], "probe layer 99 does not exist"),
+        (["--fusers", "concat", "--layers", "18", "--probe-layers", "99"], "probe_layers: layer 99 does not exist"),
         (["--fusers", "concat", "--layers", "18", "--steps", "3", "--batch-size", "8"], "other settings (changed: steps)"),
-        (["--sweep", str(tmp_path / "bad.toml")], "steps: expected an integer"),
+        (["--sweep", str(tmp_path / "bad.toml")], "bad.toml' with the command line: steps: Input should be a valid integer"),
         (["--sweep", str(tmp_path / "missing.yaml")], "does not exist"),
     ]:
         r = CliRunner().invoke(main, ["ablate", "--cache", train_cache, "--categories", ",".join(CATEGORIES), "--quiet", *args, "--out", str(out)])
