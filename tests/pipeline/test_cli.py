@@ -19,7 +19,8 @@ from layerfuse.pipeline.cli import main
 from tests.support import REPO, layerfuse_cmd
 
 
-@pytest.mark.parametrize("cmd", [[], ["data"], ["data", "synthetic"], ["extract"], ["cache"], ["cache", "info"], ["cache", "verify"]])
+@pytest.mark.parametrize("cmd", [[], ["data"], ["data", "synthetic"], ["extract"], ["cache"], ["cache", "info"], ["cache", "verify"],
+                                 ["tower"], ["tower", "rebuild"], ["tower", "record"]])
 def test_every_command_has_help_with_example(cmd):
     r = CliRunner().invoke(main, [*cmd, "--help"])
     assert r.exit_code == 0, r.output
@@ -120,6 +121,8 @@ def test_wheel_installs_only_under_layerfuse(tmp_path):
     for sub in ("core", "fusion", "plugins_trt", "export", "pipeline", *(f"pipeline/{p}" for p in stages)):
         assert f"layerfuse/{sub}/__init__.py" in names, sub
     assert "layerfuse/pipeline/cache/reader.py" in names and "layerfuse/pipeline/cli.py" in names
+    for shipped in ("recipe.json", "model.safetensors", "config.json", "preprocessor_config.json", "layerfuse_default.json"):
+        assert f"layerfuse/pipeline/models/default_tower/{shipped}" in names, shipped  # package data: the shipped tower
 
 
 def test_extract_ends_with_a_summary_naming_skipped_samples(tmp_path, vision_dir):
