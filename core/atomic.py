@@ -7,6 +7,7 @@ flushed to disk, and renamed into place. The one temporary-name convention is `t
 
 A kill leaves at most such a hidden leftover next to the target, never a torn target. Leftovers of a process id
 are unique to that process and harmless; a shared one (fixed OWNER) is cleared by the next `fresh_temp_dir`.
+`read_json` is the reading side of `write_json`: a missing or unreadable record is one error naming the file.
 """
 
 from __future__ import annotations
@@ -83,6 +84,18 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, data: Any, **dumps: Any) -> None:
     """Replace `path` with `json.dumps(data, **dumps)` atomically."""
     write_text(path, json.dumps(data, **dumps))
+
+
+def read_json(path: str | Path, *, missing: Exception, error: type[Exception]) -> Any:
+    """The JSON record at `path`; `missing` is raised when there is no such file, `error(...)` naming the file and the
+    parse problem when it is not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise missing
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"cannot read {path}: {e}") from None
 
 
 def fresh_temp_dir(target: str | Path, owner: str | int | None = None) -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from layerfuse.core.atomic import read_json
 from layerfuse.core.errors import StateError
 from layerfuse.pipeline.ablation.sweep import STUDY_LAYERS, Variant
 
@@ -93,12 +94,8 @@ class SweepResults:
 def load_results(out: str | Path) -> SweepResults:
     out = Path(out)
     path = out / SWEEP_FILE
-    if not path.is_file():
-        raise ReportError(f"'{out}' is not an ablation folder: {SWEEP_FILE} is missing (run `layerfuse ablate --out {out}` first)")
-    try:
-        sweep = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ReportError(f"cannot read {path}: {e}") from None
+    missing = ReportError(f"'{out}' is not an ablation folder: {SWEEP_FILE} is missing (run `layerfuse ablate --out {out}` first)")
+    sweep = read_json(path, missing=missing, error=ReportError)
     variants = [Variant.from_json(v, where=f"{path}: variants[{i}]", error=ReportError) for i, v in enumerate(sweep["variants"])]
     records = {}
     for v in variants:

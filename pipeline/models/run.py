@@ -13,7 +13,6 @@ A run folder holds (see README "Phase two"):
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +22,7 @@ import transformers
 from pydantic import with_config
 from safetensors.torch import load_file, save_file
 
-from layerfuse.core.atomic import fresh_temp_dir, publish_dir, replacing, write_json
+from layerfuse.core.atomic import fresh_temp_dir, publish_dir, read_json, replacing, write_json
 from layerfuse.core.config import STRICT, read_config
 from layerfuse.core.errors import MissingError, StateError
 from layerfuse.core.hub import load_pretrained
@@ -102,12 +101,8 @@ def save_run_model(run_dir: str | Path, model: RunModel, vlm: VisionLanguageMode
 
 def read_run_model(run_dir: str | Path) -> RunModel:
     path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise MissingError(f"'{run_dir}' is not a finished layerfuse run: {CONFIG} is missing (pass the --out folder of a finished `layerfuse train`)")
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise StateError(f"cannot read {path}: {e}") from None
+    missing = MissingError(f"'{run_dir}' is not a finished layerfuse run: {CONFIG} is missing (pass the --out folder of a finished `layerfuse train`)")
+    saved = read_json(path, missing=missing, error=StateError)
     return RunModel.from_dict(saved, where=str(path))
 
 

@@ -138,3 +138,18 @@ def test_a_swap_killed_after_moving_the_old_folder_aside_leaves_it_whole(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         atomic.publish_dir(staging, target, replace=True, previous=previous)
     assert not target.exists() and (previous / "step").read_text() == "1"
+
+
+def test_read_json_is_the_reading_side_of_write_json(tmp_path):
+    class Broken(Exception):
+        pass
+
+    path = tmp_path / "rec.json"
+    missing = Broken("no record")
+    with pytest.raises(Broken, match="no record"):
+        atomic.read_json(path, missing=missing, error=Broken)
+    atomic.write_json(path, {"a": [1, 2]})
+    assert atomic.read_json(path, missing=missing, error=Broken) == {"a": [1, 2]}
+    path.write_text('{"a": ')
+    with pytest.raises(Broken, match=r"cannot read .*rec\.json"):
+        atomic.read_json(path, missing=missing, error=Broken)
