@@ -10,12 +10,20 @@ In short, a zarr v3 group with
     samples/<field>     [N]             id, source, category, split, image_ref, conversations (JSON), locator (JSON)
     samples/status      [N]             uint8: 0 pending, 1 ok, 2 text-only, 3 skipped
     samples/image_size  [N, 2]          int32 (width, height) of the original image, -1 when none
-    checksums/features  [N]             uint32 CRC-32 of the row's stored feature bytes
-    checksums/text      [N]             uint32 CRC-32 of the row's text/turns bytes
+    checksums/features  [N, L+1]        uint32 CRC-32C of each (row, layer) of features, as stored
+    checksums/turns, checksums/mean, checksums/conversations  [N]  uint32 CRC-32C of the row's bytes
     issues/<field>      [I]             row, id, stage, reason, where: every skipped or repaired sample
+
+and the root attribute `layerfuse.manifest` (pipeline/cache/integrity.py) pinning the attributes, every array's
+metadata and the per-sample tables.
 
 Rows are numbered in source order ("storage rows"). The reader's rows are the *usable* samples only
 (status ok or text-only), numbered 0..n-1 in storage order.
+
+Every read is checked: opening a finished cache compares its attributes and array metadata with the manifest, a
+table read whole is compared with its digest, and every (row, layer) of features, every text row and every
+conversation read is compared with its CRC-32C. A mismatch, a missing shard or an unreadable one raises
+`CorruptCacheError` (`CorruptRowsError` naming the rows when rows are at fault); nothing damaged is returned.
 """
 
 from __future__ import annotations
@@ -31,9 +39,10 @@ import zarr
 
 from layerfuse.core.errors import StateError
 from layerfuse.core.dtypes import StorageDtype
+from layerfuse.pipeline.cache.integrity import block_checksums, layout_problems, table_problem, text_checksums
 
 FORMAT = "layerfuse-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-(row, layer) CRC-32C checksums and the manifest
 ATTRS_KEY = "layerfuse"
 
 PENDING, OK, TEXT_ONLY, SKIPPED = 0, 1, 2, 3
@@ -41,10 +50,30 @@ STATUS_NAMES = {PENDING: "pending", OK: "ok", TEXT_ONLY: "text-only", SKIPPED: "
 
 SAMPLE_FIELDS = ("id", "source", "category", "split", "image_ref", "conversations", "locator")
 ISSUE_FIELDS = ("row", "id", "stage", "reason", "where")
+FEATURE_CHECKSUMS = "checksums/features"
+ROW_CHECKSUMS = {"text/turns": "checksums/turns", "text/mean": "checksums/mean", "samples/conversations": "checksums/conversations"}
+# tables that no row checksum covers: their content is digested whole in the manifest
+DIGESTED_TABLES = (
+    *(f"samples/{f}" for f in SAMPLE_FIELDS if f != "conversations"), "samples/status", "samples/image_size", "text/num_turns",
+    *(f"issues/{f}" for f in ISSUE_FIELDS),
+)
+ARRAYS = ("features", *ROW_CHECKSUMS, FEATURE_CHECKSUMS, *ROW_CHECKSUMS.values(), *DIGESTED_TABLES)  # every array of a finished cache
 
 
 class CacheError(StateError):
     """The cache is missing, incomplete, of another format, or lacks what was asked for."""
+
+
+class CorruptCacheError(CacheError):
+    """A finished cache no longer holds what was written: damaged or missing files, or edited metadata."""
+
+
+class CorruptRowsError(CorruptCacheError):
+    """Rows whose stored bytes fail their checksums or cannot be read; `rows` are reader rows, `reasons` one per row."""
+
+    def __init__(self, message: str, rows: np.ndarray, storage_rows: np.ndarray, reasons: list[str]):
+        super().__init__(message)
+        self.rows, self.storage_rows, self.reasons = rows, storage_rows, reasons
 
 
 def split_url(url: str | Path, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -81,24 +110,42 @@ class FeatureCache:
 
     def __init__(self, url: str | Path, storage_options: dict[str, Any] | None = None, *, allow_incomplete: bool = False):
         self.url = str(url)
+        self.fs, self.root = split_url(url, storage_options)
         try:
             self.group = open_group(url, "r", storage_options)
         except FileNotFoundError as e:
             raise CacheError(f"no layerfuse cache at '{url}'") from e
+        except Exception as e:  # noqa: BLE001 - a damaged zarr.json raises many types
+            raise CorruptCacheError(f"cache '{url}' cannot be opened: {_describe(e)}") from None
         meta = self.group.attrs.get(ATTRS_KEY)
-        if not meta or meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CacheError(f"'{url}' is a zarr group but not a layerfuse cache (no '{ATTRS_KEY}' attributes)")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise CacheError(f"'{url}' has cache format {meta['format_version']}; this layerfuse reads up to {FORMAT_VERSION}")
+        version = meta.get("format_version", 0)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CacheError(f"'{url}' has cache format {version}; this layerfuse reads up to {FORMAT_VERSION}")
         if not meta.get("complete") and not allow_incomplete:
             raise CacheError(f"cache '{url}' is incomplete: rerun the same `layerfuse extract` command to finish it")
         self.meta: dict[str, Any] = meta
-        self.storage_dtype: str = meta["storage"]["dtype"]
-        self._features = self.group["features"]
-        status = self.group["samples/status"][:] if meta.get("complete") else np.zeros(self._features.shape[0], np.uint8)
-        self.status = np.asarray(status)
-        self._rows = np.flatnonzero((self.status == OK) | (self.status == TEXT_ONLY)) if meta.get("complete") else np.arange(len(status))
-        self._columns: dict[str, np.ndarray] = {}
+        self.complete = bool(meta.get("complete"))
+        if self.complete and version < FORMAT_VERSION:
+            raise CacheError(
+                f"cache '{url}' has format {version}, written before per-layer checksums and the manifest (format "
+                f"{FORMAT_VERSION}); extract it again with the same command and --overwrite"
+            )
+        if self.complete and (problems := layout_problems(self.fs, self.root, meta, ARRAYS)):
+            raise CorruptCacheError(self._damaged("; ".join(problems)))
+        self._tables: dict[str, np.ndarray] = {}
+        self._crc_layers: dict[int, np.ndarray] = {}
+        try:
+            self._features = self.group["features"]
+            self.storage_dtype: str = StorageDtype(meta["storage"]["dtype"]).value
+        except Exception as e:  # noqa: BLE001
+            raise CorruptCacheError(self._damaged(f"features cannot be opened: {_describe(e)}")) from None
+        self.status = self.table("samples/status") if self.complete else np.zeros(self._features.shape[0], np.uint8)
+        self._rows = np.flatnonzero((self.status == OK) | (self.status == TEXT_ONLY)) if self.complete else np.arange(len(self.status))
+
+    def _damaged(self, what: str) -> str:
+        return f"cache '{self.url}' is damaged: {what}. `layerfuse cache verify {self.url}` reports everything; extract it again (or restore a copy)"
 
     # --- shape facts -------------------------------------------------------------------------------------
     @property
@@ -141,10 +188,21 @@ class FeatureCache:
         return len(self._rows)
 
     # --- per-sample tables ----------------------------------------------------------------------------------
+    def table(self, path: str) -> np.ndarray:
+        """A per-sample table (by array path, indexed by storage row) read whole once, checked against the manifest's
+        digest when it is one of DIGESTED_TABLES."""
+        if path not in self._tables:
+            try:
+                values = np.asarray(self.group[path][:])
+            except Exception as e:  # noqa: BLE001 - zarr raises many types for damaged chunks
+                raise CorruptCacheError(self._damaged(f"'{path}' cannot be read: {_describe(e)}")) from None
+            if self.complete and path in DIGESTED_TABLES and (problem := table_problem(self.meta, path, values)):
+                raise CorruptCacheError(self._damaged(problem))
+            self._tables[path] = values
+        return self._tables[path]
+
     def _column(self, name: str) -> np.ndarray:
-        if name not in self._columns:
-            self._columns[name] = np.asarray(self.group[f"samples/{name}"][:])
-        return self._columns[name]
+        return self.table(f"samples/{name}")
 
     def _storage_rows(self, rows: Sequence[int] | np.ndarray | slice | None) -> np.ndarray:
         if rows is None:
@@ -183,7 +241,7 @@ class FeatureCache:
     @property
     def image_sizes(self) -> np.ndarray:
         """[n, 2] (width, height) of each original image; -1 for text-only samples."""
-        return np.asarray(self.group["samples/image_size"][:])[self._rows]
+        return self.table("samples/image_size")[self._rows]
 
     def select(self, *, split: str | None = None, category: str | None = None, has_image: bool | None = None) -> np.ndarray:
         """Reader rows matching all given filters."""
@@ -198,8 +256,8 @@ class FeatureCache:
 
     def conversations(self, rows: Sequence[int] | np.ndarray | slice | None = None) -> list[list[dict[str, str]]]:
         srows = self._storage_rows(rows)
-        arr = self.group["samples/conversations"]
-        return [json.loads(str(s)) for s in _take(arr, srows)]
+        values = self.checked_rows("samples/conversations", srows)
+        return [json.loads(str(s)) for s in values]
 
     # --- arrays -----------------------------------------------------------------------------------------------
     def resolve_layers(self, layers: Sequence[int] | None) -> list[int]:
@@ -222,22 +280,91 @@ class FeatureCache:
         """Hidden states of the given reader rows and layers: [n, k, T, D] in the stored dtype.
 
         Only the chunks holding the asked-for (row, layer) pairs are read and decompressed: rows are merged
-        into spans of neighbouring chunks and layers into runs, and each span x run is one slice read
-        (much faster in zarr than orthogonal integer indexing).
+        into spans of neighbouring chunks (cut at shard boundaries) and layers into runs, and each span x run is one
+        slice read (much faster in zarr than orthogonal integer indexing). Every (row, layer) read is checked against
+        its CRC-32C; damaged or unreadable rows raise `CorruptRowsError` naming them.
         """
-        srows = self._storage_rows(rows)
+        return self.features_at(self._storage_rows(rows), layers)
+
+    def features_at(self, srows: np.ndarray, layers: Sequence[int] | None = None, *, check: bool = True) -> torch.Tensor:
+        """`features` by storage rows (any status; rows without an image are zeros). check=False skips the checksums
+        (for `cache verify`, to look at the values of rows it already reported)."""
         lay = np.asarray(self.resolve_layers(layers), dtype=np.int64)
         uniq, rinv = np.unique(srows, return_inverse=True)
         ulay, linv = np.unique(lay, return_inverse=True)
         block = np.empty((len(uniq), len(ulay), self.num_tokens, self.hidden_size), self._features.dtype)
-        chunk = int(self._features.chunks[0])
-        for r0, r1 in _runs(uniq, gap=chunk):
+        bad: dict[int, str] = {}
+        for r0, r1 in self._spans(uniq):
             rsel = slice(int(np.searchsorted(uniq, r0)), int(np.searchsorted(uniq, r1, side="right")))
             for l0, l1 in _runs(ulay, gap=1):
                 lsel = slice(int(np.searchsorted(ulay, l0)), int(np.searchsorted(ulay, l1, side="right")))
-                data = np.asarray(self._features[r0 : r1 + 1, l0 : l1 + 1])
-                block[rsel, lsel] = data[uniq[rsel] - r0]
+                try:
+                    data = np.asarray(self._features[r0 : r1 + 1, l0 : l1 + 1])[uniq[rsel] - r0]
+                except Exception as e:  # noqa: BLE001 - a truncated shard or a broken shard index
+                    bad.update((int(r), f"features cannot be read: {_describe(e)}") for r in uniq[rsel])
+                    continue
+                block[rsel, lsel] = data
+                if check and self.complete:
+                    want = np.stack([self._layer_checksums(int(k))[uniq[rsel]] for k in ulay[lsel]], axis=1)
+                    for i, j in zip(*np.nonzero(block_checksums(data, axes=2) != want)):
+                        bad.setdefault(int(uniq[rsel][i]), f"layer {int(ulay[lsel][j])} of the features fails its checksum")
+        if bad:
+            raise self._corrupt_rows(bad, "features")
         return to_torch(block[rinv][:, linv], self.storage_dtype)
+
+    def _spans(self, uniq: np.ndarray) -> list[tuple[int, int]]:
+        """Inclusive storage-row spans of `uniq` (sorted) that merge neighbouring chunks and never cross a shard."""
+        shard = self.shard_rows
+        out: list[tuple[int, int]] = []
+        for r0, r1 in _runs(uniq, gap=self.chunk_rows):
+            if r0 // shard == r1 // shard:
+                out.append((r0, r1))
+                continue
+            part = uniq[(uniq >= r0) & (uniq <= r1)]
+            for k in np.unique(part // shard):
+                v = part[part // shard == k]
+                out.append((int(v[0]), int(v[-1])))
+        return out
+
+    def _layer_checksums(self, layer: int) -> np.ndarray:
+        """checksums/features[:, layer] (one column per layer is stored as its own chunks)."""
+        if layer not in self._crc_layers:
+            try:
+                self._crc_layers[layer] = np.asarray(self.group[FEATURE_CHECKSUMS][:, layer])
+            except Exception as e:  # noqa: BLE001
+                raise CorruptCacheError(self._damaged(f"'{FEATURE_CHECKSUMS}' cannot be read: {_describe(e)}")) from None
+        return self._crc_layers[layer]
+
+    def checked_rows(self, path: str, srows: np.ndarray) -> np.ndarray:
+        """path[srows] for a row-checksummed array (text/turns, text/mean, samples/conversations), checked per row."""
+        try:
+            values = _take(self.group[path], srows)
+        except Exception as e:  # noqa: BLE001
+            raise self._corrupt_rows({int(r): f"'{path}' cannot be read: {_describe(e)}" for r in srows}, path) from None
+        if self.complete and srows.size:
+            got = text_checksums(values) if path == "samples/conversations" else block_checksums(values)
+            want = self.table(ROW_CHECKSUMS[path])[srows]
+            if (wrong := np.flatnonzero(got != want)).size:
+                raise self._corrupt_rows({int(srows[i]): f"'{path}' fails its checksum" for i in wrong}, path)
+        return values
+
+    def shard_file(self, shard: int) -> str:
+        """Where storage shard `shard` of the features lives (a file under the cache folder, or an object key)."""
+        return f"{self.root}/features/{self._features.metadata.encode_chunk_key((shard, 0, 0, 0))}"
+
+    def _corrupt_rows(self, bad: dict[int, str], what: str) -> CorruptRowsError:
+        srows = np.asarray(sorted(bad), np.int64)
+        r = int(srows[0])
+        shard = r // self.shard_rows
+        reason = bad[r]
+        if what == "features" and not self.fs.exists(self.shard_file(shard)):
+            reason += f" (its shard file {self.shard_file(shard)} is missing; zarr would have returned zeros)"
+        more = f" and {len(srows) - 1} more rows" if len(srows) > 1 else ""
+        sample = str(self._column("id")[r]) if self.complete else "?"
+        message = self._damaged(f"sample {sample} (storage row {r}, shard {shard}): {reason}{more}")
+        pos = np.minimum(np.searchsorted(self._rows, srows), max(len(self._rows) - 1, 0))
+        reader_rows = np.where(self._rows[pos] == srows, pos, -1) if len(self._rows) else np.full(len(srows), -1)
+        return CorruptRowsError(message, reader_rows, srows, [bad[int(x)] for x in srows])
 
     def text_embeddings(self, rows: Sequence[int] | np.ndarray | slice | None = None, *, per_turn: bool = False):
         """Instruction embeddings: mean [n, d_s], or (turns [n, M, d_s], num_turns [n]) with per_turn=True.
@@ -246,17 +373,16 @@ class FeatureCache:
         """
         srows = self._storage_rows(rows)
         if per_turn:
-            turns = _take(self.group["text/turns"], srows)
-            num = _take(self.group["text/num_turns"], srows)
-            return torch.from_numpy(np.asarray(turns)), torch.from_numpy(np.asarray(num).astype(np.int64))
-        return torch.from_numpy(np.asarray(_take(self.group["text/mean"], srows)))
+            turns = self.checked_rows("text/turns", srows)
+            return torch.from_numpy(np.asarray(turns)), torch.from_numpy(self.table("text/num_turns")[srows].astype(np.int64))
+        return torch.from_numpy(np.asarray(self.checked_rows("text/mean", srows)))
 
     def num_turns(self, rows: Sequence[int] | np.ndarray | slice | None = None) -> np.ndarray:
-        return np.asarray(_take(self.group["text/num_turns"], self._storage_rows(rows)))
+        return self.table("text/num_turns")[self._storage_rows(rows)]
 
     def issues(self) -> list[dict[str, Any]]:
         """Every recorded issue (skipped or repaired samples) with row, id, stage, reason, where."""
-        cols = {f: self.group[f"issues/{f}"][:] for f in ISSUE_FIELDS}
+        cols = {f: self.table(f"issues/{f}") for f in ISSUE_FIELDS}
         return [{f: (int(cols[f][i]) if f == "row" else str(cols[f][i])) for f in ISSUE_FIELDS} for i in range(len(cols["id"]))]
 
     def __repr__(self) -> str:
@@ -274,6 +400,10 @@ def _runs(sorted_values: np.ndarray, gap: int) -> list[tuple[int, int]]:
     starts = np.concatenate([[0], breaks + 1])
     ends = np.concatenate([breaks, [sorted_values.size - 1]])
     return [(int(sorted_values[a]), int(sorted_values[b])) for a, b in zip(starts, ends)]
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def _take(arr: zarr.Array, rows: np.ndarray) -> np.ndarray:

@@ -11,7 +11,6 @@ Every step is idempotent, so a process killed at any moment is resumed by runnin
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -22,13 +21,18 @@ from zarr.codecs import BloscCodec
 
 from layerfuse.core.atomic import write_bytes
 from layerfuse.core.dtypes import StorageDtype
+from layerfuse.pipeline.cache.integrity import MANIFEST_KEY, block_checksums, build_manifest, text_checksums
 from layerfuse.pipeline.cache.reader import (
+    ARRAYS,
     ATTRS_KEY,
+    DIGESTED_TABLES,
+    FEATURE_CHECKSUMS,
     FORMAT,
     FORMAT_VERSION,
     ISSUE_FIELDS,
     OK,
     PENDING,
+    ROW_CHECKSUMS,
     SAMPLE_FIELDS,
     SKIPPED,
     TEXT_ONLY,
@@ -77,16 +81,16 @@ class ShardResult:
     errors: list[dict[str, Any]] = field(default_factory=list)  # {"row", "id", "reason", "where"}
 
     def marker(self) -> dict[str, Any]:
-        crc_f = [zlib.crc32(np.ascontiguousarray(self.features[i]).tobytes()) for i in range(self.stop - self.start)]
-        crc_t = [zlib.crc32(np.ascontiguousarray(self.text_turns[i]).tobytes()) for i in range(self.stop - self.start)]
         return {
+            "format_version": FORMAT_VERSION,
             "shard": self.index,
             "rows": [self.start, self.stop],
             "status": self.status.tolist(),
             "image_size": self.image_size.tolist(),
             "num_turns": self.num_turns.tolist(),
-            "crc_features": crc_f,
-            "crc_text": crc_t,
+            "crc_features": block_checksums(self.features, axes=2).tolist(),  # [n][L+1]
+            "crc_turns": block_checksums(self.text_turns).tolist(),
+            "crc_mean": block_checksums(self.text_mean).tolist(),
             "errors": self.errors,
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -154,6 +158,7 @@ class CacheWriter:
             a = g.create_array(f"samples/{f}", shape=(n,), chunks=(tchunk,), dtype=str, compressors=codec)
             if n:
                 a[:] = np.array(values, dtype=object)
+        g.create_array(ROW_CHECKSUMS["samples/conversations"], data=text_checksums(columns["conversations"]), chunks=(tchunk,))
         meta = {
             **meta,
             "format": FORMAT,
@@ -216,7 +221,8 @@ class CacheWriter:
             m = json.loads(self.fs.cat_file(self._marker_path(k)))
         except (FileNotFoundError, ValueError):
             return None
-        return m if m.get("shard") == k and len(m.get("status", [])) == m["rows"][1] - m["rows"][0] else None
+        ok = m.get("format_version") == FORMAT_VERSION and m.get("shard") == k and len(m.get("status", [])) == m["rows"][1] - m["rows"][0]
+        return m if ok else None
 
     def pending_shards(self, rank: int = 0, world: int = 1) -> list[int]:
         return [k for k in range(rank, self.num_shards, world) if self.read_marker(k) is None]
@@ -238,8 +244,9 @@ class CacheWriter:
         status = np.full(n, PENDING, np.uint8)
         size = np.full((n, 2), -1, np.int32)
         turns = np.zeros(n, np.int16)
-        crc_f = np.zeros(n, np.uint32)
-        crc_t = np.zeros(n, np.uint32)
+        crc_f = np.zeros((n, int(self.meta["encoder"]["num_layers"]) + 1), np.uint32)
+        crc_turns = np.zeros(n, np.uint32)
+        crc_mean = np.zeros(n, np.uint32)
         issues: list[dict[str, Any]] = [
             {**i, "row": -1} for i in json.loads(self.fs.cat_file(f"{self.root}/progress/plan-issues.json"))
         ]
@@ -254,7 +261,8 @@ class CacheWriter:
             size[a:b] = np.asarray(m["image_size"], np.int32).reshape(b - a, 2)
             turns[a:b] = m["num_turns"]
             crc_f[a:b] = m["crc_features"]
-            crc_t[a:b] = m["crc_text"]
+            crc_turns[a:b] = m["crc_turns"]
+            crc_mean[a:b] = m["crc_mean"]
             issues += [{"row": e["row"], "id": e["id"], "stage": e.get("stage", "image"), "reason": e["reason"], "where": e.get("where", "")} for e in m["errors"]]
         if missing:
             raise CacheError(f"cannot finalise '{self.url}': shards {missing[:10]}{'...' if len(missing) > 10 else ''} are not written")
@@ -264,8 +272,9 @@ class CacheWriter:
         g.create_array("samples/status", data=status, chunks=(chunk,), overwrite=True)
         g.create_array("samples/image_size", data=size, chunks=(chunk, 2), overwrite=True)
         g.create_array("text/num_turns", data=turns, chunks=(chunk,), overwrite=True)
-        g.create_array("checksums/features", data=crc_f, chunks=(chunk,), overwrite=True)
-        g.create_array("checksums/text", data=crc_t, chunks=(chunk,), overwrite=True)
+        g.create_array(FEATURE_CHECKSUMS, data=crc_f, chunks=(chunk, 1), overwrite=True)  # a column per layer
+        g.create_array(ROW_CHECKSUMS["text/turns"], data=crc_turns, chunks=(chunk,), overwrite=True)
+        g.create_array(ROW_CHECKSUMS["text/mean"], data=crc_mean, chunks=(chunk,), overwrite=True)
         ichunk = max(1, min(len(issues), TABLE_CHUNK))
         for f in ISSUE_FIELDS:
             if f == "row":
@@ -284,6 +293,9 @@ class CacheWriter:
         }
         meta = {**self.meta, "summary": summary, "complete": True, "completed": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         meta["num_samples"] = summary["ok"] + summary["text_only"]
+        meta.pop(MANIFEST_KEY, None)
+        tables = {p: np.asarray(g[p][:]) for p in DIGESTED_TABLES}
+        meta[MANIFEST_KEY] = build_manifest(self.fs, self.root, meta, ARRAYS, tables)  # last: it pins everything above
         g.attrs[ATTRS_KEY] = meta
         self.meta = meta
         return summary

@@ -206,7 +206,7 @@ def test_verify_detects_corruption(tmp_path, vision_dir):
     rep = verify_cache(str(out), progress=False)
     assert not rep.ok
     joined = " ".join(rep.problems)
-    assert "row 3" in joined and "checksum mismatch" in joined and "NaN" in joined
+    assert "row 3" in joined and "fails its checksum" in joined and "NaN" in joined
     r = subprocess.run(layerfuse_cmd("cache", "verify", str(out), "--quiet"), capture_output=True, text=True)
     assert r.returncode == 1 and "FAILED" in r.stderr
 
