@@ -8,6 +8,11 @@
 `scan_training_set` tokenises every candidate sample once before training (in workers too) so that samples the
 settings cannot use (an image span cut by max_length, no assistant turn, ...) are known up front, recorded with
 their id and reason, and left out of the plan; the loader re-tokenises rows in the workers, identically.
+
+Damaged rows (FeatureCache checks every read against its checksums): with on_corrupt="stop" (the default) the first
+one stops the run with `CorruptRowsError` naming the sample, shard and cache; with "skip" the scan leaves out rows whose
+conversation is damaged, and a window leaves out rows whose features or text are damaged, each recorded with its
+reason (`TrainingSet.skipped`, `CacheBatches.dropped`). A batch left with no sample on a rank is still an error.
 """
 
 from __future__ import annotations
@@ -15,17 +20,26 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from layerfuse.pipeline.cache.reader import FeatureCache
+from layerfuse.pipeline.cache.reader import CorruptRowsError, FeatureCache
 from layerfuse.pipeline.data.conversation import SkipSample, TokenBatch, TokenizedSample, collate, tokenize_conversation
 from layerfuse.pipeline.training.epoch_plan import BatchShape, EpochPlan, make_epoch_plan
 from layerfuse.core.workers import worker_init_fn
+
+
+OnCorrupt = Literal["stop", "skip"]
+
+
+def damaged_records(cache: FeatureCache, e: CorruptRowsError) -> list[dict[str, Any]]:
+    """{"row", "id", "reason"} per reader row of a CorruptRowsError (reason prefixed "damaged: ")."""
+    ids = cache.sample_ids(e.rows[e.rows >= 0])
+    return [{"row": int(r), "id": str(i), "reason": f"damaged: {why}"} for r, i, why in zip(e.rows[e.rows >= 0], ids, np.asarray(e.reasons)[e.rows >= 0])]
 
 
 @dataclass(frozen=True)
@@ -123,8 +137,8 @@ class TrainingSet:
 class _ScanChunks(Dataset):
     """Item i: tokenise rows chunk i -> (rows, lengths, skipped)."""
 
-    def __init__(self, lazy: LazyCache, chunks: list[np.ndarray], tokenizer: Any, settings: TokenSettings):
-        self.lazy, self.chunks, self.tokenizer, self.settings = lazy, chunks, tokenizer, settings
+    def __init__(self, lazy: LazyCache, chunks: list[np.ndarray], tokenizer: Any, settings: TokenSettings, on_corrupt: OnCorrupt):
+        self.lazy, self.chunks, self.tokenizer, self.settings, self.on_corrupt = lazy, chunks, tokenizer, settings, on_corrupt
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -132,10 +146,18 @@ class _ScanChunks(Dataset):
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
         cache = self.lazy.cache
         rows = self.chunks[i]
-        convs = cache.conversations(rows)
+        ok, lengths, skipped = [], [], []
+        while True:
+            try:
+                convs = cache.conversations(rows)
+                break
+            except CorruptRowsError as e:
+                if self.on_corrupt != "skip":
+                    raise
+                skipped += damaged_records(cache, e)
+                rows = rows[~np.isin(rows, e.rows)]
         has_image = cache.has_image[rows]
         ids = cache.sample_ids(rows)
-        ok, lengths, skipped = [], [], []
         for r, conv, img, sid in zip(rows, convs, has_image, ids):
             try:
                 lengths.append(len(tokenize_sample(conv, bool(img), self.tokenizer, self.settings)))
@@ -154,11 +176,13 @@ def scan_training_set(
     workers: int = 0,
     chunk: int = 1024,
     progress: bool = True,
+    on_corrupt: OnCorrupt = "stop",
 ) -> TrainingSet:
-    """Tokenise `rows` once; keep those that fit the settings, record the others with the reason."""
+    """Tokenise `rows` once; keep those that fit the settings, record the others with the reason (and, with
+    on_corrupt="skip", those whose conversation is damaged)."""
     rows = np.sort(np.asarray(rows, dtype=np.int64))
     chunks = [rows[i : i + chunk] for i in range(0, rows.size, chunk)]
-    ds = _ScanChunks(LazyCache(cache.url, None), chunks, tokenizer, settings)
+    ds = _ScanChunks(LazyCache(cache.url, None), chunks, tokenizer, settings, on_corrupt)
     n_workers = min(workers, len(chunks))
     loader = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=n_workers, worker_init_fn=worker_init_fn(n_workers),
                         generator=own_generator(0))
@@ -205,6 +229,14 @@ class ConversationFormat:
                              torch.from_numpy(rows[sl])) for sl in slices]
 
 
+class Window(NamedTuple):
+    """What a worker returns for one window: this rank's micro-batches per global batch, and the rows left out as
+    damaged (on_corrupt="skip"). A NamedTuple, so that the DataLoader's pin_memory recurses into it."""
+
+    batches: list[list[Any]]
+    dropped: list[dict[str, Any]]
+
+
 class WindowReader(Dataset):
     """Item (epoch, w): this rank's micro-batches of every global batch in window w of that epoch's plan.
 
@@ -214,24 +246,37 @@ class WindowReader(Dataset):
     """
 
     def __init__(self, lazy: LazyCache, plan_of: Callable[[int], EpochPlan], shape: BatchShape, rank: int, layers: Sequence[int],
-                 fmt: BatchFormat):
+                 fmt: BatchFormat, on_corrupt: OnCorrupt = "stop"):
         self.lazy, self.plan_of, self.shape, self.rank, self.layers, self.fmt = lazy, plan_of, shape, rank, list(layers), fmt
+        self.on_corrupt = on_corrupt
 
-    def __getitem__(self, key: tuple[int, int]) -> list[list[Any]]:
+    def __getitem__(self, key: tuple[int, int]) -> Window:
         epoch, w = key
         plan = self.plan_of(epoch)
         cache = self.lazy.cache
         batches = [plan.rank_rows(b, self.shape, self.rank) for b in plan.window(w)]
-        rows = np.concatenate(batches)
-        layers = cache.features(rows, self.layers)  # [n, k, T, D]
-        m, bounds = self.shape.micro_batch, np.cumsum([0] + [b.size for b in batches])
-        slices = [[slice(s, s + m) for s in range(lo, hi, m)] for lo, hi in zip(bounds[:-1], bounds[1:])]
-        micro = self.fmt.batches(cache, rows, layers, self.fmt.text(cache, rows), [sl for per in slices for sl in per])
+        dropped: list[dict[str, Any]] = []
+        while True:
+            rows = np.concatenate(batches)
+            m, bounds = self.shape.micro_batch, np.cumsum([0] + [b.size for b in batches])
+            slices = [[slice(s, s + m) for s in range(lo, hi, m)] for lo, hi in zip(bounds[:-1], bounds[1:])]
+            try:
+                layers = cache.features(rows, self.layers)  # [n, k, T, D]
+                micro = self.fmt.batches(cache, rows, layers, self.fmt.text(cache, rows), [sl for per in slices for sl in per])
+                break
+            except CorruptRowsError as e:
+                if self.on_corrupt != "skip":
+                    raise
+                dropped += damaged_records(cache, e)
+                batches = [b[~np.isin(b, e.rows)] for b in batches]
+                if any(b.size == 0 for b in batches):
+                    raise CorruptRowsError(f"{e} (--on-corrupt skip: no sample of a batch is left on rank {self.rank})",
+                                           e.rows, e.storage_rows, e.reasons) from None
         out, k = [], 0
         for per in slices:
             out.append(micro[k : k + len(per)])
             k += len(per)
-        return out
+        return Window(out, dropped)
 
 
 class CacheBatches:
@@ -257,7 +302,10 @@ class CacheBatches:
         workers: int = 2,
         prefetch: int = 2,
         pin_memory: bool = False,
+        on_corrupt: OnCorrupt = "stop",
     ):
+        self.on_corrupt = on_corrupt
+        self.dropped: list[dict[str, Any]] = []  # rows left out as damaged so far (on_corrupt="skip"), with the reason
         self.cache, self.rows, self.fmt, self.shape, self.rank = cache, np.asarray(rows, dtype=np.int64), fmt, shape, rank
         self.layers = list(cache.resolve_layers(layers))
         self.seed, self.buffer_rows, self.shuffle = seed, buffer_rows, shuffle
@@ -295,7 +343,7 @@ class CacheBatches:
         if start >= stop:
             return
         keys = self.windows(start, stop)
-        ds = WindowReader(LazyCache(self.cache.url, None), self.plan, self.shape, self.rank, self.layers, self.fmt)
+        ds = WindowReader(LazyCache(self.cache.url, None), self.plan, self.shape, self.rank, self.layers, self.fmt, self.on_corrupt)
         workers = min(self.workers, len(keys))
         loader = DataLoader(
             ds, batch_size=None, sampler=keys, collate_fn=_as_is, num_workers=workers,
@@ -304,7 +352,8 @@ class CacheBatches:
         )
         step = start
         for (epoch, w), window in zip(keys, loader):
-            for b, micro in zip(self.plan(epoch).window(w), window):
+            self.dropped += window.dropped
+            for b, micro in zip(self.plan(epoch).window(w), window.batches):
                 if epoch * self.steps_per_epoch + b < step:
                     continue  # the first window of a resumed run: batches before the resume point
                 yield step, micro

@@ -39,7 +39,15 @@ from layerfuse.pipeline.cache.reader import FeatureCache
 from layerfuse.pipeline.data.conversation import IGNORE_INDEX, Template
 from layerfuse.core.distributed import DistContext
 from layerfuse.pipeline.models.llm import DEFAULT_LLM, LLMBundle, build_default_llm, load_llm
-from layerfuse.pipeline.training.loader import CacheBatches, ConversationFormat, FeatureBatch, TokenSettings, TrainingSet, scan_training_set
+from layerfuse.pipeline.training.loader import (
+    CacheBatches,
+    ConversationFormat,
+    FeatureBatch,
+    OnCorrupt,
+    TokenSettings,
+    TrainingSet,
+    scan_training_set,
+)
 from layerfuse.pipeline.training.metrics import MetricsLog
 from layerfuse.pipeline.models.run import (
     FUSER_WEIGHTS,
@@ -116,6 +124,7 @@ class TrainConfig:
     device: str = runtime(default="auto")
     progress: bool = runtime(default=True)
     tensorboard: bool = runtime(default=True)
+    on_corrupt: OnCorrupt = runtime(default="stop")  # a damaged cache row: stop, or skip it and record it (train/damaged.jsonl)
 
     def resolved(self) -> "TrainConfig":
         """A copy with the stage defaults filled in and the options checked."""
@@ -357,7 +366,8 @@ def _training_set(cfg: TrainConfig, cache: FeatureCache, bundle: LLMBundle, sett
     if rows.size == 0:
         cats = sorted(set(cache.categories.tolist()))
         raise TrainError(f"cache {cfg.cache} has no samples in split {cfg.split!r}" + (f" with categories {cfg.categories} (it has {cats})" if cfg.categories else ""))
-    ts = scan_training_set(cache, rows, bundle.tokenizer, settings, workers=cfg.workers, progress=cfg.progress and ctx.is_main)
+    ts = scan_training_set(cache, rows, bundle.tokenizer, settings, workers=cfg.workers, progress=cfg.progress and ctx.is_main,
+                           on_corrupt=cfg.on_corrupt)
     if ctx.is_main and train_dir is not None:
         with (train_dir / "skipped.jsonl").open("w") as f:
             for s in ts.skipped:
@@ -400,7 +410,7 @@ def prepare_training(cfg: TrainConfig, ctx: DistContext, train_dir: Path | None 
     shape = BatchShape(cfg.batch_size, cfg.micro_batch_size or cfg.batch_size // ctx.world, ctx.world)
     batches = CacheBatches(
         cache, ts.rows, ConversationFormat(bundle.tokenizer, settings, fuser.needs_text), layers=fuser.required_layers, shape=shape, rank=ctx.rank, seed=cfg.seed, buffer_rows=cfg.buffer_rows, workers=cfg.workers, prefetch=cfg.prefetch,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda", on_corrupt=cfg.on_corrupt,
     )
     total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * batches.steps_per_epoch))
     warmup = max(1, round(cfg.warmup_ratio * total))
@@ -467,7 +477,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, overwrite: bool) ->
     window = {"loss": 0.0, "lm": 0.0, "aux": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.perf_counter()}
     last_loss = None
     step = start
+    recorded = 0
     for step, micro in batches.steps(start, total):
+        if len(batches.dropped) > recorded:  # --on-corrupt skip: damaged rows left out of this step
+            _record_damaged(train_dir, batches.dropped[recorded:], step, ctx.rank)
+            recorded = len(batches.dropped)
         lm_sum, aux_sum, grad_norm, lrs = train_step(model, optimizer, scheduler, trainable, micro, ctx=ctx, device=device,
                                                      global_batch=cfg.batch_size, max_grad_norm=cfg.max_grad_norm, autocast=setup.autocast)
         lm = ctx.all_sum(torch.tensor([lm_sum, aux_sum], dtype=torch.float64))
@@ -508,6 +522,17 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, overwrite: bool) ->
     ctx.barrier()
     return TrainResult(Path(cfg.out), total, samples, last_loss, len(ts), ts.skipped_by_reason(),
                        elapsed0 + time.perf_counter() - t0, resumed_from=start, is_main=ctx.is_main)
+
+
+def _record_damaged(train_dir: Path, dropped: list[dict[str, Any]], step: int, rank: int) -> None:
+    """Append rows left out as damaged to train/damaged.jsonl (each rank its own file under torchrun) and say so."""
+    path = train_dir / ("damaged.jsonl" if rank == 0 else f"damaged.rank{rank}.jsonl")
+    with path.open("a") as f:
+        for d in dropped:
+            f.write(json.dumps({**d, "step": step}) + "\n")
+    first = dropped[0]
+    tqdm.write(f"train: step {step}: left out {len(dropped)} damaged sample(s) (--on-corrupt skip), e.g. {first['id']}: "
+               f"{first['reason']}; listed in {path}")
 
 
 def _with_state(save_pretrained, state: dict[str, torch.Tensor]):
