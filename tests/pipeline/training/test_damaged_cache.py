@@ -46,12 +46,15 @@ def test_training_stops_on_a_damaged_row(damaged, tiny_llm_dir, tmp_path):
 
 
 def test_cli_training_on_a_damaged_cache_is_one_line(damaged, tiny_llm_dir, tmp_path):
-    cache, _, _ = damaged
-    r = subprocess.run(layerfuse_cmd("train", "--cache", str(cache), "--llm", str(tiny_llm_dir), "--out", str(tmp_path / "run"),
-                                     "--fuser", "single", "--max-steps", "2", "--batch-size", "8", "--workers", "0", "--quiet"),
-                       capture_output=True, text=True)
+    cache, _, answer_id = damaged
+    args = ["train", "--cache", str(cache), "--llm", str(tiny_llm_dir), "--fuser", "single", "--max-steps", "2", "--batch-size", "8",
+            "--workers", "0", "--quiet"]
+    r = subprocess.run(layerfuse_cmd(*args, "--out", str(tmp_path / "run")), capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "is damaged: sample" in r.stderr and str(cache) in r.stderr
+    r = subprocess.run(layerfuse_cmd(*args, "--out", str(tmp_path / "skip"), "--on-corrupt", "skip"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f'"id": "{answer_id}"' in (tmp_path / "skip" / "train" / "skipped.jsonl").read_text()
 
 
 def test_skip_leaves_damaged_rows_out_and_records_them(damaged, tiny_llm_dir, tmp_path):
