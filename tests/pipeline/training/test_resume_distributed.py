@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from layerfuse.pipeline.cache.reader import FeatureCache
+from layerfuse.pipeline.cache.reader import ARRAYS, FeatureCache
 from layerfuse.pipeline.cache.verify import verify_cache
 
 from tests.support import layerfuse_cmd
@@ -36,9 +36,9 @@ def _same_cache(a: Path, b: Path) -> None:
     """Bit-for-bit the same content (creation times aside)."""
     ca, cb = FeatureCache(a), FeatureCache(b)
     assert ca.ids == cb.ids and len(set(ca.ids)) == len(ca.ids)
-    for name in ("features", "text/turns", "text/mean", "text/num_turns", "samples/status", "samples/image_size",
-                 "checksums/features", "checksums/text", "samples/id", "samples/conversations", "issues/id"):
+    for name in ARRAYS:
         assert np.array_equal(np.asarray(ca.group[name][:]), np.asarray(cb.group[name][:])), name
+    assert ca.meta["manifest"]["arrays"] == cb.meta["manifest"]["arrays"]
     for key in ("config_hash", "num_shards", "summary", "encoder", "text", "storage"):
         assert ca.meta[key] == cb.meta[key], key
 
