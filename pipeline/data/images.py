@@ -15,12 +15,19 @@ Conversion rules (`to_rgb`):
   * "F" (float): values in [0, 1] are scaled by 255, values in [0, 255] are rounded, anything else is
     rescaled from min..max; NaN becomes 0.
 EXIF orientation is applied; of a multi-frame file (GIF, TIFF, ...) only the first frame is used.
+
+Size guard (`max_pixels`, --max-pixels): from the header, before any pixel is decoded, the image's w*h and,
+when the caller gives `working_pixels` (e.g. `ImagePreprocessor.working_pixels`), the largest image its
+preprocessing creates (a pad-to-square canvas, a resize of an extreme aspect ratio) must not exceed it.
+Messages never quote the data (a not-an-image file is described by its size).
 """
 
 from __future__ import annotations
 
 import io
+import re
 import warnings
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -63,12 +70,26 @@ def _open_unchecked(data: bytes) -> Image.Image | None:
     return None
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def _too_large_to_preprocess(w: int, h: int, need: int, max_pixels: int) -> SampleError:
+    return SampleError(
+        f"image {w}x{h} needs {need} pixels while preprocessed (pad to square, resize) > limit {max_pixels} "
+        "(decompression-bomb guard; raise --max-pixels)"
+    )
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    working_pixels: Callable[[int, int], int] | None = None,
+) -> Image.Image:
     """Decode encoded image bytes into a fully loaded RGB image.
 
     The header is read first and its size checked against `max_pixels` before any pixel data is
-    decoded. EXIF orientation is applied; multi-frame files give their first frame; every mode is
-    converted to RGB (see the module docstring; alpha is composited over white).
+    decoded, and so is `working_pixels(w, h)` when given: the most pixels the caller's preprocessing
+    will allocate for a w x h image (checked for both orientations, as EXIF rotation may swap them).
+    EXIF orientation is applied; multi-frame files give their first frame; every mode is converted to
+    RGB (see the module docstring; alpha is composited over white).
 
     Raises `SampleError` with a short reason: empty data, unknown format, truncated/corrupt data, or an
     image above `max_pixels` (PIL's own DecompressionBombWarning/Error is turned into the same error).
@@ -89,9 +110,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
                     "image too large for PIL's decompression-bomb guard (raise --max-pixels)"
                 ) from None
         except UnidentifiedImageError:
-            raise SampleError(
-                f"not an image or unsupported format: {len(data)} bytes starting {data[:8]!r}"
-            ) from None
+            raise SampleError(f"not an image or unsupported format: {len(data)} bytes") from None
         except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged headers
             raise SampleError(f"truncated or corrupt image data: {_describe(e)}") from None
 
@@ -100,6 +119,10 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             raise SampleError(f"truncated or corrupt image data: invalid size {w}x{h}")
         if w * h > max_pixels:
             raise _too_large(w, h, max_pixels)
+        if working_pixels is not None:
+            need = max(working_pixels(w, h), working_pixels(h, w))
+            if need > max_pixels:
+                raise _too_large_to_preprocess(w, h, need, max_pixels)
 
         try:
             img.load()  # Image.open leaves a multi-frame file on its first frame; only that one is decoded
@@ -123,8 +146,12 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise SampleError(f"cannot convert image mode {img.mode!r} to RGB: {_describe(e)}") from None
 
 
+_BYTES_REPR = re.compile(r"""b(?:'[^']*'|"[^"]*")""")
+
+
 def _describe(e: BaseException) -> str:
-    msg = str(e).strip()
+    """An exception as "Type: message", with any bytes literal in the message (data quoted by a decoder) elided."""
+    msg = _BYTES_REPR.sub("b'...'", str(e).strip())
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 

@@ -55,11 +55,43 @@ class EncoderInfo:
     processor: dict[str, Any] = field(default_factory=dict)
 
 
+def _size_value(size: Any, key: str) -> int | None:
+    """One entry of an image processor's `size` (a dict, or transformers' SizeDict), None when absent."""
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value else None
+
+
+def resized_pixels(size: Any, width: int, height: int) -> int:
+    """Pixels of a width x height image after an HF image processor's resize to `size`, by the forms transformers
+    uses: {"height", "width"} (fixed), {"shortest_edge"} (aspect kept, optionally capped by "longest_edge"),
+    {"longest_edge"}, {"max_height", "max_width"}, {"max_pixels"}; an int is taken as a shortest edge. Unknown
+    forms: the input's pixels. Integer arithmetic, so extreme aspect ratios stay exact."""
+    if isinstance(size, int):
+        size = {"shortest_edge": size}
+    short, long = min(width, height), max(width, height)
+    fixed_h, fixed_w = _size_value(size, "height"), _size_value(size, "width")
+    if fixed_h and fixed_w:
+        return fixed_h * fixed_w
+    shortest, longest = _size_value(size, "shortest_edge"), _size_value(size, "longest_edge")
+    if shortest:
+        new_short, new_long = shortest, -(-shortest * long // short)
+        if longest and new_long > longest:
+            new_short, new_long = -(-longest * new_short // new_long), longest
+        return new_short * new_long
+    if longest:
+        return longest * -(-longest * short // long)
+    max_h, max_w = _size_value(size, "max_height"), _size_value(size, "max_width")
+    if max_h and max_w:
+        return max_h * max_w
+    return _size_value(size, "max_pixels") or width * height
+
+
 class ImagePreprocessor:
     """Picklable image -> pixel_values transform, run in DataLoader workers.
 
     pad_to_square reproduces LLaVA's `expand2square`: pad to a square with the processor's mean colour,
-    then the processor's own resize/crop/normalise.
+    then the processor's own resize/crop/normalise. `working_pixels(w, h)` is the most pixels that makes a
+    w x h image occupy on the way; extraction refuses images above --max-pixels by it before decoding them.
     """
 
     def __init__(self, processor: Any, pad_to_square: bool):
@@ -67,6 +99,18 @@ class ImagePreprocessor:
         self.pad_to_square = pad_to_square
         mean = getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]
         self.fill = tuple(int(round(m * 255)) for m in mean)
+
+    def working_pixels(self, width: int, height: int) -> int:
+        """The largest image (in pixels) preprocessing a width x height image creates: the decoded image itself,
+        the padded square (pad_to_square: side*side), the processor's resize (e.g. a shortest edge of 224 turns a
+        20000x1 image into 224 x 4480000)."""
+        most = width * height
+        if self.pad_to_square:
+            width = height = max(width, height)
+            most = width * height
+        if getattr(self.processor, "do_resize", True):
+            most = max(most, resized_pixels(getattr(self.processor, "size", None), width, height))
+        return most
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> float32 [3, H, W]."""

@@ -49,8 +49,7 @@ def test_empty_bytes():
 def test_not_an_image():
     with pytest.raises(SampleError) as e:
         decode_image(b"hello, this is certainly not an image\n" * 4)
-    assert e.value.reason.startswith("not an image or unsupported format:")
-    assert "b'hello, t'" in e.value.reason
+    assert e.value.reason == "not an image or unsupported format: 152 bytes"  # the size, never the contents
 
 
 def test_corrupt_png_body():
