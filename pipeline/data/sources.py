@@ -14,7 +14,26 @@ than one is an issue: we cannot tell which is the image). The ".json" record and
 caption are found the same way (exact extension first, then a unique last-suffix match).
 
 Ids: duplicates within one plan are made unique by appending "#2", "#3", ... with a note issue, so that
-no sample silently replaces another downstream.
+no sample silently replaces another downstream. An id longer than MAX_ID_CHARS (a string, or an integer of
+that many digits) is a plan issue; integers that long are never converted (Python refuses int(str) past 4300
+digits), so one such value costs its record, not the file.
+
+Containment: the JSON and the shards are untrusted data. What they may make a worker read (`ImageAccess`):
+  * a LLaVA image is a path under the image root. Planning refuses paths that leave it lexically ("..",
+    absolute paths elsewhere); the worker that opens the file resolves it (os.path.realpath, so symlinks
+    count) and refuses it unless it lies inside the resolved root (os.path.commonpath), then opens the
+    resolved path. An image root that is itself a URL is the user's choice: relative paths under it are
+    normalised and may not climb out of it.
+  * an image that is itself a URL is refused unless its scheme (every scheme of a chained URL) was allowed
+    with --allow-urls; "file" and "local" never are (a local image is a path under the root).
+  * only regular files are opened: os.open(O_RDONLY | O_NONBLOCK | O_NOFOLLOW) after a stat, so a FIFO
+    never blocks and a device is never opened; fstat confirms what was opened. A file above --max-image-bytes is refused
+    by its size and at most max_bytes + 1 bytes are read, so a file that reports a wrong size (procfs) is
+    bounded too; the same cap holds for tar image members (at plan time, by their header) and for allowed
+    URL images.
+  * no message quotes file contents (sizes only).
+WebDataset member names that are absolute, have a ".." component, a backslash or control characters are
+skipped and recorded, as are ".json" records and ".txt" captions above MAX_JSON_MEMBER_BYTES.
 """
 
 from __future__ import annotations
@@ -23,13 +42,16 @@ import glob as globmod
 import json
 import os
 import posixpath
+import re
+import stat
 import tarfile
-from typing import TYPE_CHECKING, Any, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import fsspec
 from braceexpand import braceexpand
 
-from layerfuse.core.errors import MissingError
+from layerfuse.core.errors import ConfigError, MissingError
 from layerfuse.pipeline.data.images import decode_image
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
 from layerfuse.pipeline.data.synthetic import render_record
@@ -40,6 +62,10 @@ if TYPE_CHECKING:
 __all__ = [
     "IMAGE_EXTENSIONS",
     "IMAGE_TOKEN",
+    "DEFAULT_MAX_IMAGE_BYTES",
+    "MAX_ID_CHARS",
+    "ImageAccess",
+    "parse_url_schemes",
     "normalize_conversations",
     "plan_llava",
     "expand_shards",
@@ -52,10 +78,48 @@ __all__ = [
 IMAGE_TOKEN = "<image>"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 CAPTION_EXTENSIONS = ("txt", "caption")
-MAX_JSON_MEMBER_BYTES = 16 * 1024 * 1024  # a ".json" record larger than this is an issue, not read
+MAX_JSON_MEMBER_BYTES = 16 * 1024 * 1024  # a ".json" record or ".txt" caption larger than this is an issue, not read
+DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024  # --max-image-bytes: the largest image file or tar member read
+MAX_ID_CHARS = 512  # a longer sample id is a plan issue
+LOCAL_SCHEMES = frozenset({"file", "local"})  # never allowed by --allow-urls: local images go through the root checks
 
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "model": "gpt"}
 _ADDED_TOKEN_NOTE = "no <image> token; added one to the first human turn"
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+
+
+@dataclass(frozen=True)
+class ImageAccess:
+    """What a worker may read for a record's image (the containment rules of the module docstring).
+
+    image_root: the LLaVA image folder (local path or URL) every llava image must resolve inside; unused by
+        other sources. allow_urls: the URL schemes an image value may use (--allow-urls). max_bytes: the
+        largest image file or tar member read (--max-image-bytes).
+    """
+
+    image_root: str | None = None
+    allow_urls: frozenset[str] = frozenset()
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+
+
+def parse_url_schemes(text: str | None) -> frozenset[str]:
+    """The --allow-urls value ("s3,gs,https": comma-separated scheme names, any case) as a set of lower-case names.
+
+    Raises `ConfigError` for something that is not a scheme name, and for "file" / "local" (local images are
+    paths under the image root, checked as such).
+    """
+    out: set[str] = set()
+    for part in (text or "").split(","):
+        name = part.strip().lower()
+        if not name:
+            continue
+        if not _SCHEME.fullmatch(name):
+            raise ConfigError(f"--allow-urls: {part.strip()!r} is not a URL scheme name (give e.g. s3,gs,https)")
+        if name in LOCAL_SCHEMES:
+            raise ConfigError(f"--allow-urls: {name!r} reads local files; local images are given as paths under "
+                              "--image-root instead")
+        out.add(name)
+    return frozenset(out)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -65,8 +129,58 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
+def _url_schemes(url: str) -> list[str]:
+    """Every protocol of a (possibly chained: "simplecache::s3://b/k") fsspec URL, lower-cased; a chain member that
+    is a plain path counts as "file"."""
+    out = []
+    for part in url.split("::"):
+        if "://" in part:
+            out.append(part.split("://", 1)[0].lower())
+        else:
+            out.append(part.lower() if _SCHEME.fullmatch(part.lower()) else "file")
+    return out
+
+
+def _local_root(root: str) -> str:
+    """A file:// (or local://) image root as the local path it names; anything else unchanged."""
+    for scheme in LOCAL_SCHEMES:
+        if root.startswith(f"{scheme}://"):
+            return root[len(scheme) + 3:]
+    return root
+
+
+class _LongInteger:
+    """Stands in for a JSON integer of more than MAX_ID_CHARS digits, which is never converted to an int."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+def _parse_int(text: str) -> int | _LongInteger:
+    digits = len(text.lstrip("-"))
+    return int(text) if digits <= MAX_ID_CHARS else _LongInteger(digits)
+
+
+def _loads(text: str | bytes) -> Any:
+    """json.loads with over-long integers kept as `_LongInteger`. Raises json.JSONDecodeError for bad syntax,
+    RecursionError for nesting deeper than Python's recursion limit, ValueError for other refusals."""
+    return json.loads(text, parse_int=_parse_int)
+
+
 def _kind(value: Any) -> str:
+    if isinstance(value, _LongInteger):
+        return "int"
     return "null" if value is None else type(value).__name__
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "<deeply nested value>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _record_id(value: Any) -> str | None:
@@ -77,6 +191,15 @@ def _record_id(value: Any) -> str | None:
         return str(value)
     if isinstance(value, str) and value.strip():
         return value
+    return None
+
+
+def _id_problem(value: Any) -> str | None:
+    """Why a record's "id" value refuses the record (an over-long id), else None."""
+    if isinstance(value, _LongInteger):
+        return f"'id' is an integer of {value.digits} digits (more than {MAX_ID_CHARS} characters)"
+    if isinstance(value, str) and len(value) > MAX_ID_CHARS:
+        return f"'id' is a string of {len(value)} characters (more than {MAX_ID_CHARS})"
     return None
 
 
@@ -166,12 +289,22 @@ def normalize_conversations(raw: Any, *, has_image: bool) -> tuple[list[dict[str
 # --------------------------------------------------------------------------------------------- LLaVA
 
 
-def _join_image_path(image_root: str, image: str) -> str:
+def _join_image_path(image_root: str, image: str) -> tuple[str, str | None]:
+    """(where a record's image is, or the reason it is refused): a URL image as it is (the worker checks its
+    scheme), else the image under the root, normalised; refused when it leaves the root lexically."""
     if _is_url(image):
-        return image
-    if _is_url(image_root):
-        return posixpath.join(image_root, image.lstrip("/"))
-    return os.path.abspath(os.path.join(os.path.expanduser(image_root), image))
+        return image, None
+    root = _local_root(image_root)
+    if _is_url(root):
+        rel = posixpath.normpath(image.lstrip("/"))
+        if rel == ".." or rel.startswith("../"):
+            return "", f"image path {image!r} leads outside the image root {image_root}"
+        return f"{root.rstrip('/')}/{rel}", None
+    root = os.path.abspath(os.path.expanduser(root))
+    path = os.path.abspath(os.path.join(root, image))
+    if os.path.commonpath([root, path]) != root:
+        return "", f"image path {image!r} leads outside the image root {image_root}"
+    return path, None
 
 
 def _load_llava_records(json_path: str) -> list[tuple[Any, str | None]]:
@@ -202,17 +335,25 @@ def _load_llava_records(json_path: str) -> list[tuple[Any, str | None]]:
             if not line.strip():
                 continue
             try:
-                out.append((json.loads(line), None))
+                out.append((_loads(line), None))
             except json.JSONDecodeError as e:
                 out.append((None, f"invalid JSON on line {lineno}, column {e.colno}: {e.msg}"))
+            except RecursionError:
+                out.append((None, f"invalid JSON on line {lineno}: nested too deeply"))
+            except ValueError as e:
+                out.append((None, f"invalid JSON on line {lineno}: {e}"))
         return out
 
     try:
-        data = json.loads(text)
+        data = _loads(text)
     except json.JSONDecodeError as e:
         raise SampleError(
             f"{json_path}: invalid JSON at line {e.lineno}, column {e.colno} (char {e.pos}): {e.msg}"
         ) from None
+    except RecursionError:
+        raise SampleError(f"{json_path}: JSON nested too deeply") from None
+    except ValueError as e:
+        raise SampleError(f"{json_path}: invalid JSON: {e}") from None
     if not isinstance(data, list):
         raise SampleError(f"{json_path}: expected a JSON list of records, got {_kind(data)}")
     return [(r, None) for r in data]
@@ -222,11 +363,14 @@ def plan_llava(json_path: str, image_root: str, *, split: str = "train") -> Plan
     """Plan a LLaVA-format dataset: a JSON list (or .jsonl) of records + a folder of images.
 
     `json_path` and `image_root` are local paths or fsspec URLs. A record with "image" gets locator
-    {"path": image_root joined with it} (absolute for local roots); one without is text-only. Malformed
-    records become plan issues and are left out; repairs (added <image> token, missing id, duplicate id)
-    become note issues and the record is kept. Image existence is not checked here.
+    {"path": image_root joined with it} (absolute and normalised for local roots; a URL image as it is);
+    one without is text-only. Malformed records (an image path leaving the root, an over-long id included)
+    become plan issues and are left out; repairs (added <image> token, missing id, duplicate id) become
+    note issues and the record is kept. Image existence is not checked here, nor symlinks or URL schemes:
+    the worker that reads the image does (`read_image_bytes`).
 
-    Raises `SampleError` when the file as a whole cannot be read or is not valid JSON.
+    Raises `SampleError` when the file as a whole cannot be read or is not valid JSON (nesting too deep
+    included).
     """
     plan = Plan()
     for i, (rec, parse_error) in enumerate(_load_llava_records(json_path)):
@@ -238,6 +382,10 @@ def plan_llava(json_path: str, image_root: str, *, split: str = "train") -> Plan
         if not isinstance(rec, dict):
             reason = f"record is not an object (got {_kind(rec)})"
             plan.issues.append(SampleIssue(fallback_id, "llava", "plan", reason, where))
+            continue
+        problem = _id_problem(rec.get("id"))
+        if problem is not None:
+            plan.issues.append(SampleIssue(fallback_id, "llava", "plan", problem, where))
             continue
         rid = _record_id(rec.get("id"))
         sid = rid or fallback_id
@@ -258,6 +406,12 @@ def plan_llava(json_path: str, image_root: str, *, split: str = "train") -> Plan
                 issue(f"'image' is not a non-empty string (got {_kind(image)})")
                 continue
         has_image = isinstance(image, str)
+        path = ""
+        if has_image:
+            path, problem = _join_image_path(image_root, image)
+            if problem is not None:
+                issue(problem)
+                continue
 
         try:
             convs, note = normalize_conversations(rec["conversations"], has_image=has_image)
@@ -266,7 +420,7 @@ def plan_llava(json_path: str, image_root: str, *, split: str = "train") -> Plan
             continue
 
         if rid is None:
-            got = "" if "id" not in rec else f" (got {_kind(rec.get('id'))} {rec.get('id')!r})"
+            got = "" if "id" not in rec else f" (got {_kind(rec.get('id'))} {_short_repr(rec.get('id'))})"
             issue(f"no usable 'id'{got}; using {fallback_id!r}", stage="note")
         if note:
             issue(note, stage="note")
@@ -277,7 +431,7 @@ def plan_llava(json_path: str, image_root: str, *, split: str = "train") -> Plan
             SampleRecord(
                 id=sid,
                 source="llava",
-                locator={"path": _join_image_path(image_root, image)} if has_image else {},
+                locator={"path": path} if has_image else {},
                 conversations=convs,
                 has_image=has_image,
                 category=category if isinstance(category, str) else "",
@@ -384,6 +538,21 @@ def _pick(members: dict[str, tarfile.TarInfo], wanted: Iterable[str]) -> tuple[s
     return None, None
 
 
+def _unsafe_member_name(name: str) -> str | None:
+    """Why a tar member name is unsafe to use (absolute, a ".." component, a backslash, control characters), or None."""
+    if not name:
+        return "an empty name"
+    if name.startswith("/"):
+        return "an absolute path"
+    if ".." in name.split("/"):
+        return "a '..' component"
+    if "\\" in name:
+        return "a backslash"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "control characters"
+    return None
+
+
 def _member_kind(ti: tarfile.TarInfo) -> str:
     if ti.issym():
         return f"a symlink (-> {ti.linkname})"
@@ -441,12 +610,19 @@ def _scan_tar(f: Any, size: int) -> tuple[tarfile.TarFile | None, _ShardScan]:
     return tar, scan
 
 
+def _read_member_text(tar: tarfile.TarFile, ti: tarfile.TarInfo) -> str:
+    """A small member's text (UTF-8, BOM dropped); raises UnicodeDecodeError, tarfile.TarError, OSError, EOFError."""
+    fobj = tar.extractfile(ti)
+    return (fobj.read() if fobj is not None else b"").decode("utf-8-sig")
+
+
 def _webdataset_sample(
     shard: str,
     key: str,
     members: dict[str, tarfile.TarInfo],
     tar: tarfile.TarFile,
     split: str,
+    max_image_bytes: int,
 ) -> tuple[SampleRecord | None, list[SampleIssue]]:
     """Build the record for one grouped sample (or the issues saying why there is none)."""
     base = posixpath.basename(shard.rstrip("/"))
@@ -467,6 +643,10 @@ def _webdataset_sample(
     txt_ext, err = _pick(members, CAPTION_EXTENSIONS)
     if err:
         return fail(f"caption: {err}")
+    if img_ext is not None and members[img_ext].size > max_image_bytes:
+        ti = members[img_ext]
+        return fail(f"image member {ti.name} is {ti.size} bytes, over the limit of {max_image_bytes} "
+                    "(--max-image-bytes)", member=ti.name)
 
     meta: dict[str, Any] = {}
     convs_raw: Any = None
@@ -477,15 +657,20 @@ def _webdataset_sample(
             return fail(f"{ti.name} is {ti.size} bytes (> {MAX_JSON_MEMBER_BYTES}); not a sample record",
                         member=ti.name)
         try:
-            fobj = tar.extractfile(ti)
-            data = fobj.read() if fobj is not None else b""
-            meta = json.loads(data.decode("utf-8-sig"))
+            meta = _loads(_read_member_text(tar, ti))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             return fail(f"invalid JSON in {ti.name}: {e}", member=ti.name)
+        except RecursionError:
+            return fail(f"invalid JSON in {ti.name}: nested too deeply", member=ti.name)
         except (tarfile.TarError, OSError, EOFError) as e:
             return fail(f"cannot read {ti.name}: {e}", member=ti.name)
+        except ValueError as e:
+            return fail(f"invalid JSON in {ti.name}: {e}", member=ti.name)
         if not isinstance(meta, dict):
             return fail(f"{ti.name} is not a JSON object (got {_kind(meta)})", member=ti.name)
+        problem = _id_problem(meta.get("id"))
+        if problem is not None:
+            return fail(problem, member=ti.name)
         sid = _record_id(meta.get("id")) or default_id
         convs_raw = meta.get("conversations")
 
@@ -498,9 +683,11 @@ def _webdataset_sample(
             return fail(e.reason, sid=sid, member=members[json_ext].name if json_ext else "")
     elif txt_ext is not None:
         ti = members[txt_ext]
+        if ti.size > MAX_JSON_MEMBER_BYTES:
+            return fail(f"{ti.name} is {ti.size} bytes (> {MAX_JSON_MEMBER_BYTES}); not a caption",
+                        sid=sid, member=ti.name)
         try:
-            fobj = tar.extractfile(ti)
-            text = (fobj.read() if fobj is not None else b"").decode("utf-8-sig").strip()
+            text = _read_member_text(tar, ti).strip()
         except UnicodeDecodeError as e:
             return fail(f"caption {ti.name} is not UTF-8 text: {e}", sid=sid, member=ti.name)
         except (tarfile.TarError, OSError, EOFError) as e:
@@ -553,7 +740,7 @@ def _is_compressed(magic: bytes) -> bool:
     )
 
 
-def _plan_shard(shard: str, split: str, plan: Plan) -> None:
+def _plan_shard(shard: str, split: str, plan: Plan, max_image_bytes: int) -> None:
     base = posixpath.basename(shard.rstrip("/"))
 
     def shard_issue(tag: str, reason: str) -> None:
@@ -588,6 +775,11 @@ def _plan_shard(shard: str, split: str, plan: Plan) -> None:
         bad_keys: set[str] = set()
         for ti in scan.members:
             where = f"{shard}#{ti.name}"
+            unsafe = _unsafe_member_name(ti.name)
+            if unsafe is not None:
+                plan.issues.append(SampleIssue(f"{base}/{ti.name}", "webdataset", "plan",
+                                               f"unsafe member name {ti.name!r} ({unsafe}); skipped", where))
+                continue
             if not ti.isreg():
                 plan.issues.append(SampleIssue(f"{base}/{ti.name}", "webdataset", "plan",
                                                f"member is {_member_kind(ti)}; skipped", where))
@@ -624,7 +816,7 @@ def _plan_shard(shard: str, split: str, plan: Plan) -> None:
         for key, members in groups.items():
             if key in bad_keys:
                 continue
-            rec, issues = _webdataset_sample(shard, key, members, tar, split)
+            rec, issues = _webdataset_sample(shard, key, members, tar, split, max_image_bytes)
             if rec is None and scan.error is not None and key == last_key:
                 suffix = " (sample at the damaged end of the tar)"
                 issues = [SampleIssue(i.id, i.source, i.stage, i.reason + suffix, i.where) for i in issues]
@@ -639,7 +831,7 @@ def _plan_shard(shard: str, split: str, plan: Plan) -> None:
         f.close()
 
 
-def plan_webdataset(spec: str | list[str], *, split: str = "train") -> Plan:
+def plan_webdataset(spec: str | list[str], *, split: str = "train", max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Plan:
     """Plan WebDataset tar shards: read member headers (not image data) and group them into samples.
 
     Each sample's image is located by {"tar", "member", "offset", "size"} for random access later. The
@@ -647,12 +839,13 @@ def plan_webdataset(spec: str | list[str], *, split: str = "train") -> Plan:
     or, failing that, a `.txt`/`.caption` member turned into [human "<image>\\n", gpt caption]. A json
     without an image and without an <image> token gives a text-only record.
 
-    One bad shard never raises: damage becomes issues and every complete sample before it is kept. A
-    missing shard raises MissingError.
+    Members with unsafe names and image members above `max_image_bytes` (by their header) are skipped and
+    recorded. One bad shard never raises: damage becomes issues and every complete sample before it is
+    kept. A missing shard raises MissingError.
     """
     plan = Plan()
     for shard in expand_shards(spec):
-        _plan_shard(shard, split, plan)
+        _plan_shard(shard, split, plan, max_image_bytes)
     _dedupe_ids(plan, "webdataset")
     return plan
 
@@ -660,26 +853,118 @@ def plan_webdataset(spec: str | list[str], *, split: str = "train") -> Plan:
 # ------------------------------------------------------------------------------------------- loading
 
 
-def read_image_bytes(rec: SampleRecord) -> bytes:
-    """The encoded image bytes of a llava or webdataset record (raises `SampleError` if unreadable)."""
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink"))
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _file_kind(mode: int) -> str:
+    return next((name for test, name in _FILE_KINDS if test(mode)), f"file type {stat.S_IFMT(mode):o}")
+
+
+def _over_cap(size: int, cap: int, path: str) -> SampleError:
+    return SampleError(f"image file is {size} bytes, over the limit of {cap} (--max-image-bytes): {path}")
+
+
+def _read_local(path: str, root: str, cap: int) -> bytes:
+    """The bytes of local image `path`, which must resolve (symlinks included) inside `root` and be a regular file
+    of at most `cap` bytes; at most cap + 1 bytes are ever read."""
+    real_root = os.path.realpath(os.path.expanduser(root))
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise SampleError(f"image {path} resolves outside the image root {root} ('..' or a symlink); refused")
+    try:
+        info = os.stat(real)  # before opening: a device is never opened, a FIFO never waited on
+        if not stat.S_ISREG(info.st_mode):
+            raise SampleError(f"not a regular file: {_file_kind(info.st_mode)} ({path})")
+        if info.st_size > cap:
+            raise _over_cap(info.st_size, cap, path)
+        fd = os.open(real, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise SampleError(f"image not found: {path}") from None
+    except PermissionError:
+        raise SampleError(f"cannot read image {path}: permission denied") from None
+    except OSError as e:  # ELOOP: the last component became a symlink since it was resolved
+        raise SampleError(f"cannot read image {path}: {e.strerror or type(e).__name__}") from None
+    try:
+        info = os.fstat(fd)  # what was opened, in case it changed since the stat
+        if not stat.S_ISREG(info.st_mode):
+            raise SampleError(f"not a regular file: {_file_kind(info.st_mode)} ({path})")
+        if info.st_size > cap:
+            raise _over_cap(info.st_size, cap, path)
+        chunks: list[bytes] = []
+        got = 0
+        while got <= cap:
+            chunk = os.read(fd, min(cap + 1 - got, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except OSError as e:
+        raise SampleError(f"cannot read image {path}: {e.strerror or type(e).__name__}") from None
+    finally:
+        os.close(fd)
+    if got > cap:
+        raise SampleError(f"image file has more than {cap} bytes (it reports {info.st_size}), over the limit of {cap} "
+                          f"(--max-image-bytes): {path}")
+    return b"".join(chunks)
+
+
+def _read_url(url: str, cap: int) -> bytes:
+    """At most cap + 1 bytes of an image URL; more than `cap` is refused."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            data = f.read(cap + 1)
+    except FileNotFoundError:
+        raise SampleError(f"image not found: {url}") from None
+    except Exception as e:  # noqa: BLE001 - fsspec back ends raise many types (network, auth, unknown protocol)
+        raise SampleError(f"cannot read image {url}: {type(e).__name__}: {e}") from None
+    if len(data) > cap:
+        raise SampleError(f"image file has more than {cap} bytes, over the limit of {cap} (--max-image-bytes): {url}")
+    return data
+
+
+def _read_llava_image(path: str, access: ImageAccess) -> bytes:
+    """A llava record's image bytes under the containment rules (module docstring)."""
+    if access.image_root is None:
+        raise ValueError("llava records are read against their image root: pass ImageAccess(image_root=...)")
+    root = _local_root(access.image_root)
+    if _is_url(root):
+        prefix = root.rstrip("/") + "/"
+        if path.startswith(prefix):
+            rel = path[len(prefix):]
+            if posixpath.normpath(rel) != rel or rel == ".." or rel.startswith("../"):
+                raise SampleError(f"image {path} leads outside the image root {access.image_root}; refused")
+            return _read_url(path, access.max_bytes)
+    if _is_url(path):
+        schemes = _url_schemes(path)
+        local = [s for s in schemes if s in LOCAL_SCHEMES]
+        if local:
+            raise SampleError(f"image is a URL that reads local files (scheme {local[0]!r}); refused: local images "
+                              f"are paths under the image root, and --allow-urls cannot allow {local[0]!r}: {path}")
+        refused = list(dict.fromkeys(s for s in schemes if s not in access.allow_urls))
+        if refused:
+            raise SampleError(f"image is a URL (scheme {refused[0]!r}); URL images are refused unless allowed with "
+                              f"--allow-urls {','.join(refused)}: {path}")
+        return _read_url(path, access.max_bytes)
+    if _is_url(root):
+        raise SampleError(f"image {path} is outside the image root {access.image_root}; refused")
+    return _read_local(path, root, access.max_bytes)
+
+
+def read_image_bytes(rec: SampleRecord, access: ImageAccess = ImageAccess()) -> bytes:
+    """The encoded image bytes of a llava or webdataset record, read under `access` (the containment rules of the
+    module docstring; a llava record needs `access.image_root`). Raises `SampleError` if refused or unreadable."""
     if not rec.has_image:
         raise ValueError(f"record {rec.id!r} is text-only; it has no image")
     if rec.source == "llava":
-        path = rec.locator["path"]
-        try:
-            with fsspec.open(path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise SampleError(f"image not found: {path}") from None
-        except IsADirectoryError:
-            raise SampleError(f"image path is a directory: {path}") from None
-        except PermissionError:
-            raise SampleError(f"cannot read image {path}: permission denied") from None
-        except OSError as e:
-            raise SampleError(f"cannot read image {path}: {e}") from None
+        return _read_llava_image(rec.locator["path"], access)
     if rec.source == "webdataset":
         loc = rec.locator
         shard, member, offset, size = loc["tar"], loc["member"], int(loc["offset"]), int(loc["size"])
+        if size > access.max_bytes:
+            raise SampleError(f"tar member {member} is {size} bytes, over the limit of {access.max_bytes} "
+                              f"(--max-image-bytes): {shard}")
         try:
             with fsspec.open(shard, "rb") as f:
                 f.seek(offset)
@@ -694,11 +979,19 @@ def read_image_bytes(rec: SampleRecord) -> bytes:
     raise ValueError(f"read_image_bytes does not handle source {rec.source!r}")
 
 
-def load_image(rec: SampleRecord, *, max_pixels: int) -> Image.Image:
-    """Load and decode a record's image into an RGB `PIL.Image.Image` (raises `SampleError` if bad).
+def load_image(
+    rec: SampleRecord,
+    *,
+    max_pixels: int,
+    access: ImageAccess = ImageAccess(),
+    working_pixels: Callable[[int, int], int] | None = None,
+) -> Image.Image:
+    """Load and decode a record's image into an RGB `PIL.Image.Image` (raises `SampleError` if bad or refused).
 
+    Bytes are read under `access` (`read_image_bytes`); `max_pixels` and `working_pixels` (the preprocessing's
+    largest intermediate for a w x h image, e.g. `ImagePreprocessor.working_pixels`) go to `decode_image`.
     Synthetic records are rendered by `layerfuse.pipeline.data.synthetic.render_record(rec)`.
     """
     if rec.source == "synthetic":
         return render_record(rec)
-    return decode_image(read_image_bytes(rec), max_pixels=max_pixels)
+    return decode_image(read_image_bytes(rec, access), max_pixels=max_pixels, working_pixels=working_pixels)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from layerfuse.pipeline.data.records import SampleError, SampleRecord
 from layerfuse.pipeline.data.sources import (
+    ImageAccess,
     expand_shards,
     load_image,
     normalize_conversations,
@@ -220,10 +221,11 @@ def test_plan_llava_memory_url_and_read_bytes():
         assert plan.issues == []
         m, gone = plan.records
         assert m.locator == {"path": f"{base}/images/sub/b.png"}
-        assert read_image_bytes(m) == img
-        assert load_image(m, max_pixels=10_000).getpixel((0, 0)) == (0, 0, 255)
+        access = ImageAccess(image_root=f"{base}/images")
+        assert read_image_bytes(m, access) == img
+        assert load_image(m, max_pixels=10_000, access=access).getpixel((0, 0)) == (0, 0, 255)
         with pytest.raises(SampleError) as e:
-            read_image_bytes(gone)
+            read_image_bytes(gone, access)
         assert e.value.reason == f"image not found: {base}/images/sub/none.png"
     finally:
         fs.rm(base.replace("memory://", "/"), recursive=True)
@@ -242,15 +244,15 @@ def test_load_image_llava_bad_files(tmp_path):
     reasons = {}
     for n in ("empty.jpg", "half.jpg", "junk.png", "missing.jpg"):
         with pytest.raises(SampleError) as e:
-            load_image(by[n], max_pixels=1_000_000)
+            load_image(by[n], max_pixels=1_000_000, access=ImageAccess(image_root=str(tmp_path)))
         reasons[n] = e.value.reason
     assert reasons["empty.jpg"] == "empty file (0 bytes)"
     assert reasons["half.jpg"].startswith("truncated or corrupt image data:")
     assert reasons["junk.png"].startswith("not an image or unsupported format:")
     assert reasons["missing.jpg"] == f"image not found: {tmp_path / 'missing.jpg'}"
-    assert load_image(by["good.jpg"], max_pixels=1_000_000).size == (64, 48)
+    assert load_image(by["good.jpg"], max_pixels=1_000_000, access=ImageAccess(image_root=str(tmp_path))).size == (64, 48)
     with pytest.raises(SampleError, match="image too large: 64x48"):
-        load_image(by["good.jpg"], max_pixels=1000)
+        load_image(by["good.jpg"], max_pixels=1000, access=ImageAccess(image_root=str(tmp_path)))
 
 
 def test_load_image_synthetic_delegates_to_render_record(monkeypatch):
