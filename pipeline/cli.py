@@ -272,12 +272,16 @@ def data_synthetic(out_dir: str, n: int, seed: int, shard_size: int, quiet: bool
 @config_option(EXTRACT, "--shard-mib", type=click.IntRange(min=1), help="Target uncompressed size of an output shard.")
 @config_option(EXTRACT, "--chunk-kib", type=click.IntRange(min=1), help="Target size of a chunk (one layer of several samples, for tiny encoders).")
 @config_option(EXTRACT, "--clevel", type=click.IntRange(0, 9), help="zstd level (blosc, byte shuffle); 5 stores ~12% less at half the write speed.")
-@config_option(EXTRACT, "--max-pixels", type=click.IntRange(min=1), help="Decompression-bomb guard: larger images are skipped.")
+@config_option(EXTRACT, "--max-pixels", type=click.IntRange(min=1),
+               help="Decompression-bomb guard: images whose decoded size or preprocessing working size (pad to square, resize) is larger are skipped.")
+@config_option(EXTRACT, "--max-image-bytes", type=click.IntRange(min=1), help="Largest image file or tar member read; larger ones are skipped.")
 @config_option(EXTRACT, "--batch-size", type=click.IntRange(min=1))
 @config_option(EXTRACT, "--workers", type=click.IntRange(min=0), help="DataLoader workers for decoding.")
 @config_option(EXTRACT, "--device", help="auto | cpu | cuda | cuda:N")
 @config_option(EXTRACT, "--compute-dtype", type=click.Choice(["auto", *StorageDtype.names()]), help="Encoder dtype (auto: bf16 on CUDA, fp32 on CPU).")
-@config_option(EXTRACT, "--strict", is_flag=True, help="Stop at the first bad sample instead of skipping and recording it.")
+@config_option(EXTRACT, "--strict", is_flag=True, help="Stop at the first bad or repaired sample instead of skipping or repairing and recording it.")
+@config_option(EXTRACT, "--allow-urls", metavar="SCHEMES",
+               help="URL schemes LLaVA image values may use, comma-separated (e.g. s3,gs,https); other URL images are skipped. [default: none]")
 @config_option(EXTRACT, "--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(out: str | None, suffixes: tuple[str, ...], quiet: bool, **settings: Any) -> None:

@@ -5,6 +5,11 @@
 
 Output shard k holds storage rows [k*S, (k+1)*S). Under torchrun rank r takes shards k = r (mod world),
 and batches never straddle shards, so the cache is bit-for-bit the one a single process writes.
+
+Sources are untrusted: workers read images under `sources.ImageAccess` (the image root, --allow-urls,
+--max-image-bytes; see pipeline/data/sources.py) and decode them under --max-pixels applied to the
+preprocessing's working size (`ImagePreprocessor.working_pixels`). A refused image is a recorded bad sample.
+`--strict` stops at the first plan issue or repair note, else at the first bad image, with one line.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from layerfuse.core.errors import StateError
+from layerfuse.core.errors import ConfigError, StateError
 from layerfuse.core.fingerprint import fingerprint, runtime
 from layerfuse.core import __version__
 from layerfuse.core.dtypes import StorageDtype
@@ -33,6 +38,7 @@ from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_
 from layerfuse.pipeline.models.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, load_vision_encoder
 from layerfuse.pipeline.data import sources
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
+from layerfuse.pipeline.data.sources import DEFAULT_MAX_IMAGE_BYTES, ImageAccess, parse_url_schemes
 from layerfuse.pipeline.data.synthetic import synthetic_plan
 from layerfuse.core.workers import worker_init_fn
 from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL, InstructionEmbedder, max_human_turns
@@ -67,7 +73,8 @@ class ExtractConfig:
     shard_mib: int = 512
     chunk_kib: int = 256
     clevel: int = 3
-    max_pixels: int = 89_478_485
+    max_pixels: int = 89_478_485  # decoded size and preprocessing working size (pad to square, resize), pixels
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # the largest image file or tar member read
     run_dir: str = "runs/default"  # the default tower is built in RUN_DIR/vision: that path is in the cache record
     # runtime only: does not change the cache
     batch_size: int = runtime(default=32)
@@ -76,6 +83,7 @@ class ExtractConfig:
     compute_dtype: str = runtime(default="auto")  # auto (bf16 on CUDA, fp32 on CPU) or a StorageDtype name
     text_batch_size: int = runtime(default=128)
     strict: bool = runtime(default=False)
+    allow_urls: str | None = runtime(default=None)  # URL schemes image values may use, comma-separated ("s3,gs,https")
     overwrite: bool = runtime(default=False)
     progress: bool = runtime(default=True)
     storage_options: dict[str, Any] = runtime(default_factory=dict)
@@ -89,6 +97,15 @@ class ExtractConfig:
         if self.wds is not None:
             return {"kind": "webdataset", "shards": self.wds, "split": self.split}
         return {"kind": "synthetic", "n": BUILTIN_SAMPLES if self.builtin is None else self.builtin, "seed": self.seed}
+
+    def image_access(self) -> ImageAccess:
+        """What workers may read for an image: the LLaVA image root, the --allow-urls schemes, --max-image-bytes."""
+        spec = self.source_spec()
+        try:
+            schemes = parse_url_schemes(self.allow_urls)
+        except ConfigError as e:
+            raise ExtractError(str(e)) from None
+        return ImageAccess(image_root=spec.get("image_root"), allow_urls=schemes, max_bytes=self.max_image_bytes)
 
     def default_vision(self) -> DefaultVisionConfig | None:
         """The embedded tower's settings when `vision` is the default, else None."""
@@ -114,21 +131,24 @@ class ExtractResult:
     tower_seconds: float | None = None  # building (pretraining) or loading the default tower; None for a given --vision
 
 
-def plan_source(spec: dict[str, Any]) -> Plan:
-    """Turn a source spec into records (no image is decoded here)."""
+def plan_source(spec: dict[str, Any], *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Plan:
+    """Turn a source spec into records (no image is decoded here; tar image members above `max_image_bytes` are
+    plan issues)."""
     if spec["kind"] == "llava":
         return sources.plan_llava(spec["json"], spec["image_root"], split=spec["split"])
     if spec["kind"] == "webdataset":
-        return sources.plan_webdataset(spec["shards"], split=spec["split"])
+        return sources.plan_webdataset(spec["shards"], split=spec["split"], max_image_bytes=max_image_bytes)
     return synthetic_plan(spec["n"], spec["seed"])
 
 
 # --- DataLoader side: runs in worker processes ------------------------------------------------------------------
 class _ImageDataset(Dataset):
-    """Loads, decodes and preprocesses one planned record; never raises for a bad sample."""
+    """Loads (under `access`), decodes (under max_pixels, the preprocessing's working size included) and preprocesses
+    one planned record; never raises for a bad sample."""
 
-    def __init__(self, records: Sequence[SampleRecord], rows: Sequence[int], pre: ImagePreprocessor, max_pixels: int):
-        self.records, self.rows, self.pre, self.max_pixels = records, list(rows), pre, max_pixels
+    def __init__(self, records: Sequence[SampleRecord], rows: Sequence[int], pre: ImagePreprocessor, max_pixels: int,
+                 access: ImageAccess):
+        self.records, self.rows, self.pre, self.max_pixels, self.access = records, list(rows), pre, max_pixels, access
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -140,7 +160,7 @@ class _ImageDataset(Dataset):
         if not rec.has_image:
             return item
         try:
-            img = sources.load_image(rec, max_pixels=self.max_pixels)
+            img = sources.load_image(rec, max_pixels=self.max_pixels, access=self.access, working_pixels=self.pre.working_pixels)
             item["size"] = img.size
             item["pixels"] = self.pre(img)
         except SampleError as e:
@@ -231,6 +251,8 @@ def _config_record(cfg: ExtractConfig, enc: VisionEncoder, vision_path: str, sha
         "chunk_samples": chunk_samples,
         "clevel": cfg.clevel,
         "max_pixels": cfg.max_pixels,
+        # recorded only when not the default, so that caches made before the option existed keep their config hash
+        **({"max_image_bytes": cfg.max_image_bytes} if cfg.max_image_bytes != DEFAULT_MAX_IMAGE_BYTES else {}),
     }
 
 
@@ -274,6 +296,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     except ValueError as e:
         raise ExtractError(str(e)) from None
     spec = cfg.source_spec()
+    cfg.image_access()  # a bad --allow-urls fails before any work
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork DataLoader workers after loading a tokenizer
     ctx = DistContext.from_env()
     try:
@@ -309,10 +332,11 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
                 f"pass --overwrite to replace it, or choose another --out"
             )
         if fresh:
-            plan = plan_source(spec)
-            if cfg.strict and any(i.stage == "plan" for i in plan.issues):
-                first = next(i for i in plan.issues if i.stage == "plan")
-                raise ExtractError(f"--strict: sample {first} [{first.source}]")
+            plan = plan_source(spec, max_image_bytes=cfg.max_image_bytes)
+            if cfg.strict and plan.issues:  # a malformed record first, else a repair: --strict accepts neither
+                first = next((i for i in plan.issues if i.stage == "plan"), plan.issues[0])
+                what = "" if first.stage == "plan" else ", repaired: --strict refuses repairs"
+                raise ExtractError(f"--strict: sample {first} [{first.source}{what}]")
             meta = {
                 "layerfuse_version": __version__,
                 "config": config,
@@ -365,7 +389,7 @@ def _process(
     batches = list(shard_batches(writer, shards, cfg.batch_size))
     rows = [r for b in batches for r in b]
     pos = {r: i for i, r in enumerate(rows)}
-    ds = _ImageDataset(records, rows, enc.preprocessor(cfg.pad_to_square), cfg.max_pixels)
+    ds = _ImageDataset(records, rows, enc.preprocessor(cfg.pad_to_square), cfg.max_pixels, cfg.image_access())
     loader = DataLoader(
         ds,
         batch_sampler=[[pos[r] for r in b] for b in batches],

@@ -174,12 +174,15 @@ def test_bad_images_are_skipped_and_recorded(tmp_path, vision_dir):
     status = np.asarray(cache.group["samples/status"][:])
     assert list(status) == [OK, SKIPPED, SKIPPED, SKIPPED, OK, TEXT_ONLY, OK]
 
-    # --strict stops at the first problem: a malformed record while planning, else the first bad image
+    # --strict stops at the first problem: a malformed record while planning, else a repair, else the first bad image
     with pytest.raises(ExtractError, match=r"--strict: sample h .*no 'conversations'"):
         run_extract(extract_config(str(tmp_path / "strict"), vision_dir, builtin=None, llava=str(js), image_root=str(root), strict=True, shard_samples=3))
     js.write_text(json.dumps(recs[:-1]))
-    with pytest.raises(ExtractError, match=r"--strict: sample b .*not found"):
+    with pytest.raises(ExtractError, match=r"--strict: sample g .*no <image> token.*--strict refuses repairs"):
         run_extract(extract_config(str(tmp_path / "strict2"), vision_dir, builtin=None, llava=str(js), image_root=str(root), strict=True, shard_samples=3))
+    js.write_text(json.dumps(recs[:-2]))
+    with pytest.raises(ExtractError, match=r"--strict: sample b .*not found"):
+        run_extract(extract_config(str(tmp_path / "strict3"), vision_dir, builtin=None, llava=str(js), image_root=str(root), strict=True, shard_samples=3))
 
 
 def test_resume_refuses_other_settings(tmp_path, vision_dir):
