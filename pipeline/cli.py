@@ -568,6 +568,7 @@ def _fuser_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 @config_option(TRAIN, "--save-every", type=click.IntRange(min=0), help="Checkpoint every N steps (0: only at the end).")
 @config_option(TRAIN, "--device", help="auto | cpu | cuda | cuda:N")
 @config_option(TRAIN, "--no-tensorboard", "tensorboard", flag_value=False, help="Do not write TensorBoard events.")
+@config_option(TRAIN, "--on-corrupt", help="A cache row that fails its checksum: stop (one line naming sample, shard, cache) or skip it and record it in train/damaged.jsonl.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out that holds a run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
