@@ -45,7 +45,7 @@ from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult  # noqa: E4
 from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_default_vision  # noqa: E402
 from layerfuse.pipeline.models.encoder import DEFAULT_VISION, load_vision_encoder  # noqa: E402
 from layerfuse.pipeline.cache.extract import ExtractConfig, run_extract, storage_layout  # noqa: E402
-from layerfuse.pipeline.data.sources import load_image  # noqa: E402
+from layerfuse.pipeline.data.access import load_image  # noqa: E402
 from layerfuse.pipeline.data.synthetic import synthetic_plan  # noqa: E402
 from layerfuse.pipeline.models.text import InstructionEmbedder  # noqa: E402
 from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402

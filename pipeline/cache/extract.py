@@ -6,8 +6,8 @@
 Output shard k holds storage rows [k*S, (k+1)*S). Under torchrun rank r takes shards k = r (mod world),
 and batches never straddle shards, so the cache is bit-for-bit the one a single process writes.
 
-Sources are untrusted: workers read images under `sources.ImageAccess` (the image root, --allow-urls,
---max-image-bytes; see pipeline/data/sources.py) and decode them under --max-pixels applied to the
+Sources are untrusted: workers read images under `access.ImageAccess` (pipeline/data/access.py) (the image root, --allow-urls,
+--max-image-bytes; see pipeline/data/access.py) and decode them under --max-pixels applied to the
 preprocessing's working size (`ImagePreprocessor.working_pixels`). A refused image is a recorded bad sample.
 `--strict` stops at the first plan issue or repair note, else at the first bad image, with one line.
 """
@@ -38,7 +38,7 @@ from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_
 from layerfuse.pipeline.models.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, load_vision_encoder
 from layerfuse.pipeline.data import sources
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
-from layerfuse.pipeline.data.sources import DEFAULT_MAX_IMAGE_BYTES, ImageAccess, parse_url_schemes
+from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, ImageAccess, load_image, parse_url_schemes
 from layerfuse.pipeline.data.synthetic import synthetic_plan
 from layerfuse.core.workers import worker_init_fn
 from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL, InstructionEmbedder, max_human_turns
@@ -160,7 +160,7 @@ class _ImageDataset(Dataset):
         if not rec.has_image:
             return item
         try:
-            img = sources.load_image(rec, max_pixels=self.max_pixels, access=self.access, working_pixels=self.pre.working_pixels)
+            img = load_image(rec, max_pixels=self.max_pixels, access=self.access, working_pixels=self.pre.working_pixels)
             item["size"] = img.size
             item["pixels"] = self.pre(img)
         except SampleError as e:

@@ -30,7 +30,7 @@ class SampleRecord:
 
     locator says where the image lives, by source:
       llava:      {"path": "<absolute, normalised path under the image root, or an fsspec URL>"} (read under
-                  `sources.ImageAccess`: the worker checks it against the image root again)
+                  `access.ImageAccess` (pipeline/data/access.py): the worker checks it against the image root again)
       webdataset: {"tar": "<shard path/URL>", "member": "<member name>", "offset": <data offset>, "size": <bytes>}
       synthetic:  {"seed": <dataset seed>, "index": <sample index>}
       text-only:  {}  (has_image is False)

@@ -17,7 +17,7 @@ from layerfuse.pipeline.cache.reader import (
     FeatureCache,
 )
 from layerfuse.pipeline.cache.verify import cache_info, verify_cache
-from layerfuse.pipeline.data.sources import load_image
+from layerfuse.pipeline.data.access import load_image
 from layerfuse.pipeline.data.synthetic import synthetic_plan
 from layerfuse.pipeline.models.encoder import load_vision_encoder
 from layerfuse.pipeline.models.text import human_turns

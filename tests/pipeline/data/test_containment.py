@@ -30,16 +30,8 @@ from PIL import Image
 from layerfuse.core.errors import ConfigError
 from layerfuse.pipeline.data.images import DEFAULT_MAX_PIXELS, decode_image
 from layerfuse.pipeline.data.records import SampleError, SampleRecord
-from layerfuse.pipeline.data.sources import (
-    DEFAULT_MAX_IMAGE_BYTES,
-    MAX_ID_CHARS,
-    ImageAccess,
-    load_image,
-    parse_url_schemes,
-    plan_llava,
-    plan_webdataset,
-    read_image_bytes,
-)
+from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, ImageAccess, load_image, parse_url_schemes, read_image_bytes
+from layerfuse.pipeline.data.sources import MAX_ID_CHARS, plan_llava, plan_webdataset
 from layerfuse.pipeline.models.encoder import ImagePreprocessor
 
 CONV = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."}]

@@ -17,14 +17,12 @@ import pytest
 from PIL import Image
 
 from layerfuse.pipeline.data.records import SampleError, SampleRecord
+from layerfuse.pipeline.data.access import ImageAccess, load_image, read_image_bytes
 from layerfuse.pipeline.data.sources import (
-    ImageAccess,
     expand_shards,
-    load_image,
     normalize_conversations,
     plan_llava,
     plan_webdataset,
-    read_image_bytes,
     split_member_name,
 )
 
@@ -262,7 +260,7 @@ def test_load_image_synthetic_delegates_to_render_record(monkeypatch):
         calls.append(rec.id)
         return Image.new("RGB", (2, 2))
 
-    monkeypatch.setattr("layerfuse.pipeline.data.sources.render_record", render_record)
+    monkeypatch.setattr("layerfuse.pipeline.data.access.render_record", render_record)
     rec = SampleRecord("s0", "synthetic", {"seed": 0, "index": 0}, CONV, True)
     assert load_image(rec, max_pixels=100).size == (2, 2)
     assert calls == ["s0"]

@@ -35,7 +35,7 @@ def test_siglip_has_no_cls_and_keeps_every_token(siglip_dir, tmp_path):
     cache = FeatureCache(out)
     assert cache.num_tokens == 16 and not cache.has_cls and cache.num_layers == 4
     ref_model = transformers.SiglipVisionModel.from_pretrained(siglip_dir).eval()
-    from layerfuse.pipeline.data.sources import load_image
+    from layerfuse.pipeline.data.access import load_image
     from layerfuse.pipeline.data.synthetic import synthetic_plan
 
     recs = synthetic_plan(4, 3).records
