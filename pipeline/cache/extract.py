@@ -31,7 +31,7 @@ from layerfuse.core.errors import ConfigError, StateError
 from layerfuse.core.fingerprint import fingerprint, runtime
 from layerfuse.core import __version__
 from layerfuse.core.dtypes import StorageDtype
-from layerfuse.pipeline.cache.reader import ATTRS_KEY, OK, SKIPPED, TEXT_ONLY, from_torch, open_group
+from layerfuse.pipeline.cache.reader import ATTRS_KEY, FORMAT_VERSION, OK, SKIPPED, TEXT_ONLY, from_torch, open_group
 from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult, compressor_name
 from layerfuse.core.distributed import DistContext
 from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_default_vision, describe
@@ -326,6 +326,13 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
     if ctx.is_main:
         old = _existing_meta(cfg)
         fresh = cfg.overwrite or not old or not old.get("planned")
+        if not fresh and old.get("format_version") != FORMAT_VERSION:
+            if old.get("complete"):
+                raise ExtractError(
+                    f"'{cfg.out}' holds a finished cache of format {old.get('format_version')}; this layerfuse writes and reads "
+                    f"format {FORMAT_VERSION} (per-layer checksums, manifest): pass --overwrite to extract it again"
+                )
+            fresh = True  # an unfinished cache of an older format: its shards are redone in this one
         if not fresh and old.get("config_hash") != chash:
             raise ExtractError(
                 f"'{cfg.out}' holds a cache made with other settings (differs in: {', '.join(_diff(old.get('config', {}), config))}); "

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-from layerfuse.pipeline.cache.extract import run_extract
+from layerfuse.pipeline.cache.extract import ExtractError, run_extract
 from layerfuse.pipeline.cache.integrity import block_checksums, crc32c, table_digest
 from layerfuse.pipeline.cache.reader import CacheError, CorruptCacheError, CorruptRowsError, FeatureCache
 from layerfuse.pipeline.cache.verify import verify_cache
@@ -170,3 +170,16 @@ def test_format_1_cache_is_refused_with_the_way_out(cache_copy):
     edit_attrs(cache_copy, lambda m: m.update(format_version=1))
     with pytest.raises(CacheError, match=r"format 1.*--overwrite"):
         FeatureCache(cache_copy)
+
+
+def test_extract_over_an_older_format(cache_copy, vision_dir):
+    """A finished format-1 cache is not silently kept (nor destroyed): --overwrite is asked for; an unfinished one
+    is extracted again in format 2."""
+    cfg = extract_config(str(cache_copy), vision_dir)
+    edit_attrs(cache_copy, lambda m: m.update(format_version=1))
+    with pytest.raises(ExtractError, match=r"finished cache of format 1.*--overwrite"):
+        run_extract(cfg)
+    edit_attrs(cache_copy, lambda m: m.update(format_version=1, complete=False))
+    res = run_extract(cfg)
+    assert not res.already_complete and res.shards_written == 3
+    assert FeatureCache(cache_copy).meta["format_version"] == 2 and verify_cache(str(cache_copy), progress=False).ok
