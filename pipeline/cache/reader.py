@@ -301,7 +301,8 @@ class FeatureCache:
                 try:
                     data = np.asarray(self._features[r0 : r1 + 1, l0 : l1 + 1])[uniq[rsel] - r0]
                 except Exception as e:  # noqa: BLE001 - a truncated shard or a broken shard index
-                    bad.update((int(r), f"features cannot be read: {_describe(e)}") for r in uniq[rsel])
+                    why = f"its shard file cannot be read (truncated, or its index damaged): {_describe(e)}"
+                    bad.update((int(r), why) for r in uniq[rsel])
                     continue
                 block[rsel, lsel] = data
                 if check and self.complete:
@@ -359,7 +360,7 @@ class FeatureCache:
         reason = bad[r]
         if what == "features" and not self.fs.exists(self.shard_file(shard)):
             reason += f" (its shard file {self.shard_file(shard)} is missing; zarr would have returned zeros)"
-        more = f" and {len(srows) - 1} more rows" if len(srows) > 1 else ""
+        more = f" ({len(srows) - 1} more damaged rows read with it)" if len(srows) > 1 else ""
         sample = str(self._column("id")[r]) if self.complete else "?"
         message = self._damaged(f"sample {sample} (storage row {r}, shard {shard}): {reason}{more}")
         pos = np.minimum(np.searchsorted(self._rows, srows), max(len(self._rows) - 1, 0))

@@ -182,8 +182,14 @@ def verify_cache(url: str, storage_options: dict[str, Any] | None = None, *, pro
                 else:
                     cache.checked_rows(path, rows)
             except CorruptRowsError as e:
+                by_reason: dict[str, list[int]] = {}
                 for r, why in zip(e.storage_rows, e.reasons):
-                    problem(f"row {r} ({ids[r]}), shard {k}: {why}")
+                    by_reason.setdefault(why, []).append(int(r))
+                for why, rs in by_reason.items():  # one line per row, or per shard when a whole read failed alike
+                    if len(rs) == 1:
+                        problem(f"row {rs[0]} ({ids[rs[0]]}), shard {k}: {why}")
+                    else:
+                        problem(f"rows {rs[0]}..{rs[-1]} ({len(rs)} rows, {ids[rs[0]]} ...), shard {k}: {why}")
                 if path == "features":
                     try:
                         feats = cache.features_at(rows, all_layers, check=False)  # the values, for the checks below

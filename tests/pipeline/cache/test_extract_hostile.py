@@ -159,3 +159,21 @@ def test_cli_bad_input_is_one_clean_line(tmp_path, vision_dir):
     assert r.exit_code == 1 and "--allow-urls: 'file' reads local files" in r.output
     r = CliRunner().invoke(main, ["extract", "--help"])
     assert "--allow-urls SCHEMES" in r.output and "--max-image-bytes" in r.output
+
+
+def test_cache_info_lists_every_skipped_sample(tmp_path, vision_dir):
+    """Plain `layerfuse cache info` names every skipped sample with its reason (it used to stop at 20)."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "ok.png").write_bytes(png())
+    records = [{"id": "ok", "image": "ok.png", "conversations": CONV}]
+    records += [{"id": f"gone{i:02d}", "image": f"gone{i:02d}.png", "conversations": CONV} for i in range(25)]
+    js = tmp_path / "data.json"
+    js.write_text(json.dumps(records))
+    out = tmp_path / "cache"
+    run_extract(extract_config(str(out), vision_dir, builtin=None, llava=str(js), image_root=str(root)))
+    r = CliRunner().invoke(main, ["cache", "info", str(out)])
+    assert r.exit_code == 0, r.output
+    listed = [line for line in r.stdout.splitlines() if line.startswith("  - gone")]
+    assert len(listed) == 25 and all("image not found" in line for line in listed)
+    assert "more (--json lists all)" not in r.stdout

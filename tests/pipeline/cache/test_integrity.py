@@ -99,9 +99,9 @@ def test_a_truncated_shard_or_broken_index_is_a_report(cache_copy, damage):
         for i in range(1, 30):  # the shard index sits at the end of the file
             b[-i - 8] ^= 0x55
     p.write_bytes(bytes(b))
-    with pytest.raises(CorruptRowsError, match=r"shard 2\): features cannot be read"):
+    with pytest.raises(CorruptRowsError, match=r"shard 2\): its shard file cannot be read"):
         FeatureCache(cache_copy).features([20], [1])
-    assert "shard 2: features cannot be read" in verify_problems(cache_copy)
+    assert "shard 2: its shard file cannot be read" in verify_problems(cache_copy)
     r = subprocess.run(layerfuse_cmd("cache", "verify", str(cache_copy), "--quiet"), capture_output=True, text=True)
     assert r.returncode == 1 and "FAILED" in r.stderr and "Traceback" not in r.stderr
 
