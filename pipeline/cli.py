@@ -265,6 +265,8 @@ def data_synthetic(out_dir: str, n: int, seed: int, shard_size: int, quiet: bool
                default_text=lambda _: attribute("layerfuse.pipeline.models.default_vision:DefaultVisionConfig.pretrain_steps"),
                help="Pretraining steps of the default tower (--vision default only); 0 = random weights.")
 @config_option(EXTRACT, "--pad-to-square/--no-pad-to-square", help="LLaVA's expand2square before the processor.")
+@config_option(EXTRACT, "--layers", metavar="SPEC[;SPEC...]",
+               help="Hidden states to store: 'all', or the union of fuser names and layer specs, e.g. 'mmfuser;igva;3-18-23'.")
 @config_option(EXTRACT, "--dtype", type=click.Choice(StorageDtype.names()), help="Stored feature dtype.")
 @config_option(EXTRACT, "--text-model", help="sentence-transformers model (id or folder) for instructions.")
 @click.option("--suffix", "suffixes", multiple=True, help="Answer-format suffix to strip before embedding (repeat; replaces the LLaVA defaults).")

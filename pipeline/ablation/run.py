@@ -231,6 +231,9 @@ def run_ablation(spec: SweepSpec, opts: AblateOptions) -> AblateResult:
     except ValueError as e:
         raise AblateError(str(e)) from None
     variants = expand_sweep(spec, vision, _llm_spec(spec, out))
+    for v in variants:  # a cache of a layer subset (extract --layers) cannot serve every variant
+        if v.valid and (missing := sorted(set(v.required_layers) - set(cache.stored_layers))):
+            v.reason = cache.missing_layers_message(missing)
     write_json(out / SWEEP_FILE, indent=1, default=_json_default, data={
         "settings_hash": spec.settings_hash(), "settings": spec.settings(), "spec": asdict(spec),
         "vision": asdict(vision), "variants": [v.to_json() for v in variants],

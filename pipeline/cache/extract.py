@@ -31,6 +31,7 @@ from layerfuse.core.errors import ConfigError, StateError
 from layerfuse.core.fingerprint import fingerprint, runtime
 from layerfuse.core import __version__
 from layerfuse.core.dtypes import StorageDtype
+from layerfuse.pipeline.cache.selection import ALL as ALL_LAYERS, stored_layers
 from layerfuse.pipeline.cache.reader import ATTRS_KEY, FORMAT_VERSION, OK, SKIPPED, TEXT_ONLY, from_torch, open_group
 from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult, compressor_name
 from layerfuse.core.distributed import DistContext
@@ -66,6 +67,7 @@ class ExtractConfig:
     vision_revision: str | None = None
     vision_pretrain_steps: int | None = None  # --vision default only: pretraining steps (None: the default, 0: random)
     pad_to_square: bool = False
+    layers: str = ALL_LAYERS  # hidden states to store: `all`, or SPEC[;SPEC...] of fuser names and layer specs (selection.py)
     dtype: str = "float16"
     text_model: str = DEFAULT_TEXT_MODEL
     suffixes: tuple[str, ...] = DEFAULT_SUFFIXES
@@ -106,6 +108,13 @@ class ExtractConfig:
         except ConfigError as e:
             raise ExtractError(str(e)) from None
         return ImageAccess(image_root=spec.get("image_root"), allow_urls=schemes, max_bytes=self.max_image_bytes)
+
+    def stored_layers(self, enc: VisionEncoder) -> list[int]:
+        """The hidden-state indices this extraction stores (`layers` resolved for the tower's depth)."""
+        try:
+            return stored_layers(self.layers, enc.info.num_layers)
+        except ConfigError as e:
+            raise ExtractError(str(e)) from None
 
     def default_vision(self) -> DefaultVisionConfig | None:
         """The embedded tower's settings when `vision` is the default, else None."""
@@ -253,6 +262,8 @@ def _config_record(cfg: ExtractConfig, enc: VisionEncoder, vision_path: str, sha
         "max_pixels": cfg.max_pixels,
         # recorded only when not the default, so that caches made before the option existed keep their config hash
         **({"max_image_bytes": cfg.max_image_bytes} if cfg.max_image_bytes != DEFAULT_MAX_IMAGE_BYTES else {}),
+        # the resolved indices (two spellings of one set are one cache), recorded only for a subset (hashes as before)
+        **({"layers": stored} if (stored := cfg.stored_layers(enc)) != list(range(enc.info.num_layers + 1)) else {}),
     }
 
 
@@ -261,10 +272,12 @@ def storage_layout(cfg: ExtractConfig, enc: VisionEncoder) -> tuple[int, int]:
 
     A chunk is [c, 1, T, D]: one layer of c samples, c chosen so a chunk holds about `chunk_kib` (1 for real
     encoders, whose single-layer slices are already ~1 MiB; more for tiny ones, where per-chunk overhead
-    would dominate). A shard is [S, L+1, T, D] with S a multiple of c, about `shard_mib` uncompressed.
+    would dominate). A shard is [S, K, T, D] (K = the stored hidden states) with S a multiple of c, about
+    `shard_mib` uncompressed.
     """
     layer_bytes = enc.info.num_tokens * enc.info.hidden_size * StorageDtype(cfg.dtype).itemsize
-    shard = int(cfg.shard_samples or max(1, min(256, (cfg.shard_mib << 20) // (layer_bytes * (enc.info.num_layers + 1)))))
+    stored = len(cfg.stored_layers(enc))
+    shard = int(cfg.shard_samples or max(1, min(256, (cfg.shard_mib << 20) // (layer_bytes * stored))))
     want = max(1, min(shard, -(-(cfg.chunk_kib << 10) // layer_bytes)))
     chunk = max(d for d in range(1, want + 1) if shard % d == 0)
     return shard, chunk
@@ -354,7 +367,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
                     "path": vision_path,
                 },
                 "processor": {**enc.info.processor, "pad_to_square": cfg.pad_to_square, "pad_fill": list(enc.preprocessor(cfg.pad_to_square).fill)},
-                "storage": {"dtype": cfg.dtype, "shard_samples": shard_samples, "chunk_samples": chunk_samples, "clevel": cfg.clevel, "compressor": compressor_name(cfg.clevel)},
+                "storage": {"dtype": cfg.dtype, "layers": cfg.stored_layers(enc), "shard_samples": shard_samples, "chunk_samples": chunk_samples, "clevel": cfg.clevel, "compressor": compressor_name(cfg.clevel)},
                 "text": {"model": cfg.text_model, "path": text.path, "dim": text.dim, "max_turns": max_human_turns([r.conversations for r in plan.records]), "suffixes": list(cfg.suffixes)},
             }
             CacheWriter.create(cfg.out, meta, plan.records, plan.issues, storage_options=cfg.storage_options or None)
@@ -390,7 +403,9 @@ def _process(
     if not shards:
         return 0
     info = enc.info
-    feat_shape = (info.num_layers + 1, info.num_tokens, info.hidden_size)
+    stored = writer.meta["storage"]["layers"]
+    select = None if stored == list(range(info.num_layers + 1)) else torch.tensor(stored, device=device)
+    feat_shape = (len(stored), info.num_tokens, info.hidden_size)
     feat_dtype = StorageDtype(cfg.dtype).zarr_dtype
     max_turns = int(writer.meta["text"]["max_turns"])
     batches = list(shard_batches(writer, shards, cfg.batch_size))
@@ -420,7 +435,9 @@ def _process(
     try:
         for batch in loader:
             items = batch["items"]
-            hs = enc(batch["pixels"].to(device, non_blocking=True)) if batch["pixels"] is not None else None
+            hs = enc(batch["pixels"].to(device, non_blocking=True)) if batch["pixels"] is not None else None  # [B, L+1, T, D]
+            if hs is not None and select is not None:
+                hs = hs.index_select(1, select)  # [B, K, T, D]: only the stored hidden states leave the device
             feats = from_torch(hs, cfg.dtype) if hs is not None else None
             status = []
             for it in items:

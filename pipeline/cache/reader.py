@@ -40,6 +40,7 @@ import zarr
 from layerfuse.core.errors import StateError
 from layerfuse.core.dtypes import StorageDtype
 from layerfuse.pipeline.cache.integrity import block_checksums, layout_problems, table_problem, text_checksums
+from layerfuse.pipeline.cache.selection import describe_layers
 
 FORMAT = "layerfuse-cache"
 FORMAT_VERSION = 2  # 2: per-(row, layer) CRC-32C checksums and the manifest
@@ -150,8 +151,14 @@ class FeatureCache:
     # --- shape facts -------------------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
-        """Number of stored hidden states, L+1 (hs[0] = embeddings, hs[L] = last block)."""
-        return int(self._features.shape[1])
+        """L+1: the encoder's hidden states hs[0..L] (hs[0] = embeddings, hs[L] = last block). The cache stores all of
+        them or the subset `stored_layers` (extract --layers)."""
+        return int(self.meta["encoder"]["num_layers"]) + 1
+
+    @property
+    def stored_layers(self) -> list[int]:
+        """The hidden-state indices stored, in storage order (features[:, k] is hs[stored_layers[k]])."""
+        return [int(i) for i in self.meta["storage"].get("layers", range(self.num_layers))]
 
     @property
     def num_tokens(self) -> int:
@@ -261,20 +268,38 @@ class FeatureCache:
 
     # --- arrays -----------------------------------------------------------------------------------------------
     def resolve_layers(self, layers: Sequence[int] | None) -> list[int]:
-        """Layer indices into hs (negative counts from the end); a missing layer is a CacheError."""
+        """Hidden-state indices (negative counts from the end of hs[0..L]); None = every stored layer. A layer outside
+        the encoder, or one this cache does not store, is a CacheError naming what it stores and how to add it."""
         n = self.num_layers
         if layers is None:
-            return list(range(n))
+            return self.stored_layers
         out = []
         for layer in layers:
             i = int(layer) + n if int(layer) < 0 else int(layer)
             if not 0 <= i < n:
                 raise CacheError(
-                    f"layer {layer} is not in cache '{self.url}', which stores hidden states 0..{n - 1} "
+                    f"layer {layer} is not in cache '{self.url}', whose encoder has hidden states 0..{n - 1} "
                     f"(encoder {self.meta['encoder']['name']} with {n - 1} blocks)"
                 )
             out.append(i)
+        missing = sorted(set(out) - set(self.stored_layers))
+        if missing:
+            raise CacheError(self.missing_layers_message(missing))
         return out
+
+    def missing_layers_message(self, missing: Sequence[int]) -> str:
+        """Why hidden states `missing` cannot be read from this cache, and the extract command that would store them."""
+        subset = self.meta.get("config", {}).get("layers")
+        union = sorted(set(subset) | set(missing)) if subset else None
+        add = "all" if union is None else ",".join(str(i) for i in union) + ("," if len(union) == 1 else "")
+        return (f"cache '{self.url}' does not store hidden state(s) {list(missing)}: it stores "
+                f"{describe_layers(self.stored_layers, self.num_layers - 1)}. Extract a cache that has them, e.g. "
+                f"`layerfuse extract {_source_args(self.meta.get('config', {}))} --layers '{add}' --out NEW_CACHE`")
+
+    def _positions(self, layers: Sequence[int]) -> list[int]:
+        """Storage positions (axis 1 of features) of resolved hidden-state indices."""
+        where = {layer: k for k, layer in enumerate(self.stored_layers)}
+        return [where[i] for i in layers]
 
     def features(self, rows: Sequence[int] | np.ndarray | slice | None, layers: Sequence[int] | None = None) -> torch.Tensor:
         """Hidden states of the given reader rows and layers: [n, k, T, D] in the stored dtype.
@@ -289,7 +314,7 @@ class FeatureCache:
     def features_at(self, srows: np.ndarray, layers: Sequence[int] | None = None, *, check: bool = True) -> torch.Tensor:
         """`features` by storage rows (any status; rows without an image are zeros). check=False skips the checksums
         (for `cache verify`, to look at the values of rows it already reported)."""
-        lay = np.asarray(self.resolve_layers(layers), dtype=np.int64)
+        lay = np.asarray(self._positions(self.resolve_layers(layers)), dtype=np.int64)  # storage positions
         uniq, rinv = np.unique(srows, return_inverse=True)
         ulay, linv = np.unique(lay, return_inverse=True)
         block = np.empty((len(uniq), len(ulay), self.num_tokens, self.hidden_size), self._features.dtype)
@@ -308,7 +333,8 @@ class FeatureCache:
                 if check and self.complete:
                     want = np.stack([self._layer_checksums(int(k))[uniq[rsel]] for k in ulay[lsel]], axis=1)
                     for i, j in zip(*np.nonzero(block_checksums(data, axes=2) != want)):
-                        bad.setdefault(int(uniq[rsel][i]), f"layer {int(ulay[lsel][j])} of the features fails its checksum")
+                        layer = self.stored_layers[int(ulay[lsel][j])]
+                        bad.setdefault(int(uniq[rsel][i]), f"layer {layer} of the features fails its checksum")
         if bad:
             raise self._corrupt_rows(bad, "features")
         return to_torch(block[rinv][:, linv], self.storage_dtype)
@@ -328,7 +354,7 @@ class FeatureCache:
         return out
 
     def _layer_checksums(self, layer: int) -> np.ndarray:
-        """checksums/features[:, layer] (one column per layer is stored as its own chunks)."""
+        """checksums/features[:, layer] for storage position `layer` (each column is stored as its own chunks)."""
         if layer not in self._crc_layers:
             try:
                 self._crc_layers[layer] = np.asarray(self.group[FEATURE_CHECKSUMS][:, layer])
@@ -401,6 +427,18 @@ def _runs(sorted_values: np.ndarray, gap: int) -> list[tuple[int, int]]:
     starts = np.concatenate([[0], breaks + 1])
     ends = np.concatenate([breaks, [sorted_values.size - 1]])
     return [(int(sorted_values[a]), int(sorted_values[b])) for a, b in zip(starts, ends)]
+
+
+def _source_args(config: dict[str, Any]) -> str:
+    """The extract options that name a cache's source and tower, from its config record (for messages)."""
+    src, vision = config.get("source", {}), config.get("vision", {}).get("name", "default")
+    if src.get("kind") == "llava":
+        args = f"--llava {src.get('json')} --image-root {src.get('image_root')}"
+    elif src.get("kind") == "webdataset":
+        args = f"--wds '{src.get('shards')}'"
+    else:
+        args = f"--builtin {src.get('n')} --seed {src.get('seed')}"
+    return f"{args} --vision {vision}"
 
 
 def _describe(e: BaseException) -> str:

@@ -72,7 +72,7 @@ class ShardResult:
     index: int
     start: int
     stop: int
-    features: np.ndarray  # [n, L+1, T, D] storage dtype (zeros for rows without an image)
+    features: np.ndarray  # [n, K, T, D] storage dtype, the K stored hidden states (zeros for rows without an image)
     text_turns: np.ndarray  # [n, M, d_s] float32
     text_mean: np.ndarray  # [n, d_s] float32
     num_turns: np.ndarray  # [n] int16
@@ -88,7 +88,7 @@ class ShardResult:
             "status": self.status.tolist(),
             "image_size": self.image_size.tolist(),
             "num_turns": self.num_turns.tolist(),
-            "crc_features": block_checksums(self.features, axes=2).tolist(),  # [n][L+1]
+            "crc_features": block_checksums(self.features, axes=2).tolist(),  # [n][K]
             "crc_turns": block_checksums(self.text_turns).tolist(),
             "crc_mean": block_checksums(self.text_mean).tolist(),
             "errors": self.errors,
@@ -120,11 +120,13 @@ class CacheWriter:
         """Create (overwriting) the cache layout and write the per-sample tables of the plan.
 
         meta must hold encoder.num_layers (L), encoder.num_tokens (T), encoder.hidden_size (D), text.dim,
-        text.max_turns, storage.dtype, storage.shard_samples, storage.chunk_samples and storage.clevel.
+        text.max_turns, storage.dtype, storage.shard_samples, storage.chunk_samples and storage.clevel; storage.layers
+        (the K stored hidden-state indices) when not all L+1 are stored.
         """
         n = len(records)
         enc, text, storage = meta["encoder"], meta["text"], meta["storage"]
-        n_layers, tokens, hidden = enc["num_layers"] + 1, enc["num_tokens"], enc["hidden_size"]
+        n_layers = len(storage.get("layers", range(enc["num_layers"] + 1)))  # K: the stored hidden states
+        tokens, hidden = enc["num_tokens"], enc["hidden_size"]
         s, c = int(storage["shard_samples"]), int(storage["chunk_samples"])
         codec = compressor(int(storage["clevel"]))
         if s % c:
@@ -244,7 +246,7 @@ class CacheWriter:
         status = np.full(n, PENDING, np.uint8)
         size = np.full((n, 2), -1, np.int32)
         turns = np.zeros(n, np.int16)
-        crc_f = np.zeros((n, int(self.meta["encoder"]["num_layers"]) + 1), np.uint32)
+        crc_f = np.zeros((n, int(self.group["features"].shape[1])), np.uint32)  # [N, K]
         crc_turns = np.zeros(n, np.uint32)
         crc_mean = np.zeros(n, np.uint32)
         issues: list[dict[str, Any]] = [
