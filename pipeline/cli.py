@@ -448,6 +448,27 @@ def cache_info_cmd(path: str, as_json: bool) -> None:
     click.echo(json.dumps(info, indent=1) if as_json else format_info(info))
 
 
+@cache.command("derive")
+@click.argument("src")
+@click.option("--out", required=True, help="The smaller cache to write (rerun the same command to resume it).")
+@click.option("--layers", default=None, metavar="SPEC[;SPEC...]", help="Hidden states to keep, as extract --layers takes them. [default: all of SRC's]")
+@click.option("--dtype", default=None, type=click.Choice(StorageDtype.names()), help="Stored feature dtype. [default: SRC's]")
+@click.option("--overwrite", is_flag=True, help="Replace a cache at --out made with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def cache_derive_cmd(src: str, out: str, layers: str | None, dtype: str | None, overwrite: bool, quiet: bool) -> None:
+    """Write a smaller cache from SRC: fewer layers and/or another dtype, shard by shard, every read checked.
+
+    \b
+    Example:
+      layerfuse cache derive runs/default/cache --out runs/default/cache-mmfuser --layers mmfuser
+    """
+    from layerfuse.pipeline.cache.derive import derive_cache
+
+    res = derive_cache(src, out, layers=layers, dtype=dtype, overwrite=overwrite, progress=not quiet)
+    what = "already complete" if res.already_complete else f"{res.shards_written} shards written"
+    click.echo(f"derive: {out} ({what}); check it with `layerfuse cache verify {out}`")
+
+
 @cache.command("verify")
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")

@@ -1,0 +1,124 @@
+"""`layerfuse cache derive SRC --out DST [--layers ...] [--dtype ...]`: a smaller cache from a bigger one.
+
+    SRC (finished, every read checked) --shard by shard: the kept layers, converted--> DST (the writing protocol of
+    docs/cache-format.md section 5: markers per shard, so a killed derive resumes where it stopped) --> finalize
+
+DST keeps SRC's samples, rows, shards, conversations, embeddings and issue records; only the stored layers and their
+data type change. Its config record is SRC's plus `derived_from` (SRC's URL and config hash) and the new `layers` /
+`dtype`; its fingerprint is therefore its own, and a rerun with other settings is refused unless `overwrite`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from layerfuse.core.dtypes import StorageDtype
+from layerfuse.core.errors import StateError
+from layerfuse.core.fingerprint import fingerprint
+from layerfuse.pipeline.cache.reader import ATTRS_KEY, FeatureCache, from_torch, open_group
+from layerfuse.pipeline.cache.selection import stored_layers
+from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult
+from layerfuse.pipeline.data.records import SampleIssue, SampleRecord
+
+PROVENANCE_KEY = "derived_from"
+
+
+class DeriveError(StateError):
+    """A derive that cannot run as asked (layers the source lacks, a destination of other settings)."""
+
+
+@dataclass
+class DeriveResult:
+    url: str
+    shards_written: int
+    already_complete: bool
+    summary: dict[str, Any]
+
+
+def derive_cache(src: str, out: str, *, layers: str | None = None, dtype: str | None = None, overwrite: bool = False,
+                 progress: bool = True) -> DeriveResult:
+    """Write (or resume writing) DST = SRC restricted to `layers` (a --layers spec; None: SRC's) in `dtype` (None: SRC's)."""
+    source = FeatureCache(src)
+    smeta = source.meta
+    depth = source.num_layers - 1
+    keep = source.stored_layers if layers is None else stored_layers(layers, depth)
+    missing = sorted(set(keep) - set(source.stored_layers))
+    if missing:
+        raise DeriveError(f"cannot derive: {source.missing_layers_message(missing)}")
+    new_dtype = StorageDtype.parse(dtype or source.storage_dtype, "--dtype").value
+    config = {**smeta["config"], "dtype": new_dtype, PROVENANCE_KEY: {"url": source.url, "config_hash": smeta["config_hash"]}}
+    if keep != list(range(depth + 1)):
+        config["layers"] = keep
+    chash = fingerprint(config)
+
+    old = _existing_meta(out)
+    if old and not overwrite and old.get("planned"):
+        if old.get("config_hash") != chash:
+            raise DeriveError(f"'{out}' holds a cache made with other settings; pass --overwrite to replace it, or choose another --out")
+    else:
+        _plan(source, out, config, chash, keep, new_dtype)
+    writer = CacheWriter(out)
+    if writer.meta.get("complete"):
+        return DeriveResult(out, 0, True, writer.meta.get("summary", {}))
+    pending = writer.pending_shards()
+    errors = _image_errors(source)
+    with tqdm(total=len(pending), unit="shard", desc="derive", disable=not progress) as bar:
+        for k in pending:
+            writer.write_shard(_shard(source, writer, k, keep, new_dtype, errors))
+            bar.update(1)
+    return DeriveResult(out, len(pending), False, writer.finalize())
+
+
+def _existing_meta(url: str) -> dict[str, Any] | None:
+    try:
+        return dict(open_group(url, "r").attrs.get(ATTRS_KEY) or {}) or None
+    except (FileNotFoundError, KeyError):
+        return None
+
+
+def _plan(source: FeatureCache, out: str, config: dict[str, Any], chash: str, keep: list[int], dtype: str) -> None:
+    """Create DST's layout and per-sample tables from SRC's (checked) tables."""
+    smeta = source.meta
+    rows = np.arange(source.group["samples/status"].shape[0])
+    convs = source.checked_rows("samples/conversations", rows)
+    columns = {f: source.table(f"samples/{f}") for f in ("id", "source", "category", "split", "image_ref", "locator")}
+    records = []
+    for i in rows:
+        locator = json.loads(str(columns["locator"][i]))
+        records.append(SampleRecord(
+            id=str(columns["id"][i]), source=str(columns["source"][i]), locator=locator,
+            conversations=json.loads(str(convs[i])), has_image=bool(locator), category=str(columns["category"][i]),
+            split=str(columns["split"][i]), image_ref=str(columns["image_ref"][i]),
+        ))
+    plan_issues = [SampleIssue(i["id"], "", i["stage"], i["reason"], i["where"]) for i in source.issues() if i["row"] < 0]
+    keys = ("layerfuse_version", "encoder", "processor", "text")
+    meta = {k: smeta[k] for k in keys if k in smeta}
+    meta.update(config=config, config_hash=chash, storage={**smeta["storage"], "dtype": dtype, "layers": keep},
+                **{PROVENANCE_KEY: config[PROVENANCE_KEY]})
+    CacheWriter.create(out, meta, records, plan_issues)
+
+
+def _image_errors(source: FeatureCache) -> dict[int, dict[str, Any]]:
+    """SRC's per-row issue records (skipped images), by storage row."""
+    return {int(i["row"]): i for i in source.issues() if i["row"] >= 0}
+
+
+def _shard(source: FeatureCache, writer: CacheWriter, k: int, keep: list[int], dtype: str,
+           errors: dict[int, dict[str, Any]]) -> ShardResult:
+    """Shard k of DST from the same rows of SRC (every read checked)."""
+    a, b = writer.shard_rows(k)
+    rows = np.arange(a, b)
+    data = from_torch(source.features_at(rows, keep), dtype)  # [n, K, T, D]: SRC's values, converted when dtype differs
+    turns = np.asarray(source.checked_rows("text/turns", rows))
+    mean = np.asarray(source.checked_rows("text/mean", rows))
+    status = source.table("samples/status")[a:b]
+    return ShardResult(
+        k, a, b, data, turns, mean, source.table("text/num_turns")[a:b].astype(np.int16), status.astype(np.uint8),
+        source.table("samples/image_size")[a:b].astype(np.int32),
+        [{k2: errors[r][k2] for k2 in ("row", "id", "stage", "reason", "where")} for r in range(a, b) if r in errors],
+    )
