@@ -15,7 +15,8 @@ classes derived from before this hierarchy existed, so `except ValueError` / `ex
     │   ├── export.frontend.OnnxExportError
     │   └── export.hf.HFExportError
     ├── InputError(ValueError)             input data that cannot be used: a sample, an image, a dataset file
-    │   └── pipeline.data.records.SampleError
+    │   ├── pipeline.data.records.SampleError
+    │   └── pipeline.cache.quantize.QuantizeError
     ├── MissingError(FileNotFoundError)    a file or folder that was named is not there (raised as it is:
     │                                      shards, run folders, ONNX files, plugin libraries, ...)
     ├── StateError(RuntimeError)           what exists cannot serve the request: a cache, run, sweep folder or
