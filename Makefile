@@ -100,6 +100,7 @@ default-tower: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/extract.py --out BENCHMARKS.md
+	$(PY) bench/compression.py --out BENCHMARKS.md
 	$(PY) bench/msda.py --out BENCHMARKS.md
 	$(PY) bench/export.py --out BENCHMARKS.md
 	$(PY) bench/train.py --out BENCHMARKS.md
