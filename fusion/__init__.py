@@ -2,7 +2,8 @@
 
     from layerfuse.fusion import build_fuser, VisionSpec, LLMSpec
     fuser = build_fuser("mmfuser", VisionSpec.from_cache(cache), LLMSpec.from_config(llm.config))
-    cache.features(rows, fuser.required_layers)  # [B, k, T, D]: only the layers it needs
+    fuser.use_views(cache.views)                     # group terms from stored group means, where the cache has them
+    cache.features(rows, fuser.required_inputs)  # [B, k, T, D]: only the layers (and means) it needs
 
 Fusers: single, concat, sti, mmfuser, igva (external: they produce the visual tokens) and inject, xattn
 (internal: they also act inside the LLM through hooks; see VisionLanguageModel).

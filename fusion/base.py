@@ -3,7 +3,8 @@
 A fuser is the visual front end after the (frozen, cached) encoder: it reads the layers it declares,
 fuses them and projects to the LLM width. Data at the boundary:
 
-    layers  [B, k, T, D]  the k = len(fuser.required_layers) cached hidden states, in that order, all T tokens
+    layers  [B, k, T, D]  the k = len(fuser.required_inputs) cached hidden states (or stored group means, see
+                          use_views), in that order, all T tokens
     text    [B, d_s]      instruction embedding (only when fuser.needs_text)
     -> FuserOutput.tokens   [B, N_v, d]   visual tokens placed at the image span of the LLM input
        FuserOutput.internal {k: [B, N, d]}  features the internal fusers feed into LLM layer llm_layer_of[k]
@@ -12,7 +13,7 @@ fuses them and projects to the LLM width. Data at the boundary:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 from torch import nn
@@ -103,12 +104,26 @@ class Fuser(nn.Module):
         self.vision = vision
         self.llm = llm
         self.selection: LayerSelection = parse_layers(config.layers, vision.num_layers)
+        self._inputs: list[int | tuple[int, ...]] = list(self.selection.layers)
         self._positions = self.selection.positions()
 
     # -- what the loader reads -------------------------------------------------------------------------
     @property
     def required_layers(self) -> list[int]:
+        """The hidden states the selection is made of (what a live encoder must return)."""
         return self.selection.layers
+
+    @property
+    def required_inputs(self) -> list[int | tuple[int, ...]]:
+        """What `forward` takes along its second axis: `required_layers`, except that group terms served by a cache's
+        stored group means (`use_views`) are one input each, named by their tuple of hidden states."""
+        return list(self._inputs)
+
+    def use_views(self, views: Sequence[tuple[int, ...]]) -> None:
+        """Read group terms from stored group means where the cache has them (same values up to rounding: the
+        extractor averaged the full-precision hidden states); `required_inputs` changes accordingly."""
+        self._inputs = self.selection.inputs(views)
+        self._positions = self.selection.positions(self._inputs)
 
     @property
     def num_visual_tokens(self) -> int:
@@ -126,10 +141,10 @@ class Fuser(nn.Module):
         return x[:, 1:] if self.vision.has_cls else x
 
     def check_input(self, layers: torch.Tensor, text: torch.Tensor | None) -> None:
-        if layers.dim() != 4 or layers.shape[1] != len(self.required_layers) or layers.shape[2] != self.vision.num_tokens:
+        if layers.dim() != 4 or layers.shape[1] != len(self._inputs) or layers.shape[2] != self.vision.num_tokens:
             raise ValueError(
-                f"{self.name}: expected layers [B, {len(self.required_layers)}, {self.vision.num_tokens}, "
-                f"{self.vision.hidden_size}] (hidden states {self.required_layers}), got {list(layers.shape)}"
+                f"{self.name}: expected layers [B, {len(self._inputs)}, {self.vision.num_tokens}, "
+                f"{self.vision.hidden_size}] (inputs {self._inputs}), got {list(layers.shape)}"
             )
         if self.needs_text and text is None:
             raise ValueError(f"{self.name} needs the instruction embedding `text` [B, {self.vision.text_dim}]")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 from layerfuse.core.errors import ConfigError
 
@@ -86,10 +87,19 @@ class LayerSelection:
     def has_groups(self) -> bool:
         return any(len(t) > 1 for t in self.terms)
 
-    def positions(self) -> tuple[tuple[int, ...], ...]:
-        """Each term as positions into `layers` (the order features arrive in from the cache)."""
-        where = {layer: k for k, layer in enumerate(self.layers)}
-        return tuple(tuple(where[i] for i in t) for t in self.terms)
+    def inputs(self, views: Iterable[tuple[int, ...]] = ()) -> list[int | tuple[int, ...]]:
+        """What to read from a cache that also stores group-mean `views` (docs/cache-format.md): every group term
+        that is a view, as that tuple, and the hidden states of the other terms, sorted (ints first, then views)."""
+        available = {tuple(v) for v in views}
+        as_view = [t for t in self.terms if len(t) > 1 and t in available]
+        layers = sorted({i for t in self.terms if t not in as_view for i in t})
+        return [*layers, *sorted(set(as_view))]
+
+    def positions(self, inputs: Sequence[int | tuple[int, ...]] | None = None) -> tuple[tuple[int, ...], ...]:
+        """Each term as positions into `inputs` (default `layers`: the order features arrive in from the cache); a
+        term that is itself an input (a stored group mean) is one position."""
+        where = {x: k for k, x in enumerate(self.layers if inputs is None else inputs)}
+        return tuple((where[t],) if len(t) > 1 and t in where else tuple(where[i] for i in t) for t in self.terms)
 
     def describe(self) -> str:
         def term(t: tuple[int, ...]) -> str:

@@ -267,6 +267,8 @@ def data_synthetic(out_dir: str, n: int, seed: int, shard_size: int, quiet: bool
 @config_option(EXTRACT, "--pad-to-square/--no-pad-to-square", help="LLaVA's expand2square before the processor.")
 @config_option(EXTRACT, "--layers", metavar="SPEC[;SPEC...]",
                help="Hidden states to store: 'all', or the union of fuser names and layer specs, e.g. 'mmfuser;igva;3-18-23'.")
+@config_option(EXTRACT, "--views", metavar="SPEC[;SPEC...]",
+               help="Group means to store beside the layers (the group terms of fuser names / layer specs), e.g. 'igva' (4 means) or 'all'.")
 @config_option(EXTRACT, "--dtype", type=click.Choice(StorageDtype.names()), help="Stored feature dtype.")
 @config_option(EXTRACT, "--text-model", help="sentence-transformers model (id or folder) for instructions.")
 @click.option("--suffix", "suffixes", multiple=True, help="Answer-format suffix to strip before embedding (repeat; replaces the LLaVA defaults).")
@@ -493,6 +495,49 @@ def cache_verify_cmd(path: str, as_json: bool, quiet: bool) -> None:
             click.echo(f"  - {p}", err=True)
     if not rep.ok:
         sys.exit(1)
+
+
+@cache.command("plan")
+@click.option("--vision", default="default", show_default=True,
+              help="Vision tower: 'default' (the embedded tiny CLIP), a local folder with config.json, a config.json file, or a hub id "
+                   "(needs network). Only its config is read, never its weights.")
+@click.option("--samples", type=click.IntRange(min=1), required=True, help="Number of samples N to extract.")
+@click.option("--layers", "layers_spec", default=None,
+              help="Hidden states to store, as extract --layers takes them: all, fuser names, layer specs, ';' for a union. [default: all]")
+@click.option("--dtype", default="float16", show_default=True,
+              help="Storage dtype: float16 | bfloat16 | float32, or a planned storage dtype (estimated only): int8 | float8_e4m3fn.")
+@click.option("--images-per-s", type=click.FloatRange(min=0, min_open=True), default=500.0, show_default=True,
+              help="Extraction rate the write bandwidth is quoted at.")
+@click.option("--max-turns", type=click.IntRange(min=0), default=1, show_default=True, help="Most human turns of any sample (M of text/turns).")
+@click.option("--text-dim", type=click.IntRange(min=1), default=384, show_default=True, help="Sentence-embedding width (all-MiniLM-L6-v2: 384).")
+@click.option("--string-bytes", type=click.IntRange(min=0), default=1024, show_default=True,
+              help="Assumed bytes of a sample's strings (id, image path, conversation JSON, locator).")
+@config_option(EXTRACT, "--shard-samples", type=click.IntRange(min=1), help="Samples per output shard. [default: from --shard-mib]")
+@config_option(EXTRACT, "--shard-mib", type=click.IntRange(min=1), help="Target uncompressed size of an output shard.")
+@config_option(EXTRACT, "--chunk-kib", type=click.IntRange(min=1), help="Target size of a chunk (one layer of several samples, for tiny encoders).")
+@click.option("--out", default=None, help="Where the cache will go: also prints the free space there (local paths).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def cache_plan_cmd(vision: str, samples: int, layers_spec: str | None, dtype: str, images_per_s: float, max_turns: int, text_dim: int,
+                   string_bytes: int, out: str | None, as_json: bool, **layout: Any) -> None:
+    """Estimate a cache before extracting it: bytes per sample and in all, files, write bandwidth. Loads no weights.
+
+    \b
+    Examples:
+      layerfuse cache plan --samples 6000
+      layerfuse cache plan --vision /models/clip-vit-large-patch14-336 --samples 1223000 --layers mmfuser --out /data/cache
+      layerfuse cache plan --vision /models/siglip-so400m-patch14-384/config.json --samples 665000 --dtype int8 --json
+    """
+    from layerfuse.pipeline.cache.extract import ExtractConfig, storage_layout
+    from layerfuse.pipeline.cache.plan import encoder_shape, layout_stand_in, plan_cache
+    from layerfuse.pipeline.cache.selection import ALL
+
+    shape = encoder_shape(vision)
+    layout_dtype, layout_shape = layout_stand_in(shape, dtype)  # storage_layout sizes by a stored dtype's bytes
+    cfg = ExtractConfig(dtype=layout_dtype, layers=layers_spec or ALL, **layout)  # extract's own layout rule and --layers
+    shard, chunk = storage_layout(cfg, layout_shape)
+    plan = plan_cache(shape, samples, shard_samples=shard, chunk_samples=chunk, layers=cfg.stored_layers(shape), dtype=dtype,
+                      max_turns=max_turns, text_dim=text_dim, string_bytes=string_bytes, images_per_s=images_per_s)
+    click.echo(json.dumps(plan.to_json(out), indent=1) if as_json else plan.format(out))
 
 
 @main.command("fusers")

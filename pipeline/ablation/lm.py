@@ -69,7 +69,7 @@ def token_settings(spec: SweepSpec, bundle: LLMBundle, num_visual_tokens: int) -
 class LMVariant:
     """One variant in the LM budget: VisionLanguageModel + TrainObjective, phase two's optimizer and schedule."""
 
-    def __init__(self, variant: Variant, vision: VisionSpec, spec: SweepSpec, bundle: LLMBundle, union: list[int],
+    def __init__(self, variant: Variant, vision: VisionSpec, spec: SweepSpec, bundle: LLMBundle, union: list[int | tuple[int, ...]],
                  device: torch.device, total_steps: int, eval_ids: np.ndarray):
         self.variant, self.device, self.spec = variant, device, spec
         self.bundle = bundle
@@ -88,7 +88,8 @@ class LMVariant:
         warmup = max(1, round(spec.warmup_ratio * total_steps))
         self.scheduler = warmup_cosine(self.optimizer, total_steps, warmup)
         self.trainable = [p for p in self.objective.parameters() if p.requires_grad]
-        self.positions = [union.index(i) for i in fuser.required_layers]
+        fuser.use_views([i for i in union if isinstance(i, tuple)])  # group means the shared pass reads as such
+        self.positions = [union.index(i) for i in fuser.required_inputs]
         self.whole = self.positions == list(range(len(union)))
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -157,7 +158,7 @@ class LMVariant:
         return self.correct, self.weights
 
 
-def eval_chunks(cache: FeatureCache, questions: QuestionSet, union: list[int], need_text: bool, bundle: LLMBundle,
+def eval_chunks(cache: FeatureCache, questions: QuestionSet, union: list[int | tuple[int, ...]], need_text: bool, bundle: LLMBundle,
                 settings: TokenSettings, *, batch_size: int, workers: int) -> tuple[DataLoader, int]:
     """The evaluation prompts of the group, `batch_size` questions per chunk, read once for every member."""
     rows = questions.eval_rows

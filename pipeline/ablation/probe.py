@@ -193,7 +193,7 @@ def prepare_batch(batch: ProbeBatch, device: torch.device) -> ProbeBatch:
 class ProbeVariant:
     """One variant in the probe budget: ProbeModel, AdamW, warmup + cosine schedule, its predictions on eval."""
 
-    def __init__(self, variant: Variant, vision: VisionSpec, spec: SweepSpec, questions: QuestionSet, union: list[int],
+    def __init__(self, variant: Variant, vision: VisionSpec, spec: SweepSpec, questions: QuestionSet, union: list[int | tuple[int, ...]],
                  device: torch.device, total_steps: int):
         self.variant, self.device, self.max_grad_norm = variant, device, spec.max_grad_norm
         with torch.random.fork_rng(devices=[]):
@@ -201,7 +201,8 @@ class ProbeVariant:
             fuser = build_fuser(variant.fuser, vision, LLMSpec(spec.probe.width), **variant.build_options())
             head = ProbeHead(spec.probe.width, vision.text_dim, len(questions.answers), spec.probe.heads, fuser.num_visual_tokens)
         self.model = ProbeModel(fuser, head).to(device)
-        self.positions = [union.index(i) for i in fuser.required_layers]
+        fuser.use_views([i for i in union if isinstance(i, tuple)])  # group means the shared pass reads as such
+        self.positions = [union.index(i) for i in fuser.required_inputs]
         self.whole = self.positions == list(range(len(union)))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=spec.probe.lr, weight_decay=spec.probe.weight_decay)

@@ -219,6 +219,17 @@ def _llm_spec(spec: SweepSpec, out: Path) -> LLMSpec:
     return LLMSpec.from_config(config)
 
 
+def variant_inputs(v: Variant, vision: VisionSpec, views: list[tuple[int, ...]]) -> list[int | tuple[int, ...]]:
+    """What a variant reads from a cache with these group-mean `views` (Fuser.use_views): its hidden states, with
+    each group term the cache stores as a view read as that view."""
+    return parse_layers(v.layers, vision.num_layers).inputs(views)
+
+
+def input_order(inputs: set[int | tuple[int, ...]] | list[int | tuple[int, ...]]) -> list[int | tuple[int, ...]]:
+    """Hidden states first (ascending), then group means (ascending), as a cache stores them."""
+    return sorted(inputs, key=lambda x: (1, x) if isinstance(x, tuple) else (0, (x,)))
+
+
 def run_ablation(spec: SweepSpec, opts: AblateOptions) -> AblateResult:
     """Run (or continue) a sweep; writes DIR/variants/*.json as variants finish and the report at the end."""
     t0 = time.perf_counter()
@@ -232,7 +243,8 @@ def run_ablation(spec: SweepSpec, opts: AblateOptions) -> AblateResult:
         raise AblateError(str(e)) from None
     variants = expand_sweep(spec, vision, _llm_spec(spec, out))
     for v in variants:  # a cache of a layer subset (extract --layers) cannot serve every variant
-        if v.valid and (missing := sorted(set(v.required_layers) - set(cache.stored_layers))):
+        inputs = variant_inputs(v, vision, cache.views) if v.valid else []
+        if missing := sorted(i for i in inputs if isinstance(i, int) and i not in cache.stored_layers):
             v.reason = cache.missing_layers_message(missing)
     write_json(out / SWEEP_FILE, indent=1, default=_json_default, data={
         "settings_hash": spec.settings_hash(), "settings": spec.settings(), "spec": asdict(spec),
@@ -308,8 +320,9 @@ class _Sweep:
             del members
         return len(groups)
 
-    def union(self, group: list[Variant]) -> list[int]:
-        return sorted({i for v in group for i in v.required_layers})
+    def union(self, group: list[Variant]) -> list[int | tuple[int, ...]]:
+        """What the group's shared pass reads: every member's inputs (hidden states, then stored group means)."""
+        return input_order({i for v in group for i in variant_inputs(v, self.vision, self.cache.views)})
 
     def desc(self, group: list[Variant], index: int, total: int, what: str) -> str:
         return f"{what} {index + 1}/{total} (seed {group[0].seed}, {len(group)} variants)"

@@ -3,8 +3,8 @@
     SRC (finished, every read checked) --shard by shard: the kept layers, converted--> DST (the writing protocol of
     docs/cache-format.md section 5: markers per shard, so a killed derive resumes where it stopped) --> finalize
 
-DST keeps SRC's samples, rows, shards, conversations, embeddings and issue records; only the stored layers and their
-data type change. Its config record is SRC's plus `derived_from` (SRC's URL and config hash) and the new `layers` /
+DST keeps SRC's samples, rows, shards, conversations, embeddings, group-mean views and issue records; only the stored
+layers and the data type change. Its config record is SRC's plus `derived_from` (SRC's URL and config hash) and the new `layers` /
 `dtype`; its fingerprint is therefore its own, and a rerun with other settings is refused unless `overwrite`.
 """
 
@@ -98,7 +98,7 @@ def _plan(source: FeatureCache, out: str, config: dict[str, Any], chash: str, ke
     plan_issues = [SampleIssue(i["id"], "", i["stage"], i["reason"], i["where"]) for i in source.issues() if i["row"] < 0]
     keys = ("layerfuse_version", "encoder", "processor", "text")
     meta = {k: smeta[k] for k in keys if k in smeta}
-    meta.update(config=config, config_hash=chash, storage={**smeta["storage"], "dtype": dtype, "layers": keep},
+    meta.update(config=config, config_hash=chash, storage={**smeta["storage"], "dtype": dtype, "layers": keep},  # views kept
                 **{PROVENANCE_KEY: config[PROVENANCE_KEY]})
     CacheWriter.create(out, meta, records, plan_issues)
 
@@ -113,7 +113,7 @@ def _shard(source: FeatureCache, writer: CacheWriter, k: int, keep: list[int], d
     """Shard k of DST from the same rows of SRC (every read checked)."""
     a, b = writer.shard_rows(k)
     rows = np.arange(a, b)
-    data = from_torch(source.features_at(rows, keep), dtype)  # [n, K, T, D]: SRC's values, converted when dtype differs
+    data = from_torch(source.features_at(rows, [*keep, *source.views]), dtype)  # [n, K+V, T, D]: SRC's values, converted
     turns = np.asarray(source.checked_rows("text/turns", rows))
     mean = np.asarray(source.checked_rows("text/mean", rows))
     status = source.table("samples/status")[a:b]

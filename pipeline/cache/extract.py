@@ -31,7 +31,7 @@ from layerfuse.core.errors import ConfigError, StateError
 from layerfuse.core.fingerprint import fingerprint, runtime
 from layerfuse.core import __version__
 from layerfuse.core.dtypes import StorageDtype
-from layerfuse.pipeline.cache.selection import ALL as ALL_LAYERS, stored_layers
+from layerfuse.pipeline.cache.selection import ALL as ALL_LAYERS, stored_layers, view_groups
 from layerfuse.pipeline.cache.reader import ATTRS_KEY, FORMAT_VERSION, OK, SKIPPED, TEXT_ONLY, from_torch, open_group
 from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult, compressor_name
 from layerfuse.core.distributed import DistContext
@@ -68,6 +68,7 @@ class ExtractConfig:
     vision_pretrain_steps: int | None = None  # --vision default only: pretraining steps (None: the default, 0: random)
     pad_to_square: bool = False
     layers: str = ALL_LAYERS  # hidden states to store: `all`, or SPEC[;SPEC...] of fuser names and layer specs (selection.py)
+    views: str | None = None  # group means to store beside them: SPEC[;SPEC...] whose group terms become views
     dtype: str = "float16"
     text_model: str = DEFAULT_TEXT_MODEL
     suffixes: tuple[str, ...] = DEFAULT_SUFFIXES
@@ -113,6 +114,13 @@ class ExtractConfig:
         """The hidden-state indices this extraction stores (`layers` resolved for the tower's depth)."""
         try:
             return stored_layers(self.layers, enc.info.num_layers)
+        except ConfigError as e:
+            raise ExtractError(str(e)) from None
+
+    def view_groups(self, enc: VisionEncoder) -> list[tuple[int, ...]]:
+        """The group means this extraction stores beside the layers (`views` resolved for the tower's depth)."""
+        try:
+            return view_groups(self.views, enc.info.num_layers)
         except ConfigError as e:
             raise ExtractError(str(e)) from None
 
@@ -264,6 +272,7 @@ def _config_record(cfg: ExtractConfig, enc: VisionEncoder, vision_path: str, sha
         **({"max_image_bytes": cfg.max_image_bytes} if cfg.max_image_bytes != DEFAULT_MAX_IMAGE_BYTES else {}),
         # the resolved indices (two spellings of one set are one cache), recorded only for a subset (hashes as before)
         **({"layers": stored} if (stored := cfg.stored_layers(enc)) != list(range(enc.info.num_layers + 1)) else {}),
+        **({"views": [list(v) for v in views]} if (views := cfg.view_groups(enc)) else {}),
     }
 
 
@@ -276,7 +285,7 @@ def storage_layout(cfg: ExtractConfig, enc: VisionEncoder) -> tuple[int, int]:
     `shard_mib` uncompressed.
     """
     layer_bytes = enc.info.num_tokens * enc.info.hidden_size * StorageDtype(cfg.dtype).itemsize
-    stored = len(cfg.stored_layers(enc))
+    stored = len(cfg.stored_layers(enc)) + len(cfg.view_groups(enc))
     shard = int(cfg.shard_samples or max(1, min(256, (cfg.shard_mib << 20) // (layer_bytes * stored))))
     want = max(1, min(shard, -(-(cfg.chunk_kib << 10) // layer_bytes)))
     chunk = max(d for d in range(1, want + 1) if shard % d == 0)
@@ -367,7 +376,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
                     "path": vision_path,
                 },
                 "processor": {**enc.info.processor, "pad_to_square": cfg.pad_to_square, "pad_fill": list(enc.preprocessor(cfg.pad_to_square).fill)},
-                "storage": {"dtype": cfg.dtype, "layers": cfg.stored_layers(enc), "shard_samples": shard_samples, "chunk_samples": chunk_samples, "clevel": cfg.clevel, "compressor": compressor_name(cfg.clevel)},
+                "storage": {"dtype": cfg.dtype, "layers": cfg.stored_layers(enc), "views": [list(v) for v in cfg.view_groups(enc)], "shard_samples": shard_samples, "chunk_samples": chunk_samples, "clevel": cfg.clevel, "compressor": compressor_name(cfg.clevel)},
                 "text": {"model": cfg.text_model, "path": text.path, "dim": text.dim, "max_turns": max_human_turns([r.conversations for r in plan.records]), "suffixes": list(cfg.suffixes)},
             }
             CacheWriter.create(cfg.out, meta, plan.records, plan.issues, storage_options=cfg.storage_options or None)
@@ -404,8 +413,9 @@ def _process(
         return 0
     info = enc.info
     stored = writer.meta["storage"]["layers"]
+    views = [torch.tensor(v, device=device) for v in writer.meta["storage"].get("views", [])]
     select = None if stored == list(range(info.num_layers + 1)) else torch.tensor(stored, device=device)
-    feat_shape = (len(stored), info.num_tokens, info.hidden_size)
+    feat_shape = (len(stored) + len(views), info.num_tokens, info.hidden_size)
     feat_dtype = StorageDtype(cfg.dtype).zarr_dtype
     max_turns = int(writer.meta["text"]["max_turns"])
     batches = list(shard_batches(writer, shards, cfg.batch_size))
@@ -436,8 +446,10 @@ def _process(
         for batch in loader:
             items = batch["items"]
             hs = enc(batch["pixels"].to(device, non_blocking=True)) if batch["pixels"] is not None else None  # [B, L+1, T, D]
-            if hs is not None and select is not None:
-                hs = hs.index_select(1, select)  # [B, K, T, D]: only the stored hidden states leave the device
+            if hs is not None and (select is not None or views):
+                means = [hs.index_select(1, v).float().mean(1, keepdim=True) for v in views]  # [B, 1, T, D] each, fp32
+                kept = hs if select is None else hs.index_select(1, select)  # [B, K, T, D]
+                hs = torch.cat([kept.float(), *means], dim=1) if means else kept  # [B, K+V, T, D]: only this leaves the device
             feats = from_torch(hs, cfg.dtype) if hs is not None else None
             status = []
             for it in items:

@@ -3,14 +3,15 @@
 The on-disk format is specified in docs/cache-format.md; this module and `cache_writer` implement it.
 In short, a zarr v3 group with
 
-    features            [N, L+1, T, D]  fp16 | bf16 (as uint16) | fp32, chunk [1, 1, T, D], shard [S, L+1, T, D]
+    features            [N, K+V, T, D]  fp16 | bf16 (as uint16) | fp32, chunk [c, 1, T, D], shard [S, K+V, T, D]: the K stored
+                                        hidden states (storage.layers), then V group means (storage.views)
     text/turns          [N, M, d_s]     float32, per human turn (zeros past text/num_turns)
     text/mean           [N, d_s]        float32, mean over turns
     text/num_turns      [N]             int16, 0 = marked empty (text-only sample or no instruction)
     samples/<field>     [N]             id, source, category, split, image_ref, conversations (JSON), locator (JSON)
     samples/status      [N]             uint8: 0 pending, 1 ok, 2 text-only, 3 skipped
     samples/image_size  [N, 2]          int32 (width, height) of the original image, -1 when none
-    checksums/features  [N, L+1]        uint32 CRC-32C of each (row, layer) of features, as stored
+    checksums/features  [N, K+V]        uint32 CRC-32C of each (row, layer) of features, as stored
     checksums/turns, checksums/mean, checksums/conversations  [N]  uint32 CRC-32C of the row's bytes
     issues/<field>      [I]             row, id, stage, reason, where: every skipped or repaired sample
 
@@ -161,6 +162,16 @@ class FeatureCache:
         return [int(i) for i in self.meta["storage"].get("layers", range(self.num_layers))]
 
     @property
+    def views(self) -> list[tuple[int, ...]]:
+        """Stored group means (extract --views), each named by its hidden states; stored after the layers."""
+        return [tuple(int(i) for i in v) for v in self.meta["storage"].get("views", [])]
+
+    @property
+    def inputs(self) -> list[int | tuple[int, ...]]:
+        """Everything stored along the layer axis, in order: the hidden states, then the group means."""
+        return [*self.stored_layers, *self.views]
+
+    @property
     def num_tokens(self) -> int:
         return int(self._features.shape[2])
 
@@ -267,14 +278,21 @@ class FeatureCache:
         return [json.loads(str(s)) for s in values]
 
     # --- arrays -----------------------------------------------------------------------------------------------
-    def resolve_layers(self, layers: Sequence[int] | None) -> list[int]:
-        """Hidden-state indices (negative counts from the end of hs[0..L]); None = every stored layer. A layer outside
-        the encoder, or one this cache does not store, is a CacheError naming what it stores and how to add it."""
+    def resolve_layers(self, layers: Sequence[int | tuple[int, ...]] | None) -> list[int | tuple[int, ...]]:
+        """Hidden-state indices (negative counts from the end of hs[0..L]) and stored group means (tuples, see
+        `views`); None = everything stored. A layer outside the encoder, or one this cache does not store, is a
+        CacheError naming what it stores and how to add it."""
         n = self.num_layers
         if layers is None:
-            return self.stored_layers
-        out = []
+            return self.inputs
+        out: list[int | tuple[int, ...]] = []
         for layer in layers:
+            if isinstance(layer, (tuple, list)):
+                if tuple(layer) not in self.views:
+                    raise CacheError(f"cache '{self.url}' stores no group mean of hidden states {list(layer)} "
+                                     f"(its views: {[list(v) for v in self.views] or 'none'})")
+                out.append(tuple(int(i) for i in layer))
+                continue
             i = int(layer) + n if int(layer) < 0 else int(layer)
             if not 0 <= i < n:
                 raise CacheError(
@@ -282,7 +300,7 @@ class FeatureCache:
                     f"(encoder {self.meta['encoder']['name']} with {n - 1} blocks)"
                 )
             out.append(i)
-        missing = sorted(set(out) - set(self.stored_layers))
+        missing = sorted(set(i for i in out if isinstance(i, int)) - set(self.stored_layers))
         if missing:
             raise CacheError(self.missing_layers_message(missing))
         return out
@@ -296,13 +314,13 @@ class FeatureCache:
                 f"{describe_layers(self.stored_layers, self.num_layers - 1)}. Extract a cache that has them, e.g. "
                 f"`layerfuse extract {_source_args(self.meta.get('config', {}))} --layers '{add}' --out NEW_CACHE`")
 
-    def _positions(self, layers: Sequence[int]) -> list[int]:
-        """Storage positions (axis 1 of features) of resolved hidden-state indices."""
-        where = {layer: k for k, layer in enumerate(self.stored_layers)}
-        return [where[i] for i in layers]
+    def _positions(self, inputs: Sequence[int | tuple[int, ...]]) -> list[int]:
+        """Storage positions (axis 1 of features) of resolved inputs (hidden-state indices, group-mean tuples)."""
+        where = {x: k for k, x in enumerate(self.inputs)}
+        return [where[i] for i in inputs]
 
-    def features(self, rows: Sequence[int] | np.ndarray | slice | None, layers: Sequence[int] | None = None) -> torch.Tensor:
-        """Hidden states of the given reader rows and layers: [n, k, T, D] in the stored dtype.
+    def features(self, rows: Sequence[int] | np.ndarray | slice | None, layers: Sequence[int | tuple[int, ...]] | None = None) -> torch.Tensor:
+        """Hidden states (and stored group means, named by tuples) of the given reader rows: [n, k, T, D], stored dtype.
 
         Only the chunks holding the asked-for (row, layer) pairs are read and decompressed: rows are merged
         into spans of neighbouring chunks (cut at shard boundaries) and layers into runs, and each span x run is one
@@ -311,7 +329,7 @@ class FeatureCache:
         """
         return self.features_at(self._storage_rows(rows), layers)
 
-    def features_at(self, srows: np.ndarray, layers: Sequence[int] | None = None, *, check: bool = True) -> torch.Tensor:
+    def features_at(self, srows: np.ndarray, layers: Sequence[int | tuple[int, ...]] | None = None, *, check: bool = True) -> torch.Tensor:
         """`features` by storage rows (any status; rows without an image are zeros). check=False skips the checksums
         (for `cache verify`, to look at the values of rows it already reported)."""
         lay = np.asarray(self._positions(self.resolve_layers(layers)), dtype=np.int64)  # storage positions
@@ -333,8 +351,9 @@ class FeatureCache:
                 if check and self.complete:
                     want = np.stack([self._layer_checksums(int(k))[uniq[rsel]] for k in ulay[lsel]], axis=1)
                     for i, j in zip(*np.nonzero(block_checksums(data, axes=2) != want)):
-                        layer = self.stored_layers[int(ulay[lsel][j])]
-                        bad.setdefault(int(uniq[rsel][i]), f"layer {layer} of the features fails its checksum")
+                        slot = self.inputs[int(ulay[lsel][j])]
+                        what = f"layer {slot}" if isinstance(slot, int) else f"the group mean of layers {list(slot)}"
+                        bad.setdefault(int(uniq[rsel][i]), f"{what} of the features fails its checksum")
         if bad:
             raise self._corrupt_rows(bad, "features")
         return to_torch(block[rinv][:, linv], self.storage_dtype)

@@ -1,4 +1,5 @@
-"""Which hidden states a cache stores: `layerfuse extract --layers SPEC[;SPEC...]` -> sorted hidden-state indices.
+"""Which hidden states a cache stores: `layerfuse extract --layers SPEC[;SPEC...]` -> sorted hidden-state indices,
+and which group means it stores beside them: `--views SPEC[;SPEC...]` -> the group terms of those specs.
 
 Each SPEC is one of
   * `all`: every hidden state hs[0..L] (the default; note that the *fuser* preset `all` reads hs[1..L]);
@@ -32,6 +33,21 @@ def stored_layers(spec: str | None, num_blocks: int) -> list[int]:
             out.update(parse_layers(layer_spec, num_blocks).layers)
         except LayerSpecError as e:
             raise LayerSpecError(f"--layers: {part!r}: {e} (or a fuser name: {', '.join(list_fusers())}; or 'all')") from None
+    return sorted(out)
+
+
+def view_groups(spec: str | None, num_blocks: int) -> list[tuple[int, ...]]:
+    """The group means `--views` asks a cache to store: every group term (2 or more hidden states) of the named fusers'
+    default specs and of the layer specs, resolved for depth `num_blocks`, sorted; single layers are ignored (they
+    are stored by --layers). None or "" -> none. E.g. 'igva' -> the four IGVA groups; 'all' -> former and latter."""
+    out: set[tuple[int, ...]] = set()
+    for part in [p.strip() for p in (spec or "").split(";") if p.strip()]:
+        layer_spec = fuser_class(part).config_class().layers if part in list_fusers() else part
+        try:
+            terms = parse_layers(layer_spec, num_blocks).terms
+        except LayerSpecError as e:
+            raise LayerSpecError(f"--views: {part!r}: {e} (or a fuser name: {', '.join(list_fusers())})") from None
+        out.update(t for t in terms if len(t) > 1)
     return sorted(out)
 
 

@@ -45,6 +45,7 @@ def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[
         "num_samples_planned": m["num_samples_planned"],
         "num_layers": cache.num_layers,
         "stored_layers": cache.stored_layers,
+        "views": [list(v) for v in cache.views],
         "num_tokens": cache.num_tokens,
         "hidden_size": cache.hidden_size,
         "has_cls": cache.has_cls,
@@ -81,7 +82,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"complete         {info['complete']}  ({info['shards_written']}/{info['num_shards']} shards written)",
         f"num_samples      {info['num_samples'] if info['num_samples'] is not None else '-'} of {info['num_samples_planned']} planned",
         f"num_layers       {info['num_layers']}  (hidden states hs[0..{info['num_layers'] - 1}])",
-        f"stored layers    {describe_layers(info['stored_layers'], info['num_layers'] - 1)}",
+        f"stored layers    {describe_layers(info['stored_layers'], info['num_layers'] - 1)}"
+        + (f" + group means of {', '.join(f'{v[0]}..{v[-1]}' for v in info['views'])}" if info["views"] else ""),
         f"num_tokens       {info['num_tokens']}  ({'CLS + ' if info['has_cls'] else ''}patches)",
         f"hidden_size      {info['hidden_size']}",
         f"dtype            {info['dtype']}",
@@ -144,10 +146,10 @@ def verify_cache(url: str, storage_options: dict[str, Any] | None = None, *, pro
     n = int(m["num_samples_planned"])
     enc = m["encoder"]
     want = {
-        "features": (n, len(cache.stored_layers), enc["num_tokens"], enc["hidden_size"]),
+        "features": (n, len(cache.inputs), enc["num_tokens"], enc["hidden_size"]),
         "text/turns": (n, m["text"]["max_turns"], m["text"]["dim"]),
         "text/mean": (n, m["text"]["dim"]),
-        FEATURE_CHECKSUMS: (n, len(cache.stored_layers)),
+        FEATURE_CHECKSUMS: (n, len(cache.inputs)),
         **{p: (n,) for p in ROW_CHECKSUMS.values()},
         **{p: (n, 2) if p == "samples/image_size" else (n,) for p in DIGESTED_TABLES if not p.startswith("issues/")},
         **{f"samples/{f}": (n,) for f in SAMPLE_FIELDS},
@@ -173,7 +175,7 @@ def verify_cache(url: str, storage_options: dict[str, Any] | None = None, *, pro
     if m.get("num_samples") != int(((status == OK) | (status == TEXT_ONLY)).sum()):
         problem(f"num_samples {m.get('num_samples')} disagrees with the status array")
     num_turns, ids = tables["text/num_turns"], tables["samples/id"]
-    all_layers = cache.stored_layers
+    all_layers = cache.inputs
     bar = tqdm(total=n, unit="row", desc="verify", disable=not progress)
     for k in range(writer.num_shards):
         a, b = writer.shard_rows(k)

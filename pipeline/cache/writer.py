@@ -121,11 +121,11 @@ class CacheWriter:
 
         meta must hold encoder.num_layers (L), encoder.num_tokens (T), encoder.hidden_size (D), text.dim,
         text.max_turns, storage.dtype, storage.shard_samples, storage.chunk_samples and storage.clevel; storage.layers
-        (the K stored hidden-state indices) when not all L+1 are stored.
+        (the K stored hidden-state indices) when not all L+1 are stored, storage.views (V group means) when any.
         """
         n = len(records)
         enc, text, storage = meta["encoder"], meta["text"], meta["storage"]
-        n_layers = len(storage.get("layers", range(enc["num_layers"] + 1)))  # K: the stored hidden states
+        n_layers = len(storage.get("layers", range(enc["num_layers"] + 1))) + len(storage.get("views", []))  # K + V
         tokens, hidden = enc["num_tokens"], enc["hidden_size"]
         s, c = int(storage["shard_samples"]), int(storage["chunk_samples"])
         codec = compressor(int(storage["clevel"]))

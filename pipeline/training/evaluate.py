@@ -166,7 +166,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     cache_url = cfg.cache or model.cache
     cache = FeatureCache(cache_url)
     fuser = vlm.fuser
-    cache.resolve_layers(fuser.required_layers)  # a missing layer is a CacheError naming layer and cache
+    fuser.use_views(cache.views)  # group terms from the cache's stored group means, where it has them
+    cache.resolve_layers(fuser.required_inputs)  # a missing layer is a CacheError naming layer and cache
     rows = cache.select(split=cfg.split)
     if cfg.categories:
         rows = rows[np.isin(cache.categories[rows], cfg.categories)]
@@ -176,7 +177,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         raise ConfigError(f"cache {cache_url} has no samples in split {cfg.split!r}" + (f" of categories {cfg.categories}" if cfg.categories else "")
                           + "; choose another --split or --categories (`layerfuse cache info` lists them)")
     chunks = [rows[i : i + cfg.batch_size] for i in range(0, rows.size, cfg.batch_size)]
-    ds = EvalChunks(LazyCache(cache_url, None), chunks, fuser.required_layers, fuser.needs_text, bundle.tokenizer, model.template,
+    ds = EvalChunks(LazyCache(cache_url, None), chunks, fuser.required_inputs, fuser.needs_text, bundle.tokenizer, model.template,
                      fuser.num_visual_tokens, bundle.image_token_id)
     workers = min(cfg.workers, len(chunks))
     loader = DataLoader(ds, batch_size=None, collate_fn=_collate, num_workers=workers, worker_init_fn=worker_init_fn(workers),

@@ -245,7 +245,7 @@ class WindowReader(Dataset):
     Plans are index arithmetic, made where they are needed (in the worker) by `plan_of`.
     """
 
-    def __init__(self, lazy: LazyCache, plan_of: Callable[[int], EpochPlan], shape: BatchShape, rank: int, layers: Sequence[int],
+    def __init__(self, lazy: LazyCache, plan_of: Callable[[int], EpochPlan], shape: BatchShape, rank: int, layers: Sequence[int | tuple[int, ...]],
                  fmt: BatchFormat, on_corrupt: OnCorrupt = "stop"):
         self.lazy, self.plan_of, self.shape, self.rank, self.layers, self.fmt = lazy, plan_of, shape, rank, list(layers), fmt
         self.on_corrupt = on_corrupt
@@ -293,7 +293,7 @@ class CacheBatches:
         rows: np.ndarray,
         fmt: BatchFormat,
         *,
-        layers: Sequence[int],
+        layers: Sequence[int | tuple[int, ...]],  # hidden states, and stored group means named by their tuples
         shape: BatchShape,
         rank: int = 0,
         seed: int = 0,

@@ -405,11 +405,12 @@ def prepare_training(cfg: TrainConfig, ctx: DistContext, train_dir: Path | None 
     max_length = min(cfg.max_length, int(max_pos)) if max_pos else cfg.max_length
     apply_llm_mode(vlm, cfg)
     fuser = vlm.fuser
+    fuser.use_views(cache.views)  # group terms from the cache's stored group means, where it has them
     settings = TokenSettings(cfg.template, fuser.num_visual_tokens, bundle.image_token_id, max_length, bundle.pad_token_id)
     ts = _training_set(cfg, cache, bundle, settings, train_dir, ctx)
     shape = BatchShape(cfg.batch_size, cfg.micro_batch_size or cfg.batch_size // ctx.world, ctx.world)
     batches = CacheBatches(
-        cache, ts.rows, ConversationFormat(bundle.tokenizer, settings, fuser.needs_text), layers=fuser.required_layers, shape=shape, rank=ctx.rank, seed=cfg.seed, buffer_rows=cfg.buffer_rows, workers=cfg.workers, prefetch=cfg.prefetch,
+        cache, ts.rows, ConversationFormat(bundle.tokenizer, settings, fuser.needs_text), layers=fuser.required_inputs, shape=shape, rank=ctx.rank, seed=cfg.seed, buffer_rows=cfg.buffer_rows, workers=cfg.workers, prefetch=cfg.prefetch,
         pin_memory=device.type == "cuda", on_corrupt=cfg.on_corrupt,
     )
     total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * batches.steps_per_epoch))

@@ -64,7 +64,7 @@ CHANGES = {
     "vision_revision": ({}, "v2"), "vision_pretrain_steps": ({}, 0), "pad_to_square": ({}, True), "dtype": ({}, "float32"),
     "text_model": ({}, "other-model"), "suffixes": ({}, ("!",)), "shard_samples": ({}, 64), "shard_mib": ({}, 1),
     "chunk_kib": ({}, 16), "clevel": ({}, 5), "max_pixels": ({}, 10), "max_image_bytes": ({"wds": "a.tar"}, 1024),
-    "layers": ({}, "mmfuser"),
+    "layers": ({}, "mmfuser"), "views": ({}, "igva"),
     "run_dir": ({}, "runs/other"),
     "out": ({}, "elsewhere/cache"), "batch_size": ({}, 7), "workers": ({}, 0), "device": ({}, "cpu"),
     "compute_dtype": ({}, "float32"), "text_batch_size": ({}, 3), "strict": ({}, True), "allow_urls": ({}, "s3,https"),
@@ -73,7 +73,7 @@ CHANGES = {
 
 
 def test_default_cache_fingerprints_keep_their_values():
-    """--max-image-bytes and --layers enter the cache record only when they are not the default: caches made before
+    """--max-image-bytes, --layers and --views enter the cache record only when they are not the default: caches made before
     the options existed keep their fingerprint (values computed by the code before them)."""
     assert _cache_fingerprint(ExtractConfig()) == "d084e26af440013a"
     assert _cache_fingerprint(ExtractConfig(llava="a.json")) == "3a38462053c72167"
