@@ -287,6 +287,7 @@ def data_synthetic(out_dir: str, n: int, seed: int, shard_size: int, quiet: bool
 @config_option(EXTRACT, "--allow-urls", metavar="SCHEMES",
                help="URL schemes LLaVA image values may use, comma-separated (e.g. s3,gs,https); other URL images are skipped. [default: none]")
 @config_option(EXTRACT, "--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
+@config_option(EXTRACT, "--force", is_flag=True, help="Extract even when the target has less free space than the size estimate.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(out: str | None, suffixes: tuple[str, ...], quiet: bool, **settings: Any) -> None:
     """Phase one: store every vision-encoder layer and the instruction embeddings in a zarr v3 cache.
@@ -504,6 +505,7 @@ def cache_verify_cmd(path: str, as_json: bool, quiet: bool) -> None:
 @click.option("--samples", type=click.IntRange(min=1), required=True, help="Number of samples N to extract.")
 @click.option("--layers", "layers_spec", default=None,
               help="Hidden states to store, as extract --layers takes them: all, fuser names, layer specs, ';' for a union. [default: all]")
+@click.option("--views", "views_spec", default=None, help="Group means to store beside them, as extract --views takes them. [default: none]")
 @click.option("--dtype", default="float16", show_default=True,
               help="Storage dtype: float16 | bfloat16 | float32, or a planned storage dtype (estimated only): int8 | float8_e4m3fn.")
 @click.option("--images-per-s", type=click.FloatRange(min=0, min_open=True), default=500.0, show_default=True,
@@ -517,7 +519,7 @@ def cache_verify_cmd(path: str, as_json: bool, quiet: bool) -> None:
 @config_option(EXTRACT, "--chunk-kib", type=click.IntRange(min=1), help="Target size of a chunk (one layer of several samples, for tiny encoders).")
 @click.option("--out", default=None, help="Where the cache will go: also prints the free space there (local paths).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def cache_plan_cmd(vision: str, samples: int, layers_spec: str | None, dtype: str, images_per_s: float, max_turns: int, text_dim: int,
+def cache_plan_cmd(vision: str, samples: int, layers_spec: str | None, views_spec: str | None, dtype: str, images_per_s: float, max_turns: int, text_dim: int,
                    string_bytes: int, out: str | None, as_json: bool, **layout: Any) -> None:
     """Estimate a cache before extracting it: bytes per sample and in all, files, write bandwidth. Loads no weights.
 
@@ -533,10 +535,10 @@ def cache_plan_cmd(vision: str, samples: int, layers_spec: str | None, dtype: st
 
     shape = encoder_shape(vision)
     layout_dtype, layout_shape = layout_stand_in(shape, dtype)  # storage_layout sizes by a stored dtype's bytes
-    cfg = ExtractConfig(dtype=layout_dtype, layers=layers_spec or ALL, **layout)  # extract's own layout rule and --layers
+    cfg = ExtractConfig(dtype=layout_dtype, layers=layers_spec or ALL, views=views_spec, **layout)  # extract's layout rule
     shard, chunk = storage_layout(cfg, layout_shape)
     plan = plan_cache(shape, samples, shard_samples=shard, chunk_samples=chunk, layers=cfg.stored_layers(shape), dtype=dtype,
-                      max_turns=max_turns, text_dim=text_dim, string_bytes=string_bytes, images_per_s=images_per_s)
+                      views=len(cfg.view_groups(shape)), max_turns=max_turns, text_dim=text_dim, string_bytes=string_bytes, images_per_s=images_per_s)
     click.echo(json.dumps(plan.to_json(out), indent=1) if as_json else plan.format(out))
 
 

@@ -31,6 +31,7 @@ from layerfuse.core.errors import ConfigError, StateError
 from layerfuse.core.fingerprint import fingerprint, runtime
 from layerfuse.core import __version__
 from layerfuse.core.dtypes import StorageDtype
+from layerfuse.pipeline.cache.plan import free_bytes, plan_cache
 from layerfuse.pipeline.cache.selection import ALL as ALL_LAYERS, stored_layers, view_groups
 from layerfuse.pipeline.cache.reader import ATTRS_KEY, FORMAT_VERSION, OK, SKIPPED, TEXT_ONLY, from_torch, open_group
 from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult, compressor_name
@@ -88,6 +89,7 @@ class ExtractConfig:
     strict: bool = runtime(default=False)
     allow_urls: str | None = runtime(default=None)  # URL schemes image values may use, comma-separated ("s3,gs,https")
     overwrite: bool = runtime(default=False)
+    force: bool = runtime(default=False)  # extract even when the target has less free space than the estimate
     progress: bool = runtime(default=True)
     storage_options: dict[str, Any] = runtime(default_factory=dict)
 
@@ -292,6 +294,20 @@ def storage_layout(cfg: ExtractConfig, enc: VisionEncoder) -> tuple[int, int]:
     return shard, chunk
 
 
+def _check_space(cfg: ExtractConfig, enc: VisionEncoder, text_dim: int, plan: Plan, shard_samples: int, chunk_samples: int) -> None:
+    """Print the size estimate of the cache about to be written (`layerfuse cache plan`'s) and refuse a target with
+    less free space than it, unless --force."""
+    estimate = plan_cache(enc.info, max(1, len(plan.records)), shard_samples=shard_samples, chunk_samples=chunk_samples,
+                          layers=cfg.stored_layers(enc), views=len(cfg.view_groups(enc)), dtype=cfg.dtype, text_dim=text_dim,
+                          max_turns=max_human_turns([r.conversations for r in plan.records]))
+    free = free_bytes(cfg.out)
+    if cfg.progress:
+        tqdm.write(estimate.format(cfg.out))
+    if estimate.fits(free) is False and not cfg.force:
+        raise ExtractError(f"'{cfg.out}' has {free / 1e9:.2f} GB free, and the cache needs about {estimate.disk_bytes / 1e9:.2f} GB "
+                           f"(`layerfuse cache plan` explains the estimate); free space, choose another --out, or pass --force")
+
+
 def _existing_meta(cfg: ExtractConfig) -> dict[str, Any] | None:
     try:
         return dict(open_group(cfg.out, "r", cfg.storage_options or None).attrs.get(ATTRS_KEY) or {}) or None
@@ -366,6 +382,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
                 first = next((i for i in plan.issues if i.stage == "plan"), plan.issues[0])
                 what = "" if first.stage == "plan" else ", repaired: --strict refuses repairs"
                 raise ExtractError(f"--strict: sample {first} [{first.source}{what}]")
+            _check_space(cfg, enc, text.dim, plan, shard_samples, chunk_samples)
             meta = {
                 "layerfuse_version": __version__,
                 "config": config,

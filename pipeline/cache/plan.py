@@ -217,6 +217,7 @@ class CachePlan:
     text_dim: int = DEFAULT_TEXT_DIM  # d_s
     string_bytes: int = DEFAULT_STRING_BYTES
     images_per_s: float = DEFAULT_IMAGES_PER_S
+    views: int = 0  # V: group means stored after the layers (extract --views)
 
     # --- per sample ---
     @property
@@ -225,8 +226,8 @@ class CachePlan:
 
     @property
     def num_stored(self) -> int:
-        """K."""
-        return len(self.layers)
+        """K + V: tensors per sample along the layer axis (hidden states, then group means)."""
+        return len(self.layers) + self.views
 
     @property
     def feature_bytes(self) -> int:
@@ -309,6 +310,7 @@ class CachePlan:
             "encoder": asdict(self.encoder),
             "samples": self.samples,
             "layers": list(self.layers),
+            "views": self.views,
             "dtype": self.dtype,
             "planned_dtype": self.cost.planned,
             "compression_ratio": self.cost.ratio,
@@ -343,7 +345,8 @@ class CachePlan:
         lines = [
             f"encoder   {e.name} ({e.model_type}): L={e.num_layers} blocks, T={e.num_tokens} tokens "
             f"({e.grid[0]}x{e.grid[1]}{cls}), D={e.hidden_size}",
-            f"stores    {describe_layers(list(self.layers), e.num_layers)} in {self.dtype}",
+            f"stores    {describe_layers(list(self.layers), e.num_layers)}"
+            + (f" + {self.views} group mean(s)" if self.views else "") + f" in {self.dtype}",
             f"layout    {self.num_shards:,} shards [{self.shard_samples}, {self.num_stored}, {e.num_tokens}, {e.hidden_size}] "
             f"of {_si(self.shard_bytes)} raw, chunks [{self.chunk_samples}, 1, {e.num_tokens}, {e.hidden_size}]",
             "per sample",
@@ -380,9 +383,11 @@ def plan_cache(
     text_dim: int = DEFAULT_TEXT_DIM,
     string_bytes: int = DEFAULT_STRING_BYTES,
     images_per_s: float = DEFAULT_IMAGES_PER_S,
+    views: int = 0,
 ) -> CachePlan:
     """The plan of a cache of `samples` rows of `shape` (an EncoderInfo or EncoderShape), storing hidden states
-    `layers` (None: all L+1; see selection.stored_layers) in `dtype`, laid out as `extract.storage_layout` chose."""
+    `layers` (None: all L+1; see selection.stored_layers) and `views` group means in `dtype`, laid out as
+    `extract.storage_layout` chose."""
     enc = EncoderShape.of(shape)
     storage_cost(dtype)
     stored = tuple(range(enc.num_layers + 1)) if layers is None else tuple(sorted({int(i) for i in layers}))
@@ -396,7 +401,7 @@ def plan_cache(
         raise ConfigError(f"max_turns {max_turns}, text_dim {text_dim}, string_bytes {string_bytes}, images_per_s {images_per_s}: "
                           f"need max_turns >= 0, text_dim >= 1, string_bytes >= 0, images_per_s > 0")
     return CachePlan(enc, int(samples), stored, dtype, int(shard_samples), int(chunk_samples), int(max_turns), int(text_dim),
-                     int(string_bytes), float(images_per_s))
+                     int(string_bytes), float(images_per_s), int(views))
 
 
 def free_bytes(url: str) -> int | None:

@@ -178,3 +178,17 @@ def test_cli_text_json_and_defaults(clip_l336):
     assert (opts["images_per_s"], opts["text_dim"], opts["string_bytes"]) == (DEFAULT_IMAGES_PER_S, DEFAULT_TEXT_DIM, DEFAULT_STRING_BYTES)
     help_text = run.invoke(main, ["cache", "plan", "--help"]).output
     assert "Example" in help_text and "layerfuse cache plan" in help_text
+
+
+def test_extract_refuses_a_target_without_room_unless_forced(tmp_path, vision_dir, monkeypatch):
+    from layerfuse.pipeline.cache import extract as extract_module
+    from layerfuse.pipeline.cache.extract import ExtractError, run_extract
+    from layerfuse.pipeline.cache.reader import FeatureCache
+    from tests.support import extract_config
+
+    monkeypatch.setattr(extract_module, "free_bytes", lambda url: 1000)  # a nearly full disk
+    out = tmp_path / "c"
+    with pytest.raises(ExtractError, match=r"has 0.00 GB free, and the cache needs about 0.00 GB .*--force"):
+        run_extract(extract_config(str(out), vision_dir, builtin=8))
+    run_extract(extract_config(str(out), vision_dir, builtin=8, force=True))
+    assert len(FeatureCache(out)) == 8
