@@ -44,7 +44,7 @@ def test_every_config_field_has_its_option(path):
     assert len(config) == 1
     names = {f.name for f in fields(attribute(config.pop()))}
     assert {o.field.path for o in options} == names - UNBOUND[path]
-    assert {p for p, _, _ in BOUND} == {"extract", "train", "eval", "ablate"}
+    assert {p for p, _, _ in BOUND} == {"extract", "train", "eval", "ablate", "cache plan"}  # cache plan: extract's layout options
 
 
 @pytest.mark.parametrize("path, command, option", BOUND, ids=[f"{p}{' '.join(o.opts)}" for p, _, o in BOUND])
