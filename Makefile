@@ -101,6 +101,8 @@ default-tower: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/extract.py --out BENCHMARKS.md
 	$(PY) bench/compression.py --out BENCHMARKS.md
+	$(PY) bench/quantize.py --out BENCHMARKS.md
+	$(PY) bench/codec.py --out BENCHMARKS.md
 	$(PY) bench/msda.py --out BENCHMARKS.md
 	$(PY) bench/export.py --out BENCHMARKS.md
 	$(PY) bench/train.py --out BENCHMARKS.md
