@@ -2,7 +2,7 @@
 
 The ratios `layerfuse cache plan` uses (pipeline/cache/plan.py, STORAGE_COSTS) come from here. For each tower, the
 hidden states [B, L+1, T, D] of B built-in images (fp32 forward) are cast to each dtype and written to an in-memory
-zarr array with the cache's own codec (`writer.compressor(3)`: blosc zstd level 3, byte shuffle) and one chunk per
+zarr array with the cache's own codec (`writer.compressor` with ExtractConfig's codec and level) and one chunk per
 (sample, layer), [1, 1, T, D] (the layout of real encoders; the tiny tower's real chunks hold 32 samples). The ratio
 is stored chunk bytes / raw bytes.
 
@@ -41,13 +41,13 @@ from zarr.storage import MemoryStore  # noqa: E402
 from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
 from layerfuse.pipeline.cache.quantize import Float8Token, TokenInt8  # noqa: E402
 from layerfuse.pipeline.cache.reader import from_torch  # noqa: E402
-from layerfuse.pipeline.cache.writer import compressor  # noqa: E402
+from layerfuse.pipeline.cache.extract import ExtractConfig  # noqa: E402
+from layerfuse.pipeline.cache.writer import compressor, compressor_name  # noqa: E402
 from layerfuse.pipeline.data.synthetic import render_record, synthetic_plan  # noqa: E402
 from layerfuse.pipeline.models.default_vision import SHIPPED_TOWER, DefaultVisionConfig, build_default_vision  # noqa: E402
 from layerfuse.pipeline.models.encoder import load_vision_encoder  # noqa: E402
 
 SECTION = "## Compression by storage dtype (`bench/compression.py`)"
-CLEVEL = 3
 DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3fn")
 PLANNED = {"int8": TokenInt8, "float8_e4m3fn": Float8Token}  # planned storage dtype -> its quantize.py scheme
 transformers.utils.logging.disable_progress_bar()
@@ -83,7 +83,7 @@ def hidden_states(folder: str, images: int) -> torch.Tensor:
 def stored(a: np.ndarray, chunks: tuple[int, ...]) -> int:
     """Bytes of the chunks of `a` written with the cache's compressor (metadata excluded)."""
     store = MemoryStore()
-    z = zarr.create_array(store, shape=a.shape, chunks=chunks, dtype=a.dtype, compressors=compressor(CLEVEL), fill_value=0)
+    z = zarr.create_array(store, shape=a.shape, chunks=chunks, dtype=a.dtype, compressors=compressor(ExtractConfig.codec, ExtractConfig.clevel), fill_value=0)
     z[...] = a
     return sum(len(v) for k, v in store._store_dict.items() if not k.endswith("zarr.json"))
 
@@ -116,8 +116,8 @@ def render(cmd: str, rows: list[tuple[Tower, tuple[int, ...], dict[str, float]]]
         f"Command: `{cmd}`  ",
         f"Date: {datetime.date.today().isoformat()}  ",
         f"Machine: {machine()}  ",
-        f"Settings: on-disk / raw bytes of the hidden states of built-in images, blosc zstd level {CLEVEL} with byte shuffle "
-        "(the cache's compressor), one chunk per (sample, layer); int8 and float8_e4m3fn are *planned* storage dtypes, "
+        f"Settings: on-disk / raw bytes of the hidden states of built-in images, "
+        f"{compressor_name(ExtractConfig.codec, ExtractConfig.clevel)} (the cache's compressor), one chunk per (sample, layer); int8 and float8_e4m3fn are *planned* storage dtypes, "
         "quantised by pipeline/cache/quantize.py's `token` and `fp8+token` schemes (a float16 absmax scale per token; "
         "values + scales counted). Used by `layerfuse cache plan` "
         "(pipeline/cache/plan.py, the largest ratio per dtype, rounded up).",

@@ -275,7 +275,8 @@ def data_synthetic(out_dir: str, n: int, seed: int, shard_size: int, quiet: bool
 @config_option(EXTRACT, "--shard-samples", type=click.IntRange(min=1), help="Samples per output shard. [default: from --shard-mib]")
 @config_option(EXTRACT, "--shard-mib", type=click.IntRange(min=1), help="Target uncompressed size of an output shard.")
 @config_option(EXTRACT, "--chunk-kib", type=click.IntRange(min=1), help="Target size of a chunk (one layer of several samples, for tiny encoders).")
-@config_option(EXTRACT, "--clevel", type=click.IntRange(0, 9), help="zstd level (blosc, byte shuffle); 5 stores ~12% less at half the write speed.")
+@config_option(EXTRACT, "--codec", help="Chunk compressor (BENCHMARKS.md, Codecs): zstd stores what blosc-zstd did at 1.6x its write speed per core.")
+@config_option(EXTRACT, "--clevel", type=click.IntRange(0, 22), help="The codec's level (zstd 1..22; blosc 0..9, which runs zstd at 2c-1).")
 @config_option(EXTRACT, "--max-pixels", type=click.IntRange(min=1),
                help="Decompression-bomb guard: images whose decoded size or preprocessing working size (pad to square, resize) is larger are skipped.")
 @config_option(EXTRACT, "--max-image-bytes", type=click.IntRange(min=1), help="Largest image file or tar member read; larger ones are skipped.")

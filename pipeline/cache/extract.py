@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from layerfuse.core.config import check_choices
 from layerfuse.core.errors import ConfigError, StateError
 from layerfuse.core.fingerprint import fingerprint, runtime
 from layerfuse.core import __version__
@@ -34,7 +35,7 @@ from layerfuse.core.dtypes import StorageDtype
 from layerfuse.pipeline.cache.plan import free_bytes, plan_cache
 from layerfuse.pipeline.cache.selection import ALL as ALL_LAYERS, stored_layers, view_groups
 from layerfuse.pipeline.cache.reader import ATTRS_KEY, FORMAT_VERSION, OK, SKIPPED, TEXT_ONLY, from_torch, open_group
-from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult, compressor_name
+from layerfuse.pipeline.cache.writer import DEFAULT_CODEC, LEGACY_CODEC, CacheWriter, Codec, ShardResult, compressor_name
 from layerfuse.core.distributed import DistContext
 from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_default_vision, describe
 from layerfuse.pipeline.models.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, load_vision_encoder
@@ -76,7 +77,8 @@ class ExtractConfig:
     shard_samples: int | None = None  # None: chosen from shard_mib
     shard_mib: int = 512
     chunk_kib: int = 256
-    clevel: int = 3
+    codec: Codec = DEFAULT_CODEC  # chunk compressor, chosen by measurement (writer.compressor, BENCHMARKS.md "Codecs")
+    clevel: int = 1  # its level
     max_pixels: int = 89_478_485  # decoded size and preprocessing working size (pad to square, resize), pixels
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # the largest image file or tar member read
     run_dir: str = "runs/default"  # the default tower is built in RUN_DIR/vision: that path is in the cache record
@@ -269,6 +271,7 @@ def _config_record(cfg: ExtractConfig, enc: VisionEncoder, vision_path: str, sha
         "shard_samples": shard_samples,
         "chunk_samples": chunk_samples,
         "clevel": cfg.clevel,
+        **({"codec": cfg.codec} if cfg.codec != LEGACY_CODEC else {}),  # the codec before it was an option: hashes as before
         "max_pixels": cfg.max_pixels,
         # recorded only when not the default, so that caches made before the option existed keep their config hash
         **({"max_image_bytes": cfg.max_image_bytes} if cfg.max_image_bytes != DEFAULT_MAX_IMAGE_BYTES else {}),
@@ -333,6 +336,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         StorageDtype.parse(cfg.dtype, "--dtype")
     except ValueError as e:
         raise ExtractError(str(e)) from None
+    check_choices(cfg, name=lambda path: "--" + path.replace("_", "-"), error=ExtractError)
     spec = cfg.source_spec()
     cfg.image_access()  # a bad --allow-urls fails before any work
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork DataLoader workers after loading a tokenizer
@@ -393,7 +397,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
                     "path": vision_path,
                 },
                 "processor": {**enc.info.processor, "pad_to_square": cfg.pad_to_square, "pad_fill": list(enc.preprocessor(cfg.pad_to_square).fill)},
-                "storage": {"dtype": cfg.dtype, "layers": cfg.stored_layers(enc), "views": [list(v) for v in cfg.view_groups(enc)], "shard_samples": shard_samples, "chunk_samples": chunk_samples, "clevel": cfg.clevel, "compressor": compressor_name(cfg.clevel)},
+                "storage": {"dtype": cfg.dtype, "layers": cfg.stored_layers(enc), "views": [list(v) for v in cfg.view_groups(enc)], "shard_samples": shard_samples, "chunk_samples": chunk_samples, "codec": cfg.codec, "clevel": cfg.clevel, "compressor": compressor_name(cfg.codec, cfg.clevel)},
                 "text": {"model": cfg.text_model, "path": text.path, "dim": text.dim, "max_turns": max_human_turns([r.conversations for r in plan.records]), "suffixes": list(cfg.suffixes)},
             }
             CacheWriter.create(cfg.out, meta, plan.records, plan.issues, storage_options=cfg.storage_options or None)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.abc.codec import BytesBytesCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 
 from layerfuse.core.atomic import write_bytes
 from layerfuse.core.dtypes import StorageDtype
@@ -55,14 +56,31 @@ def put_file(fs, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def compressor(level: int) -> BloscCodec:
-    """blosc(zstd, byte shuffle). On fp16 activations of structured images (ViT-B shaped tower, one run):
-    level 1 -> 0.91 of raw, level 3 -> 0.88 at the same write speed, level 5 -> 0.77 at half the speed."""
-    return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")
+Codec = Literal["zstd", "blosc-zstd", "blosc-lz4", "none"]
+DEFAULT_CODEC: Codec = "zstd"
+LEGACY_CODEC: Codec = "blosc-zstd"  # a cache whose storage record names no codec was written with this one
 
 
-def compressor_name(level: int) -> str:
-    return f"blosc-zstd-{level}-shuffle"
+def compressor(codec: Codec, level: int) -> BytesBytesCodec | None:
+    """The chunk compressor of a cache (BENCHMARKS.md "Codecs", one core, chunks shaped like the cache's):
+    zstd level 1 (the default) stores fp16 hidden states at 0.92 of raw at 633 MB/s encode per core, int8 at 0.90;
+    blosc zstd-3 with byte shuffle (the default before, recorded as "blosc-zstd") stores the same bytes at 398 MB/s
+    (blosc level c runs zstd at 2c-1); blosc lz4 bitshuffle is faster (968 MB/s) but saves less and varies with the
+    data; "none" stores raw chunks. At 500 images/s of CLIP ViT-L/14-336, zstd-1 needs 23 cores, blosc zstd-3 37."""
+    if codec == "zstd":
+        return ZstdCodec(level=level)
+    if codec == "blosc-zstd":
+        return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")
+    if codec == "blosc-lz4":
+        return BloscCodec(cname="lz4", clevel=level, shuffle="bitshuffle")
+    if codec == "none":
+        return None
+    raise ValueError(f"unknown codec {codec!r}")
+
+
+def compressor_name(codec: Codec, level: int) -> str:
+    return {"zstd": f"zstd-{level}", "blosc-zstd": f"blosc-zstd-{level}-shuffle", "blosc-lz4": f"blosc-lz4-{level}-bitshuffle",
+            "none": "none"}[codec]
 
 
 @dataclass
@@ -120,7 +138,7 @@ class CacheWriter:
         """Create (overwriting) the cache layout and write the per-sample tables of the plan.
 
         meta must hold encoder.num_layers (L), encoder.num_tokens (T), encoder.hidden_size (D), text.dim,
-        text.max_turns, storage.dtype, storage.shard_samples, storage.chunk_samples and storage.clevel; storage.layers
+        text.max_turns, storage.dtype, storage.shard_samples, storage.chunk_samples, storage.codec and storage.clevel; storage.layers
         (the K stored hidden-state indices) when not all L+1 are stored, storage.views (V group means) when any.
         """
         n = len(records)
@@ -128,7 +146,7 @@ class CacheWriter:
         n_layers = len(storage.get("layers", range(enc["num_layers"] + 1))) + len(storage.get("views", []))  # K + V
         tokens, hidden = enc["num_tokens"], enc["hidden_size"]
         s, c = int(storage["shard_samples"]), int(storage["chunk_samples"])
-        codec = compressor(int(storage["clevel"]))
+        codec = compressor(storage.get("codec", LEGACY_CODEC), int(storage["clevel"]))
         if s % c:
             raise ValueError(f"shard_samples {s} is not a multiple of chunk_samples {c}")
         zdtype = StorageDtype(storage["dtype"]).zarr_dtype.name  # bfloat16 as uint16 bit patterns

@@ -87,7 +87,8 @@ def test_make_extract_builds_the_config_it_always_did(monkeypatch):
     assert r.exit_code == 0, r.output
     before = dict(out="runs/default/cache", llava=None, image_root=None, wds=None, builtin=6000, seed=0, split="train", vision="default",
                   vision_revision=None, vision_pretrain_steps=None, pad_to_square=False, dtype="float16",
-                  text_model="all-MiniLM-L6-v2", shard_samples=None, shard_mib=512, chunk_kib=256, clevel=3,
+                  text_model="all-MiniLM-L6-v2", shard_samples=None, shard_mib=512, chunk_kib=256,
+                  codec="zstd", clevel=1,  # was blosc zstd-3 until BENCHMARKS.md "Codecs" chose zstd-1
                   max_pixels=89_478_485, run_dir="runs/default", batch_size=32, workers=2, device="auto", compute_dtype="auto",
                   strict=False, overwrite=False, progress=True)
     got = asdict(seen[0])
