@@ -297,12 +297,13 @@ def storage_layout(cfg: ExtractConfig, enc: VisionEncoder) -> tuple[int, int]:
     return shard, chunk
 
 
-def _check_space(cfg: ExtractConfig, enc: VisionEncoder, text_dim: int, plan: Plan, shard_samples: int, chunk_samples: int) -> None:
+def _check_space(cfg: ExtractConfig, enc: VisionEncoder, text_dim: int, max_turns: int, plan: Plan, shard_samples: int,
+                 chunk_samples: int) -> None:
     """Print the size estimate of the cache about to be written (`layerfuse cache plan`'s) and refuse a target with
     less free space than it, unless --force."""
     estimate = plan_cache(enc.info, max(1, len(plan.records)), shard_samples=shard_samples, chunk_samples=chunk_samples,
                           layers=cfg.stored_layers(enc), views=len(cfg.view_groups(enc)), dtype=cfg.dtype, text_dim=text_dim,
-                          max_turns=max_human_turns([r.conversations for r in plan.records]))
+                          max_turns=max_turns)
     free = free_bytes(cfg.out)
     if cfg.progress:
         tqdm.write(estimate.format(cfg.out))
@@ -386,7 +387,8 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
                 first = next((i for i in plan.issues if i.stage == "plan"), plan.issues[0])
                 what = "" if first.stage == "plan" else ", repaired: --strict refuses repairs"
                 raise ExtractError(f"--strict: sample {first} [{first.source}{what}]")
-            _check_space(cfg, enc, text.dim, plan, shard_samples, chunk_samples)
+            max_turns = max_human_turns([r.conversations for r in plan.records])
+            _check_space(cfg, enc, text.dim, max_turns, plan, shard_samples, chunk_samples)
             meta = {
                 "layerfuse_version": __version__,
                 "config": config,
@@ -398,7 +400,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
                 },
                 "processor": {**enc.info.processor, "pad_to_square": cfg.pad_to_square, "pad_fill": list(enc.preprocessor(cfg.pad_to_square).fill)},
                 "storage": {"dtype": cfg.dtype, "layers": cfg.stored_layers(enc), "views": [list(v) for v in cfg.view_groups(enc)], "shard_samples": shard_samples, "chunk_samples": chunk_samples, "codec": cfg.codec, "clevel": cfg.clevel, "compressor": compressor_name(cfg.codec, cfg.clevel)},
-                "text": {"model": cfg.text_model, "path": text.path, "dim": text.dim, "max_turns": max_human_turns([r.conversations for r in plan.records]), "suffixes": list(cfg.suffixes)},
+                "text": {"model": cfg.text_model, "path": text.path, "dim": text.dim, "max_turns": max_turns, "suffixes": list(cfg.suffixes)},
             }
             CacheWriter.create(cfg.out, meta, plan.records, plan.issues, storage_options=cfg.storage_options or None)
     ctx.barrier()

@@ -180,12 +180,10 @@ def verify_cache(url: str, storage_options: dict[str, Any] | None = None, *, pro
     for k in range(writer.num_shards):
         a, b = writer.shard_rows(k)
         rows = np.arange(a, b)
+        read: dict[str, Any] = {}  # what the checked reads returned, reused by the value checks below
         for path in (*ROW_CHECKSUMS, "features"):
             try:
-                if path == "features":
-                    feats = cache.features_at(rows, all_layers)
-                else:
-                    cache.checked_rows(path, rows)
+                read[path] = cache.features_at(rows, all_layers) if path == "features" else cache.checked_rows(path, rows)
             except CorruptRowsError as e:
                 by_reason: dict[str, list[int]] = {}
                 for r, why in zip(e.storage_rows, e.reasons):
@@ -197,11 +195,12 @@ def verify_cache(url: str, storage_options: dict[str, Any] | None = None, *, pro
                         problem(f"rows {rs[0]}..{rs[-1]} ({len(rs)} rows, {ids[rs[0]]} ...), shard {k}: {why}")
                 if path == "features":
                     try:
-                        feats = cache.features_at(rows, all_layers, check=False)  # the values, for the checks below
+                        read[path] = cache.features_at(rows, all_layers, check=False)  # the values, for the checks below
                     except CorruptRowsError:
-                        feats = None
-        turns = np.asarray(g["text/turns"][a:b])
-        means = np.asarray(g["text/mean"][a:b])
+                        pass
+        feats = read.get("features")
+        turns = np.asarray(read["text/turns"] if "text/turns" in read else g["text/turns"][a:b])
+        means = np.asarray(read["text/mean"] if "text/mean" in read else g["text/mean"][a:b])
         for i in range(b - a):
             row = a + i
             where = f"row {row} ({ids[row]})"
