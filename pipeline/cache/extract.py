@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from layerfuse.core.config import check_choices
@@ -42,6 +42,8 @@ from layerfuse.pipeline.models.encoder import DEFAULT_VISION, ImagePreprocessor,
 from layerfuse.pipeline.data import sources
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
 from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, ImageAccess, load_image, parse_url_schemes
+from layerfuse.pipeline.data.images import decode_image
+from layerfuse.pipeline.data.stream import read_members
 from layerfuse.pipeline.data.synthetic import synthetic_plan
 from layerfuse.core.workers import worker_init_fn
 from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL, InstructionEmbedder, max_human_turns
@@ -195,6 +197,111 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [it for it in items if it["pixels"] is not None]
     pixels = torch.from_numpy(np.stack([it["pixels"] for it in ok])) if ok else None
     return {"items": items, "pixels": pixels}
+
+
+def tar_batches(records: Sequence[SampleRecord], batches: Sequence[Sequence[int]]) -> list[tuple[str | None, list[int]]]:
+    """The batches split where the input shard of their images changes: [(input shard or None, rows)], in order.
+
+    A text-only row joins the batch it is in the middle of (None: a batch with no image at all). The split depends on
+    the plan alone, so every run (and every resume) forms the same batches.
+    """
+    out: list[tuple[str | None, list[int]]] = []
+    for batch in batches:
+        tar: str | None = None
+        run: list[int] = []
+        for row in batch:
+            t = records[row].locator.get("tar") if records[row].has_image else None
+            if t is not None and tar is not None and t != tar:
+                out.append((tar, run))
+                run = []
+            tar = t if t is not None else tar
+            run.append(row)
+        out.append((tar, run))
+    return out
+
+
+class _StreamDataset(IterableDataset):
+    """WebDataset rows, each input shard that holds an image of them streamed once, front to back
+    (pipeline/data/stream.py), by one DataLoader worker (input shard i goes to worker i mod workers); yields the
+    `tar_batches` of that shard collated as `_collate`, a batch as soon as its last image has been read. Images are
+    decoded and preprocessed under the same limits as `_ImageDataset`; never raises for a bad sample.
+
+    Memory: a worker holds the encoded bytes of the images of its batches not yet complete: members of one sample
+    stored apart (a key's image after another key's) are the only way to have more than one batch open, so this is one
+    batch for a tar written the WebDataset way and at most the shard's images for any tar.
+    """
+
+    def __init__(self, records: Sequence[SampleRecord], batches: Sequence[Sequence[int]], pre: ImagePreprocessor,
+                 max_pixels: int, access: ImageAccess):
+        self.records, self.pre, self.max_pixels, self.access = records, pre, max_pixels, access
+        self.groups: dict[str | None, list[list[int]]] = {}  # input shard -> its batches, in plan order
+        for tar, rows in tar_batches(records, batches):
+            self.groups.setdefault(tar, []).append(rows)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i, (tar, batches) in enumerate(self.groups.items()):
+            if i % workers == worker:
+                yield from self._shard(tar, batches)
+
+    def _item(self, row: int, data: bytes | SampleError | None) -> dict[str, Any]:
+        item: dict[str, Any] = {"row": row, "pixels": None, "size": (-1, -1), "error": None}
+        if isinstance(data, SampleError):
+            item["error"] = data.reason
+        elif data is not None:
+            try:
+                img = decode_image(data, max_pixels=self.max_pixels, working_pixels=self.pre.working_pixels)
+                item["size"] = img.size
+                item["pixels"] = self.pre(img)
+            except SampleError as e:
+                item["error"] = e.reason
+            except Exception as e:  # an unexpected failure still names the sample instead of killing the run
+                item["error"] = f"unexpected {type(e).__name__}: {e}"
+        return item
+
+    def _shard(self, tar: str | None, batches: list[list[int]]) -> Iterator[dict[str, Any]]:
+        wanted: dict[tuple[str, int], int] = {}  # (member, data offset) -> row
+        waiting: list[int] = []  # per batch: images not read yet
+        batch_of: dict[int, int] = {}
+        for b, rows in enumerate(batches):
+            images = [r for r in rows if self.records[r].has_image]
+            waiting.append(len(images))
+            for r in images:
+                loc = self.records[r].locator
+                wanted[(loc["member"], int(loc["offset"]))] = r
+                batch_of[r] = b
+        got: dict[int, bytes | SampleError] = {}
+        for b in [b for b, n in enumerate(waiting) if n == 0]:  # text-only batches
+            yield _collate([self._item(r, None) for r in batches[b]])
+        if tar is None:
+            return
+        for row, data in read_members(tar, wanted, self.access.max_bytes):
+            got[row] = data
+            b = batch_of[row]
+            waiting[b] -= 1
+            if waiting[b] == 0:
+                yield _collate([self._item(r, got.pop(r, None)) for r in batches[b]])
+
+
+def _loader(cfg: ExtractConfig, records: Sequence[SampleRecord], batches: list[list[int]], pre: ImagePreprocessor,
+            device: torch.device) -> DataLoader:
+    """The DataLoader of `batches`: WebDataset rows streamed by input shard (`_StreamDataset`), the others by record
+    (`_ImageDataset`)."""
+    common: dict[str, Any] = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                  worker_init_fn=worker_init_fn(cfg.workers), prefetch_factor=4 if cfg.workers else None)
+    if cfg.source_spec()["kind"] == "webdataset":
+        ds = _StreamDataset(records, batches, pre, cfg.max_pixels, cfg.image_access())
+        return DataLoader(ds, batch_size=None, collate_fn=_as_collated, **common)
+    rows = [r for b in batches for r in b]
+    pos = {r: i for i, r in enumerate(rows)}
+    return DataLoader(_ImageDataset(records, rows, pre, cfg.max_pixels, cfg.image_access()),
+                      batch_sampler=[[pos[r] for r in b] for b in batches], collate_fn=_collate, **common)
+
+
+def _as_collated(batch: dict[str, Any]) -> dict[str, Any]:
+    """A `_StreamDataset` batch is collated in the worker already."""
+    return batch
 
 
 def shard_batches(writer: CacheWriter, shards: Sequence[int], batch_size: int) -> Iterator[list[int]]:
@@ -443,17 +550,7 @@ def _process(
     max_turns = int(writer.meta["text"]["max_turns"])
     batches = list(shard_batches(writer, shards, cfg.batch_size))
     rows = [r for b in batches for r in b]
-    pos = {r: i for i, r in enumerate(rows)}
-    ds = _ImageDataset(records, rows, enc.preprocessor(cfg.pad_to_square), cfg.max_pixels, cfg.image_access())
-    loader = DataLoader(
-        ds,
-        batch_sampler=[[pos[r] for r in b] for b in batches],
-        num_workers=cfg.workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=worker_init_fn(cfg.workers),
-        prefetch_factor=4 if cfg.workers else None,
-    )
+    loader = _loader(cfg, records, batches, enc.preprocessor(cfg.pad_to_square), device)
     sink = _ShardWriterThread(writer)
     buffers: dict[int, _ShardBuffer] = {}
     n_images = n_skipped = 0

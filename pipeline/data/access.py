@@ -214,6 +214,9 @@ def read_image_bytes(rec: SampleRecord, access: ImageAccess = ImageAccess()) -> 
         if size > access.max_bytes:
             raise SampleError(f"tar member {member} is {size} bytes, over the limit of {access.max_bytes} "
                               f"(--max-image-bytes): {shard}")
+        if shard.startswith("pipe:"):  # a command's output cannot be read by offset: extraction streams it
+            raise SampleError(f"tar member {member} of a pipe: shard can only be streamed "
+                              f"(pipeline/data/stream.py), not read by offset: {shard}")
         try:
             with fsspec.open(shard, "rb") as f:
                 f.seek(offset)

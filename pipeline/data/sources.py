@@ -30,7 +30,7 @@ import json
 import os
 import posixpath
 import tarfile
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import fsspec
 from braceexpand import braceexpand
@@ -38,6 +38,7 @@ from braceexpand import braceexpand
 from layerfuse.core.errors import MissingError
 from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, is_url, local_root
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
+from layerfuse.pipeline.data.stream import ShardTape, is_pipe, open_stream
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -387,7 +388,9 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     `spec` is a comma-separated string or a list; each item may be a local path, a glob ("*", "?",
     "[...]"), or a brace pattern such as "data/train-{000000..000009}.tar" (expanded with braceexpand).
     Local paths are made absolute and must exist (MissingError naming the missing shard, or the glob
-    that matched nothing). fsspec URLs are kept as they are (a URL with a glob is expanded with fsspec).
+    that matched nothing). fsspec URLs are kept as they are (a URL with a glob is expanded with fsspec), and so are
+    `pipe:` commands (webdataset's convention: "pipe:CMD" reads the tar from CMD's stdout; braces expand, a comma
+    outside braces separates shards).
     """
     items: list[str] = []
     for part in [spec] if isinstance(spec, str) else list(spec):
@@ -397,6 +400,9 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     out: list[str] = []
     for item in items:
         for path in braceexpand(item):
+            if is_pipe(path):
+                out.append(path)
+                continue
             if is_url(path):
                 if _has_glob(path):
                     fs, fs_path = fsspec.core.url_to_fs(path)
@@ -524,17 +530,81 @@ def _scan_tar(f: Any, size: int) -> tuple[tarfile.TarFile | None, _ShardScan]:
     return tar, scan
 
 
-def _read_member_text(tar: tarfile.TarFile, ti: tarfile.TarInfo) -> str:
-    """A small member's text (UTF-8, BOM dropped); raises UnicodeDecodeError, tarfile.TarError, OSError, EOFError."""
-    fobj = tar.extractfile(ti)
-    return (fobj.read() if fobj is not None else b"").decode("utf-8-sig")
+def _is_text_member(name: str) -> bool:
+    """Whether a member could be a sample's ".json" record or caption (its extension, or its last suffix, says so)."""
+    parsed = split_member_name(name)
+    return parsed is not None and parsed[1].rsplit(".", 1)[-1] in ("json", *CAPTION_EXTENSIONS)
+
+
+def _scan_stream(tape: ShardTape) -> tuple[_ShardScan, dict[int, bytes]]:
+    """`_scan_tar` for a shard that can only be read front to back (a `pipe:` command): every member's data is read
+    through, the text of small ".json"/".txt" candidates kept (by data offset), the rest dropped as it is read, so a
+    member cut by the end of the stream is found where it is cut. Returns (scan, texts)."""
+    scan = _ShardScan()
+    texts: dict[int, bytes] = {}
+    try:
+        tar = tarfile.open(fileobj=tape, mode="r|")
+        while (ti := tar.next()) is not None:
+            tar.members = []  # stream mode keeps every TarInfo otherwise
+            if ti.isdir():
+                scan.complete += 1
+                continue
+            if ti.isreg():
+                keep = ti.size <= MAX_JSON_MEMBER_BYTES and _is_text_member(ti.name)
+                fobj = tar.extractfile(ti)
+                kept: list[bytes] = []
+                got = 0
+                try:
+                    while fobj is not None and (chunk := fobj.read(1 << 20)):
+                        got += len(chunk)
+                        if keep:
+                            kept.append(chunk)
+                except tarfile.ReadError:
+                    got = -1
+                if got < ti.size:
+                    size = tape.drain()
+                    scan.cut_member = ti
+                    scan.error = f"member {ti.name!r} needs {ti.offset_data + ti.size} bytes but the file has {size}"
+                    return scan, texts
+                if keep:
+                    texts[ti.offset_data] = b"".join(kept)
+            scan.members.append(ti)
+            scan.complete += 1
+    except Exception as e:  # noqa: BLE001 - a damaged tar or a failing command raises many types; never raises
+        scan.error = f"{type(e).__name__}: {e}"
+        return scan, texts
+    # as in _scan_tar: tarfile silently stops at a bad or missing header after the first one
+    end = tar.offset
+    block = tape.peek(end, tarfile.BLOCKSIZE)
+    size = tape.drain()
+    if end >= size:
+        scan.error = "the file ends without the end-of-archive marker"
+    elif block.strip(b"\0"):
+        scan.error = f"invalid tar header at byte {end}"
+    return scan, texts
+
+
+def _tar_text_reader(tar: tarfile.TarFile) -> Callable[[tarfile.TarInfo], str]:
+    """A small member's text (UTF-8, BOM dropped) read from a seekable tar; the reader raises UnicodeDecodeError,
+    tarfile.TarError, OSError, EOFError."""
+
+    def read(ti: tarfile.TarInfo) -> str:
+        fobj = tar.extractfile(ti)
+        return (fobj.read() if fobj is not None else b"").decode("utf-8-sig")
+
+    return read
+
+
+def _kept_text_reader(texts: dict[int, bytes]) -> Callable[[tarfile.TarInfo], str]:
+    """A small member's text as `_scan_stream` kept it (UTF-8, BOM dropped); the reader raises UnicodeDecodeError."""
+    return lambda ti: texts[ti.offset_data].decode("utf-8-sig")
 
 
 def _webdataset_sample(
     shard: str,
     key: str,
     members: dict[str, tarfile.TarInfo],
-    tar: tarfile.TarFile,
+    read_text: Callable[[tarfile.TarInfo], str],
     split: str,
     max_image_bytes: int,
 ) -> tuple[SampleRecord | None, list[SampleIssue]]:
@@ -571,7 +641,7 @@ def _webdataset_sample(
             return fail(f"{ti.name} is {ti.size} bytes (> {MAX_JSON_MEMBER_BYTES}); not a sample record",
                         member=ti.name)
         try:
-            meta = _loads(_read_member_text(tar, ti))
+            meta = _loads(read_text(ti))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             return fail(f"invalid JSON in {ti.name}: {e}", member=ti.name)
         except RecursionError:
@@ -601,7 +671,7 @@ def _webdataset_sample(
             return fail(f"{ti.name} is {ti.size} bytes (> {MAX_JSON_MEMBER_BYTES}); not a caption",
                         sid=sid, member=ti.name)
         try:
-            text = _read_member_text(tar, ti).strip()
+            text = read_text(ti).strip()
         except UnicodeDecodeError as e:
             return fail(f"caption {ti.name} is not UTF-8 text: {e}", sid=sid, member=ti.name)
         except (tarfile.TarError, OSError, EOFError) as e:
@@ -654,35 +724,52 @@ def _is_compressed(magic: bytes) -> bool:
     )
 
 
+def _open_headers(shard: str) -> BinaryIO:
+    """A seekable shard opened to read its member headers and small text members without its other data: a local
+    file unbuffered (every read fetches the bytes asked for, seeks skip member data), an fsspec file without readahead
+    (cache_type "none": each header and each .json/.txt is one ranged read of its own bytes)."""
+    if not is_url(shard) or shard.startswith("file://"):
+        return open(local_root(shard), "rb", buffering=0)
+    return fsspec.open(shard, "rb", cache_type="none").open()
+
+
 def _plan_shard(shard: str, split: str, plan: Plan, max_image_bytes: int) -> None:
     base = posixpath.basename(shard.rstrip("/"))
 
     def shard_issue(tag: str, reason: str) -> None:
         plan.issues.append(SampleIssue(f"{base}/{tag}", "webdataset", "plan", reason, shard))
 
+    compressed = ("<shard>", "compressed tar shards are not supported (random access needs an uncompressed .tar)")
     try:
-        f = fsspec.open(shard, "rb").open()
+        f = open_stream(shard) if is_pipe(shard) else _open_headers(shard)
     except FileNotFoundError:
         raise MissingError(f"shard not found: {shard}; check the shard spec (--wds)") from None
     except OSError as e:
         shard_issue("<shard>", f"cannot open shard: {e}")
         return
     try:
-        try:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(0)
-            magic = f.read(10)
-            f.seek(0)
-        except OSError as e:
-            shard_issue("<shard>", f"cannot read shard: {e}")
-            return
-        if _is_compressed(magic):
-            shard_issue("<shard>", "compressed tar shards are not supported "
-                                   "(random access needs an uncompressed .tar)")
-            return
-
-        tar, scan = _scan_tar(f, size)
+        if is_pipe(shard):
+            tape = ShardTape(f)
+            scan, texts = _scan_stream(tape)
+            if _is_compressed(tape.head):
+                shard_issue(*compressed)
+                return
+            read_text = _kept_text_reader(texts)
+        else:
+            try:
+                f.seek(0, 2)
+                size = f.tell()
+                f.seek(0)
+                magic = f.read(10)
+                f.seek(0)
+            except OSError as e:
+                shard_issue("<shard>", f"cannot read shard: {e}")
+                return
+            if _is_compressed(magic):
+                shard_issue(*compressed)
+                return
+            tar, scan = _scan_tar(f, size)
+            read_text = _tar_text_reader(tar) if tar is not None else _kept_text_reader({})
 
         # Group members by key (first appearance order), flagging non-regular members and duplicates.
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -730,7 +817,7 @@ def _plan_shard(shard: str, split: str, plan: Plan, max_image_bytes: int) -> Non
         for key, members in groups.items():
             if key in bad_keys:
                 continue
-            rec, issues = _webdataset_sample(shard, key, members, tar, split, max_image_bytes)
+            rec, issues = _webdataset_sample(shard, key, members, read_text, split, max_image_bytes)
             if rec is None and scan.error is not None and key == last_key:
                 suffix = " (sample at the damaged end of the tar)"
                 issues = [SampleIssue(i.id, i.source, i.stage, i.reason + suffix, i.where) for i in issues]
@@ -742,13 +829,19 @@ def _plan_shard(shard: str, split: str, plan: Plan, max_image_bytes: int) -> Non
             shard_issue("<truncated>",
                         f"truncated or corrupt tar after {scan.complete} members: {scan.error}")
     finally:
-        f.close()
+        try:
+            f.close()
+        except Exception as e:  # noqa: BLE001 - a `pipe:` command reports its failure when it is closed
+            shard_issue("<shard>", f"the shard's command failed: {type(e).__name__}: {e}")
 
 
 def plan_webdataset(spec: str | list[str], *, split: str = "train", max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Plan:
     """Plan WebDataset tar shards: read member headers (not image data) and group them into samples.
 
-    Each sample's image is located by {"tar", "member", "offset", "size"} for random access later. The
+    Each sample's image is located by {"tar", "member", "offset", "size"}: extraction streams each shard once and
+    takes the member at that offset (pipeline/data/stream.py). Local and fsspec shards are read by their headers (and
+    the small .json/.txt members) only, seeking past image data; a `pipe:` shard cannot seek, so its whole stream is
+    read here and again when extracting. The
     sample's conversation comes from `{key}.json` (LLaVA-style: conversations, optional id/category/split)
     or, failing that, a `.txt`/`.caption` member turned into [human "<image>\\n", gpt caption]. A json
     without an image and without an <image> token gives a text-only record.

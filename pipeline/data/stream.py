@@ -1,0 +1,162 @@
+"""Reading a WebDataset tar shard once, front to back: opening it (local path, fsspec URL, `pipe:` command) and taking
+the planned image members out of the stream with every size checked against the cap before any data is read.
+
+Extraction (pipeline/cache/extract.py) streams each input shard that holds an image of a pending row exactly once,
+sequentially, with `read_members`; planning (pipeline/data/sources.py) streams a `pipe:` shard with `ShardTape`, since a
+command's output cannot be seeked.
+
+Opening: `pipe:` commands and local paths (and file: URLs) go through webdataset's opener (`webdataset.gopen.gopen`: a
+subprocess for `pipe:`, a buffered file otherwise); any other URL through fsspec with a large readahead block
+(webdataset 1.0 has no fsspec opener: it reaches s3/gs/http through command-line tools). Members are iterated by
+`tarfile` in stream mode ("r|"), as webdataset's `tar_file_iterator` does, but not through it: that reads every member
+it selects whole before anything can look at its header size, so it could not hold --max-image-bytes against a shard
+that changed since planning, and its `group_by_keys` splits a key whose members are not adjacent, which planning
+groups. Here a member is taken only when its name *and* data offset are the planned ones, only when its header size is
+within the cap, and at most cap + 1 bytes of it are read; everything else in the stream is read through and dropped.
+Reading stops as soon as the last wanted member has been read.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from typing import Any, BinaryIO, Iterator, Mapping
+
+import fsspec
+from webdataset.gopen import gopen
+
+from layerfuse.pipeline.data.access import is_url
+from layerfuse.pipeline.data.records import SampleError
+
+__all__ = ["PIPE_PREFIX", "STREAM_BLOCK", "is_pipe", "open_stream", "ShardTape", "read_members"]
+
+PIPE_PREFIX = "pipe:"
+STREAM_BLOCK = 8 << 20  # readahead of an fsspec shard read front to back: large sequential requests
+_CHUNK = 1 << 20  # members are read and drained in pieces of this size
+
+
+def is_pipe(url: str) -> bool:
+    """Whether a shard is a `pipe:` command (webdataset's convention: the command's stdout is the tar)."""
+    return url.startswith(PIPE_PREFIX)
+
+
+def open_stream(url: str) -> BinaryIO:
+    """A shard opened for one sequential read (module docstring). Raises FileNotFoundError / OSError."""
+    if is_pipe(url) or not is_url(url) or url.startswith("file://"):
+        return gopen(url, "rb")
+    return fsspec.open(url, "rb", block_size=STREAM_BLOCK, cache_type="readahead").open()
+
+
+class ShardTape:
+    """A read-only stream over an opened shard that counts the bytes it hands out and keeps the first bytes (the
+    compression magic) and the last two pieces read, so that what a tar reader stopped on can be looked at afterwards."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.pos = 0  # bytes handed out so far
+        self.head = b""  # the first 16 bytes of the shard
+        self._recent: list[tuple[int, bytes]] = []  # [(offset, piece)], the last two reads
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        if len(self.head) < 16:
+            self.head += data[: 16 - len(self.head)]
+        self._recent = [*self._recent[-1:], (self.pos, data)]
+        self.pos += len(data)
+        return data
+
+    def peek(self, at: int, n: int) -> bytes:
+        """Bytes [at, at + n) of the shard as far as the last two reads hold them (b"" when they do not)."""
+        if not self._recent or at < self._recent[0][0]:
+            return b""
+        start = self._recent[0][0]
+        joined = b"".join(piece for _, piece in self._recent)
+        return joined[at - start: at - start + n]
+
+    def drain(self) -> int:
+        """Read to the end; returns the shard's size in bytes."""
+        while self.read(_CHUNK):
+            pass
+        return self.pos
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _read_capped(tar: tarfile.TarFile, ti: tarfile.TarInfo, cap: int) -> bytes:
+    """Member data, at most cap + 1 bytes read; raises tarfile.ReadError when the stream ends inside it."""
+    f = tar.extractfile(ti)
+    if f is None:
+        return b""
+    chunks: list[bytes] = []
+    got = 0
+    while got <= cap:
+        chunk = f.read(min(_CHUNK, cap + 1 - got))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def read_members(url: str, wanted: Mapping[tuple[str, int], Any], max_bytes: int) -> Iterator[tuple[Any, bytes | SampleError]]:
+    """Stream shard `url` once and yield (tag, data or SampleError) for every wanted member, in stream order.
+
+    `wanted` maps (member name, data offset) -- a webdataset locator's "member" and "offset" -- to a caller's tag.
+    Every tag is yielded exactly once: with the member's bytes, or with the reason it is missing (the same wording as
+    `access.read_image_bytes` for an oversized or cut member; "not found" when the shard changed since planning).
+    Unwanted members are read through (a stream cannot seek) and dropped.
+    """
+    left = dict(wanted)
+    if not left:
+        return
+    try:
+        f = open_stream(url)
+    except FileNotFoundError:
+        for tag in left.values():
+            yield tag, SampleError(f"shard not found: {url}")
+        return
+    except Exception as e:  # noqa: BLE001 - openers raise many types (OSError, ValueError from gopen, back ends)
+        for tag in left.values():
+            yield tag, SampleError(f"cannot open shard {url}: {type(e).__name__}: {e}")
+        return
+    failure: str | None = None  # why the stream ended before every wanted member was read
+    try:
+        tar = tarfile.open(fileobj=f, mode="r|")
+        while left:
+            ti = tar.next()
+            if ti is None:
+                break
+            tar.members = []  # stream mode keeps every TarInfo otherwise
+            tag = left.pop((ti.name, ti.offset_data), None)
+            if tag is None:
+                continue
+            if not ti.isreg():
+                yield tag, SampleError(f"tar member {ti.name} is no longer a regular file: {url}")
+                continue
+            if ti.size > max_bytes:
+                yield tag, SampleError(f"tar member {ti.name} is {ti.size} bytes, over the limit of {max_bytes} "
+                                       f"(--max-image-bytes): {url}")
+                continue
+            try:
+                data = _read_capped(tar, ti, max_bytes)
+            except tarfile.ReadError:
+                data = b""
+            if len(data) < ti.size:
+                failure = f"the tar ends inside member {ti.name}"
+                yield tag, SampleError(f"truncated tar member {ti.name}: got less than {ti.size} bytes from {url}")
+                break
+            yield tag, data
+    except Exception as e:  # noqa: BLE001 - a damaged tar or a failing command raises many types
+        failure = f"{type(e).__name__}: {e}"
+    finally:
+        try:
+            f.close()
+        except Exception as e:  # noqa: BLE001 - a command cut short reports its exit status; what was read stands
+            if left and failure is None:
+                failure = f"{type(e).__name__}: {e}"
+    for (member, offset), tag in left.items():
+        if failure is not None:
+            yield tag, SampleError(f"cannot read {member} from {url}: {failure}")
+        else:
+            yield tag, SampleError(f"tar member {member} not found at byte {offset} of {url}: "
+                                   "the shard changed since planning")

@@ -1,0 +1,233 @@
+"""WebDataset shards read once, front to back (pipeline/data/stream.py): `read_members` takes the planned members out of
+the stream under the size cap; a `pipe:` shard is planned from its stream with the same records and issues as the same
+tar on disk; extraction streams each input shard once, opens none whose rows are all in finished output shards, and
+records the hostile corpus the same way for local, `pipe:` and fsspec shards."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import uuid
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from layerfuse.pipeline.cache import extract as extract_mod
+from layerfuse.pipeline.cache.extract import run_extract, tar_batches
+from layerfuse.pipeline.cache.reader import FeatureCache
+from layerfuse.pipeline.data.access import read_image_bytes
+from layerfuse.pipeline.data.images import decode_image
+from layerfuse.pipeline.data.records import SampleError, SampleRecord
+from layerfuse.pipeline.data.sources import expand_shards, plan_webdataset
+from layerfuse.pipeline.data.stream import ShardTape, read_members
+from layerfuse.pipeline.models.encoder import load_vision_encoder
+
+from tests.pipeline.cache.test_extract_hostile import test_hostile_webdataset_shard_is_contained as hostile_members
+from tests.pipeline.data.test_sources import _five_samples, jpeg_noise, make_tar, png_bytes
+from tests.support import extract_config
+
+assert hostile_members  # the corpus below is the one that test writes
+
+
+def _wanted(plan) -> dict[tuple[str, int], str]:
+    return {(r.locator["member"], r.locator["offset"]): r.id for r in plan.records if r.has_image}
+
+
+def test_read_members_yields_every_wanted_member_once(tmp_path):
+    members, images = _five_samples()
+    shard = tmp_path / "s.tar"
+    make_tar(members, shard)
+    plan = plan_webdataset(str(shard))
+    got = dict(read_members(str(shard), _wanted(plan), max_bytes=1 << 20))
+    assert got == {f"s.tar/{k}": images[k] for k in ("s0", "s1", "s2", "s3", "s4")}
+    assert got == {r.id: read_image_bytes(r) for r in plan.records}  # the bytes random access reads
+    # one wanted member: the same bytes; the stream stops after it (garbage behind it is never read)
+    data = shard.read_bytes()
+    s1 = next(r for r in plan.records if r.id == "s.tar/s1").locator
+    cut = tmp_path / "tail.tar"
+    cut.write_bytes(data[: s1["offset"] + s1["size"] + 512] + b"\xab" * 4096)
+    assert list(read_members(str(cut), {(s1["member"], s1["offset"]): 1}, max_bytes=1 << 20)) == [(1, images["s1"])]
+    assert list(read_members(str(shard), {}, max_bytes=1)) == []
+
+
+def test_read_members_refuses_what_changed_since_planning(tmp_path):
+    members, images = _five_samples()
+    shard = tmp_path / "s.tar"
+    data = make_tar(members, shard)
+    plan = plan_webdataset(str(shard))
+    wanted = _wanted(plan)
+    # over the cap (the shard was planned under a larger one): refused by the header, never read
+    small = min(len(v) for v in images.values()) - 1
+    got = dict(read_members(str(shard), wanted, max_bytes=small))
+    assert all(isinstance(e, SampleError) and "--max-image-bytes" in e.reason for e in got.values())
+    # truncated since planning: the cut member is named, the ones behind it cannot be read
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        s3 = tar.getmember("s3.jpg")
+    shard.write_bytes(data[: s3.offset_data + 10])
+    got = dict(read_members(str(shard), wanted, max_bytes=1 << 20))
+    assert [got[f"s.tar/s{i}"] for i in range(3)] == [images[f"s{i}"] for i in range(3)]
+    assert got["s.tar/s3"].reason.startswith("truncated tar member s3.jpg")
+    assert got["s.tar/s4"].reason.startswith(f"cannot read s4.jpg from {shard}")
+    # rewritten with other members: not found where planned
+    make_tar([("x.jpg", jpeg_noise(9)), *members], shard)
+    got = dict(read_members(str(shard), wanted, max_bytes=1 << 20))
+    assert all("the shard changed since planning" in e.reason for e in got.values())
+    # a missing shard, a failing command
+    got = dict(read_members(str(tmp_path / "gone.tar"), wanted, max_bytes=1 << 20))
+    assert {e.reason for e in got.values()} == {f"shard not found: {tmp_path / 'gone.tar'}"}
+    got = dict(read_members("pipe:exit 3", wanted, max_bytes=1 << 20))
+    assert all(e.reason.startswith("cannot read") for e in got.values())
+
+
+def test_shard_tape_counts_and_peeks():
+    tape = ShardTape(io.BytesIO(bytes(range(256)) * 100))
+    assert tape.read(10) == bytes(range(10)) and tape.head == bytes(range(10))
+    tape.read(100)
+    assert tape.peek(5, 3) == bytes([5, 6, 7]) and tape.peek(105, 10) == bytes(range(105, 110))
+    tape.read(100)
+    assert tape.peek(0, 4) == b""  # older than the last two reads
+    assert tape.drain() == 25600 and tape.head == bytes(range(16))
+
+
+def _corpora() -> dict[str, bytes]:
+    members, _ = _five_samples()
+    data = make_tar(members)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        ms = tar.getmembers()
+    bad = bytearray(data)
+    bad[ms[6].offset: ms[6].offset + 512] = b"\xab" * 512
+    return {
+        "full.tar": data, "cut.tar": data[: ms[2].offset_data + ms[2].size // 2], "boundary.tar": data[: ms[4].offset],
+        "header.tar": bytes(bad), "halfheader.tar": data[: ms[4].offset + 100], "empty.tar": b"",
+        "junk.tar": b"this is not a tar file at all" * 40, "gz.tar": b"\x1f\x8b\x08\x00" + b"\x00" * 100,
+        "members.tar": make_tar([
+            ("dir", None, "dir"), ("./s0.jpg", jpeg_noise(0)), ("./s0.json", '{"id": "c", "conversations": 3}'),
+            ("dir/sub/s1.PNG", png_bytes()), ("dir/sub/s1.JPG", jpeg_noise(1)), ("dir/sub/s1.txt", " cap "),
+            ("multi.b.c.jpg", jpeg_noise(2)), ("multi.b.c.txt", "m"), ("dup.jpg", jpeg_noise(3)), ("./dup.jpg", b"x"),
+            ("link.jpg", "s0.jpg", "sym"), ("README", "hello"), ("../up.jpg", jpeg_noise(4)), ("lone.webp", b"w"),
+            ("t.json", '{"id": "t", "conversations": [{"from": "human", "value": "Hi"}]}'), ("bom.txt", b"\xef\xbb\xbfhi"),
+            ("bom.jpg", jpeg_noise(5)), ("bad.txt", b"\xff\xfe"), ("bad.jpg", jpeg_noise(6)),
+        ]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_corpora()))
+def test_pipe_shard_plans_like_the_file(tmp_path, name):
+    shard = tmp_path / name
+    shard.write_bytes(_corpora()[name])
+    url = f"pipe:cat {shard}"
+    assert expand_shards(url) == [url]
+    on_disk, streamed = plan_webdataset(str(shard)), plan_webdataset(url)
+
+    def same(text: str) -> str:
+        return text.replace(url, str(shard))
+
+    assert [r.to_json() for r in streamed.records] == [
+        {**r.to_json(), "locator": {**r.locator, "tar": url} if r.locator else {}} for r in on_disk.records]
+    assert [(i.id, i.stage, same(i.reason), same(i.where)) for i in streamed.issues] == [
+        (i.id, i.stage, i.reason, i.where) for i in on_disk.issues]
+    if streamed.records:  # what extraction reads from the stream is what the file holds at the planned offsets
+        got = dict(read_members(url, _wanted(streamed), max_bytes=1 << 20))
+        assert got == {r.id: read_image_bytes(r) for r in on_disk.records if r.has_image}
+        with pytest.raises(SampleError, match="can only be streamed"):
+            read_image_bytes(next(r for r in streamed.records if r.has_image))
+
+
+def test_tar_batches_split_where_the_input_shard_changes():
+    def rec(tar: str | None) -> SampleRecord:
+        loc = {"tar": tar, "member": "m.jpg", "offset": 512, "size": 1} if tar else {}
+        return SampleRecord(id="x", source="webdataset", locator=loc, conversations=[], has_image=bool(tar))
+
+    records = [rec("a"), rec(None), rec("a"), rec("b"), rec(None), rec("b"), rec(None), rec(None), rec("c")]
+    assert tar_batches(records, [[0, 1, 2, 3], [4, 5, 6, 7], [8]]) == [
+        ("a", [0, 1, 2]), ("b", [3]), ("b", [4, 5, 6, 7]), ("c", [8])]
+    assert tar_batches(records, [[6, 7]]) == [(None, [6, 7])]
+
+
+def _shards(tmp_path, n_tars: int, per_tar: int) -> list[str]:
+    out = []
+    for t in range(n_tars):
+        members = []
+        for i in range(per_tar):
+            members += [(f"k{t}-{i}.png", png_bytes(color=(40 * t, 20 * i, 90), size=(30 + i, 20))),
+                        (f"k{t}-{i}.txt", f"caption {t} {i}")]
+        if t == 1:
+            members.append(("k1-text.json", '{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}'))
+        path = tmp_path / f"in-{t}.tar"
+        make_tar(members, path)
+        out.append(str(path))
+    return out
+
+
+def test_extract_streams_each_input_shard_once_and_resumes_by_input_shard(tmp_path, vision_dir, monkeypatch):
+    shards = _shards(tmp_path, 3, 5)  # 16 rows (one text-only), output shards of 4: input shards span output shards
+    log = tmp_path / "opened.txt"  # written by the DataLoader workers (other processes)
+    real = extract_mod.read_members
+
+    def counted(url, wanted, max_bytes):
+        with open(log, "a") as f:
+            f.write(os.path.basename(url) + "\n")
+        return real(url, wanted, max_bytes)
+
+    def opened() -> list[str]:
+        names = sorted(log.read_text().split()) if log.exists() else []
+        log.unlink(missing_ok=True)
+        return names
+
+    monkeypatch.setattr(extract_mod, "read_members", counted)
+    out = tmp_path / "cache"
+    cfg = dict(builtin=None, wds=",".join(shards), shard_samples=4, batch_size=3, workers=2)
+    res = run_extract(extract_config(str(out), vision_dir, **cfg))
+    assert res.summary == {"ok": 15, "text_only": 1, "skipped": 0, "plan_skipped": 0, "notes": 0}
+    assert opened() == ["in-0.tar", "in-1.tar", "in-2.tar"]
+    cache = FeatureCache(out)
+    first = cache.features(list(range(16)), layers=[0, 3]).numpy()  # [16, 2, T, D] float16
+    # the streamed images are the planned ones: the features of the bytes read by offset, within float16 rounding
+    enc = load_vision_encoder(str(vision_dir))
+    pre = enc.preprocessor(False)
+    plan = plan_webdataset(",".join(shards))
+    rows = [r for r, rec in enumerate(plan.records) if rec.has_image][::4]
+    pixels = torch.from_numpy(np.stack([pre(decode_image(read_image_bytes(plan.records[r]), max_pixels=1 << 24))
+                                        for r in rows]))
+    with torch.no_grad():
+        ref = enc(pixels)[:, [0, 3]].float().numpy()  # [n, 2, T, D]
+    np.testing.assert_allclose(first[rows].astype(np.float32), ref, rtol=1e-2, atol=1e-2)
+
+    # resume: only output shard 1 (rows 4..7) is redone; it holds rows of in-0 and in-1 only: in-2 is not opened
+    os.remove(out / "progress" / "shard-000001.json")
+    g = zarr.open_group(str(out), mode="r+")
+    g.attrs["layerfuse"] = {**dict(g.attrs["layerfuse"]), "complete": False}
+    run_extract(extract_config(str(out), vision_dir, **cfg))
+    assert opened() == ["in-0.tar", "in-1.tar"]
+    np.testing.assert_array_equal(FeatureCache(out).features(list(range(16)), layers=[0, 3]).numpy(), first)
+
+
+@pytest.mark.parametrize("kind", ["pipe", "memory"])
+def test_hostile_corpus_streamed_from_pipe_and_fsspec(tmp_path, vision_dir, kind, monkeypatch):
+    """The hostile shard of test_extract_hostile, read through `pipe:` and an fsspec URL: the same records."""
+    written: dict[str, str] = {}
+    real = extract_mod.run_extract
+
+    def redirect(cfg):
+        local = cfg.wds
+        if kind == "pipe":
+            cfg.wds = f"pipe:cat {local}"
+        else:
+            url = f"memory://stream-{uuid.uuid4().hex}/s.tar"
+            with fsspec.open(url, "wb") as f:
+                f.write(open(local, "rb").read())
+            cfg.wds = written["url"] = url
+        return real(cfg)
+
+    import tests.pipeline.cache.test_extract_hostile as hostile
+
+    monkeypatch.setattr(hostile, "run_extract", redirect)
+    try:
+        hostile.test_hostile_webdataset_shard_is_contained(tmp_path, vision_dir)
+    finally:
+        if "url" in written:
+            fsspec.filesystem("memory").rm(written["url"].rsplit("/", 1)[0].replace("memory://", "/"), recursive=True)
