@@ -40,7 +40,7 @@ from zarr.storage import MemoryStore  # noqa: E402
 
 from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
 from layerfuse.pipeline.cache.quantize import Float8Token, TokenInt8  # noqa: E402
-from layerfuse.pipeline.cache.reader import from_torch  # noqa: E402
+from layerfuse.pipeline.cache.encoding import from_torch  # noqa: E402
 from layerfuse.pipeline.cache.extract import ExtractConfig  # noqa: E402
 from layerfuse.pipeline.cache.writer import compressor, compressor_name  # noqa: E402
 from layerfuse.pipeline.data.synthetic import render_record, synthetic_plan  # noqa: E402

@@ -40,7 +40,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import zarr.storage  # noqa: E402
 
-from layerfuse.pipeline.cache.reader import FeatureCache, from_torch  # noqa: E402
+from layerfuse.pipeline.cache.encoding import from_torch  # noqa: E402
+from layerfuse.pipeline.cache.reader import FeatureCache  # noqa: E402
 from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult  # noqa: E402
 from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_default_vision  # noqa: E402
 from layerfuse.pipeline.models.encoder import DEFAULT_VISION, load_vision_encoder  # noqa: E402

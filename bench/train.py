@@ -163,7 +163,7 @@ def run_scenario(sc: Scenario, root: Path) -> dict:
     fc = setup.batches.cache
     encoder = load_vision_encoder(sc.vision)
     layers = setup.vlm.fuser.required_layers
-    stored = StorageDtype(fc.storage_dtype).torch_dtype
+    stored = StorageDtype(fc.feature_dtype).torch_dtype
     steps_rows = [np.concatenate([m.rows.numpy() for m in micro]) for micro in held]
     live = LiveSteps(steps_rows, data / "images", fc.sample_ids(), fc.conversations(), encoder.preprocessor(False),
                      setup.bundle.tokenizer, setup.batches.fmt.settings)

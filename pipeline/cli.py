@@ -269,7 +269,9 @@ def data_synthetic(out_dir: str, n: int, seed: int, shard_size: int, quiet: bool
                help="Hidden states to store: 'all', or the union of fuser names and layer specs, e.g. 'mmfuser;igva;3-18-23'.")
 @config_option(EXTRACT, "--views", metavar="SPEC[;SPEC...]",
                help="Group means to store beside the layers (the group terms of fuser names / layer specs), e.g. 'igva' (4 means) or 'all'.")
-@config_option(EXTRACT, "--dtype", type=click.Choice(StorageDtype.names()), help="Stored feature dtype.")
+@config_option(EXTRACT, "--dtype", type=click.Choice(StorageDtype.names()),
+               help="Stored feature dtype; int8 (per-token scales + fp16 outlier channels) and float8_e4m3fn (per-token scales) "
+                    "are quantised on the device and read back as float16 (docs/cache-format.md).")
 @config_option(EXTRACT, "--text-model", help="sentence-transformers model (id or folder) for instructions.")
 @click.option("--suffix", "suffixes", multiple=True, help="Answer-format suffix to strip before embedding (repeat; replaces the LLaVA defaults).")
 @config_option(EXTRACT, "--shard-samples", type=click.IntRange(min=1), help="Samples per output shard. [default: from --shard-mib]")
@@ -283,7 +285,7 @@ def data_synthetic(out_dir: str, n: int, seed: int, shard_size: int, quiet: bool
 @config_option(EXTRACT, "--batch-size", type=click.IntRange(min=1))
 @config_option(EXTRACT, "--workers", type=click.IntRange(min=0), help="DataLoader workers for decoding.")
 @config_option(EXTRACT, "--device", help="auto | cpu | cuda | cuda:N")
-@config_option(EXTRACT, "--compute-dtype", type=click.Choice(["auto", *StorageDtype.names()]), help="Encoder dtype (auto: bf16 on CUDA, fp32 on CPU).")
+@config_option(EXTRACT, "--compute-dtype", type=click.Choice(["auto", *StorageDtype.float_names()]), help="Encoder dtype (auto: bf16 on CUDA, fp32 on CPU).")
 @config_option(EXTRACT, "--strict", is_flag=True, help="Stop at the first bad or repaired sample instead of skipping or repairing and recording it.")
 @config_option(EXTRACT, "--allow-urls", metavar="SCHEMES",
                help="URL schemes LLaVA image values may use, comma-separated (e.g. s3,gs,https); other URL images are skipped. [default: none]")
@@ -508,7 +510,7 @@ def cache_verify_cmd(path: str, as_json: bool, quiet: bool) -> None:
               help="Hidden states to store, as extract --layers takes them: all, fuser names, layer specs, ';' for a union. [default: all]")
 @click.option("--views", "views_spec", default=None, help="Group means to store beside them, as extract --views takes them. [default: none]")
 @click.option("--dtype", default="float16", show_default=True,
-              help="Storage dtype: float16 | bfloat16 | float32, or a planned storage dtype (estimated only): int8 | float8_e4m3fn.")
+              help="Storage dtype: float16 | bfloat16 | float32 | int8 | float8_e4m3fn (quantised, docs/cache-format.md).")
 @click.option("--images-per-s", type=click.FloatRange(min=0, min_open=True), default=500.0, show_default=True,
               help="Extraction rate the write bandwidth is quoted at.")
 @click.option("--max-turns", type=click.IntRange(min=0), default=1, show_default=True, help="Most human turns of any sample (M of text/turns).")
@@ -531,13 +533,12 @@ def cache_plan_cmd(vision: str, samples: int, layers_spec: str | None, views_spe
       layerfuse cache plan --vision /models/siglip-so400m-patch14-384/config.json --samples 665000 --dtype int8 --json
     """
     from layerfuse.pipeline.cache.extract import ExtractConfig, storage_layout
-    from layerfuse.pipeline.cache.plan import encoder_shape, layout_stand_in, plan_cache
+    from layerfuse.pipeline.cache.plan import encoder_shape, plan_cache
     from layerfuse.pipeline.cache.selection import ALL
 
     shape = encoder_shape(vision)
-    layout_dtype, layout_shape = layout_stand_in(shape, dtype)  # storage_layout sizes by a stored dtype's bytes
-    cfg = ExtractConfig(dtype=layout_dtype, layers=layers_spec or ALL, views=views_spec, **layout)  # extract's layout rule
-    shard, chunk = storage_layout(cfg, layout_shape)
+    cfg = ExtractConfig(dtype=dtype, layers=layers_spec or ALL, views=views_spec, **layout)  # extract's layout rule
+    shard, chunk = storage_layout(cfg, shape)
     plan = plan_cache(shape, samples, shard_samples=shard, chunk_samples=chunk, layers=cfg.stored_layers(shape), dtype=dtype,
                       views=len(cfg.view_groups(shape)), max_turns=max_turns, text_dim=text_dim, string_bytes=string_bytes, images_per_s=images_per_s)
     click.echo(json.dumps(plan.to_json(out), indent=1) if as_json else plan.format(out))

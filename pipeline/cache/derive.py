@@ -4,7 +4,9 @@
     docs/cache-format.md section 5: markers per shard, so a killed derive resumes where it stopped) --> finalize
 
 DST keeps SRC's samples, rows, shards, conversations, embeddings, group-mean views and issue records; only the stored
-layers and the data type change. Its config record is SRC's plus `derived_from` (SRC's URL and config hash) and the new `layers` /
+layers and the data type change. To int8, the outlier channels are calibrated on SRC's first images as extraction does
+(on SRC's stored values: a float16 SRC gives what extraction in float16 compute would), and DST records its own
+quantisation error against SRC's values. Its config record is SRC's plus `derived_from` (SRC's URL and config hash) and the new `layers` /
 `dtype`; its fingerprint is therefore its own, and a rerun with other settings is refused unless `overwrite`.
 """
 
@@ -15,12 +17,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from layerfuse.core.dtypes import StorageDtype
 from layerfuse.core.errors import StateError
 from layerfuse.core.fingerprint import fingerprint
-from layerfuse.pipeline.cache.reader import ATTRS_KEY, FeatureCache, from_torch, open_group
+from layerfuse.pipeline.cache.encoding import CALIBRATION_IMAGES, FeatureEncoding, running_absmax
+from layerfuse.pipeline.cache.quantize import ErrorStats
+from layerfuse.pipeline.cache.reader import ATTRS_KEY, OK, FeatureCache, open_group
 from layerfuse.pipeline.cache.selection import stored_layers
 from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult
 from layerfuse.pipeline.data.records import SampleIssue, SampleRecord
@@ -67,9 +72,10 @@ def derive_cache(src: str, out: str, *, layers: str | None = None, dtype: str | 
         return DeriveResult(out, 0, True, writer.meta.get("summary", {}))
     pending = writer.pending_shards()
     errors = _image_errors(source)
+    encoding = FeatureEncoding.from_storage(writer.meta["storage"])
     with tqdm(total=len(pending), unit="shard", desc="derive", disable=not progress) as bar:
         for k in pending:
-            writer.write_shard(_shard(source, writer, k, keep, new_dtype, errors))
+            writer.write_shard(_shard(source, writer, k, keep, encoding, errors))
             bar.update(1)
     return DeriveResult(out, len(pending), False, writer.finalize())
 
@@ -98,9 +104,19 @@ def _plan(source: FeatureCache, out: str, config: dict[str, Any], chash: str, ke
     plan_issues = [SampleIssue(i["id"], "", i["stage"], i["reason"], i["where"]) for i in source.issues() if i["row"] < 0]
     keys = ("layerfuse_version", "encoder", "processor", "text")
     meta = {k: smeta[k] for k in keys if k in smeta}
-    meta.update(config=config, config_hash=chash, storage={**smeta["storage"], "dtype": dtype, "layers": keep},  # views kept
-                **{PROVENANCE_KEY: config[PROVENANCE_KEY]})
+    storage = {k: v for k, v in smeta["storage"].items() if k != "quant"}
+    storage.update(dtype=dtype, layers=keep)  # views kept
+    inputs = [*keep, *source.views]
+    storage.update(FeatureEncoding.calibrate(dtype, _calibration_absmax(source, inputs) if dtype == "int8" else None, len(inputs))
+                   .storage_record(len(inputs)))
+    meta.update(config=config, config_hash=chash, storage=storage, **{PROVENANCE_KEY: config[PROVENANCE_KEY]})
     CacheWriter.create(out, meta, records, plan_issues)
+
+
+def _calibration_absmax(source: FeatureCache, inputs: list[int | tuple[int, ...]]) -> torch.Tensor | None:
+    """absmax [K, D] over SRC's first CALIBRATION_IMAGES images (storage order) of the layers/views DST keeps."""
+    rows = np.flatnonzero(source.table("samples/status") == OK)[:CALIBRATION_IMAGES]
+    return running_absmax(None, source.features_at(rows, inputs)) if len(rows) else None
 
 
 def _image_errors(source: FeatureCache) -> dict[int, dict[str, Any]]:
@@ -108,17 +124,24 @@ def _image_errors(source: FeatureCache) -> dict[int, dict[str, Any]]:
     return {int(i["row"]): i for i in source.issues() if i["row"] >= 0}
 
 
-def _shard(source: FeatureCache, writer: CacheWriter, k: int, keep: list[int], dtype: str,
+def _shard(source: FeatureCache, writer: CacheWriter, k: int, keep: list[int], encoding: FeatureEncoding,
            errors: dict[int, dict[str, Any]]) -> ShardResult:
     """Shard k of DST from the same rows of SRC (every read checked)."""
     a, b = writer.shard_rows(k)
     rows = np.arange(a, b)
-    data = from_torch(source.features_at(rows, [*keep, *source.views]), dtype)  # [n, K+V, T, D]: SRC's values, converted
+    status = source.table("samples/status")[a:b]
+    x = source.features_at(rows, [*keep, *source.views])  # [n, K+V, T, D]: SRC's values
+    stats = ErrorStats(x.shape[1]) if encoding.scheme is not None else None
+    parts = encoding.zeros(b - a, *x.shape[1:])
+    if (images := np.flatnonzero(status == OK)).size:  # rows without an image stay zeros, as extraction leaves them
+        for part, values in encoding.encode(x[torch.from_numpy(images)], stats).items():
+            parts[part][images] = values
+    data = parts.pop("features")
     turns = np.asarray(source.checked_rows("text/turns", rows))
     mean = np.asarray(source.checked_rows("text/mean", rows))
-    status = source.table("samples/status")[a:b]
     return ShardResult(
         k, a, b, data, turns, mean, source.table("text/num_turns")[a:b].astype(np.int16), status.astype(np.uint8),
         source.table("samples/image_size")[a:b].astype(np.int32),
         [{k2: errors[r][k2] for k2 in ("row", "id", "stage", "reason", "where")} for r in range(a, b) if r in errors],
+        parts, stats,
     )

@@ -34,7 +34,9 @@ from layerfuse.core import __version__
 from layerfuse.core.dtypes import StorageDtype
 from layerfuse.pipeline.cache.plan import free_bytes, plan_cache
 from layerfuse.pipeline.cache.selection import ALL as ALL_LAYERS, stored_layers, view_groups
-from layerfuse.pipeline.cache.reader import ATTRS_KEY, FORMAT_VERSION, OK, SKIPPED, TEXT_ONLY, from_torch, open_group
+from layerfuse.pipeline.cache.encoding import CALIBRATION_IMAGES, FEATURES, FeatureEncoding, running_absmax
+from layerfuse.pipeline.cache.quantize import ErrorStats
+from layerfuse.pipeline.cache.reader import ATTRS_KEY, FORMAT_VERSION, OK, SKIPPED, TEXT_ONLY, open_group
 from layerfuse.pipeline.cache.writer import DEFAULT_CODEC, LEGACY_CODEC, CacheWriter, Codec, ShardResult, compressor_name
 from layerfuse.core.distributed import DistContext
 from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_default_vision, describe
@@ -346,10 +348,12 @@ class _ShardWriterThread:
 class _ShardBuffer:
     """Accumulates one output shard's rows until all are filled."""
 
-    def __init__(self, index: int, start: int, stop: int, feat_shape: tuple[int, ...], feat_dtype: Any, max_turns: int, text_dim: int):
+    def __init__(self, index: int, start: int, stop: int, encoding: FeatureEncoding, feat_shape: tuple[int, int, int], max_turns: int,
+                 text_dim: int):
         n = stop - start
         self.index, self.start, self.stop, self.filled = index, start, stop, 0
-        self.features = np.zeros((n, *feat_shape), feat_dtype)
+        self.parts = encoding.zeros(n, *feat_shape)  # features [n, K+V, T, D] (+ quant/scale, quant/outliers)
+        self.stats = ErrorStats(feat_shape[0]) if encoding.scheme is not None else None  # this shard's quantisation error
         self.turns = np.zeros((n, max_turns, text_dim), np.float32)
         self.mean = np.zeros((n, text_dim), np.float32)
         self.num_turns = np.zeros(n, np.int16)
@@ -362,7 +366,70 @@ class _ShardBuffer:
         return self.filled == self.stop - self.start
 
     def result(self) -> ShardResult:
-        return ShardResult(self.index, self.start, self.stop, self.features, self.turns, self.mean, self.num_turns, self.status, self.size, self.errors)
+        parts = dict(self.parts)
+        return ShardResult(self.index, self.start, self.stop, parts.pop(FEATURES), self.turns, self.mean, self.num_turns, self.status,
+                           self.size, self.errors, parts, self.stats)
+
+
+class _Storer:
+    """The tower's hidden states as the cache stores them: the stored layers, then the group-mean views (computed in
+    float32 from the tower's output), encoded (quantised for int8/float8) on the device before the copy to the host."""
+
+    def __init__(self, storage: dict[str, Any], num_layers: int, device: torch.device,
+                 encoding: FeatureEncoding | None = None):
+        stored = [int(i) for i in storage["layers"]]
+        self.views = [torch.tensor(v, device=device) for v in storage.get("views", [])]
+        self.select = None if stored == list(range(num_layers + 1)) else torch.tensor(stored, device=device)
+        self.inputs = len(stored) + len(self.views)  # K + V
+        self.encoding = encoding or FeatureEncoding.from_storage(storage)
+
+    def block(self, hs: torch.Tensor) -> torch.Tensor:
+        """hs [B, L+1, T, D] -> [B, K+V, T, D] (float32 when views are appended)."""
+        if self.select is None and not self.views:
+            return hs
+        means = [hs.index_select(1, v).float().mean(1, keepdim=True) for v in self.views]  # [B, 1, T, D] each, fp32
+        kept = hs if self.select is None else hs.index_select(1, self.select)  # [B, K, T, D]
+        return torch.cat([kept.float(), *means], dim=1) if means else kept
+
+    def parts(self, hs: torch.Tensor, shards: np.ndarray, stats: dict[int, ErrorStats | None]) -> dict[str, np.ndarray]:
+        """The stored parts [B, K+V, ...] on the host of hs [B, L+1, T, D], image b belonging to output shard shards[b];
+        each shard's quantisation error is added to stats[shard]."""
+        x = self.block(hs)
+        groups = np.unique(shards)
+        if len(groups) == 1:  # the usual case: a batch inside one output shard
+            return self.encoding.encode(x, stats[int(groups[0])])
+        out: dict[str, np.ndarray] = {}
+        for k in groups:
+            idx = np.flatnonzero(shards == k)
+            for part, values in self.encoding.encode(x[torch.from_numpy(idx).to(x.device)], stats[int(k)]).items():
+                if part not in out:
+                    out[part] = np.empty((len(shards), *values.shape[1:]), values.dtype)
+                out[part][idx] = values
+        return out
+
+
+def _calibrate(cfg: ExtractConfig, enc: VisionEncoder, storage: dict[str, Any], records: Sequence[SampleRecord],
+               device: torch.device) -> FeatureEncoding:
+    """The cache's feature encoding; for int8 the outlier channels, chosen from the absmax of the first
+    CALIBRATION_IMAGES readable images in storage order (so every rank and every resumed run uses the same)."""
+    storer = _Storer(storage, enc.info.num_layers, device, FeatureEncoding(StorageDtype(cfg.dtype)))
+    if StorageDtype(cfg.dtype) is not StorageDtype.INT8:
+        return FeatureEncoding.calibrate(cfg.dtype, None, storer.inputs)
+    ds = _ImageDataset(records, [i for i, r in enumerate(records) if r.has_image], enc.preprocessor(cfg.pad_to_square),
+                       cfg.max_pixels, cfg.image_access())
+    absmax, pixels = None, []
+    with tqdm(total=CALIBRATION_IMAGES, unit="img", desc="calibrate int8", disable=not cfg.progress, leave=False) as bar:
+        for i in range(len(ds)):
+            if (item := ds[i])["pixels"] is not None:  # a bad image is recorded when its shard is extracted
+                pixels.append(item["pixels"])
+            if pixels and (len(pixels) == cfg.batch_size or i == len(ds) - 1 or bar.n + len(pixels) == CALIBRATION_IMAGES):
+                hs = enc(torch.from_numpy(np.stack(pixels)).to(device))  # [b, L+1, T, D]
+                absmax = running_absmax(absmax, storer.block(hs))
+                bar.update(len(pixels))
+                pixels = []
+            if bar.n == CALIBRATION_IMAGES:
+                break
+    return FeatureEncoding.calibrate(cfg.dtype, absmax, storer.inputs)
 
 
 # --- orchestration ------------------------------------------------------------------------------------------------
@@ -396,7 +463,7 @@ def storage_layout(cfg: ExtractConfig, enc: VisionEncoder) -> tuple[int, int]:
     would dominate). A shard is [S, K, T, D] (K = the stored hidden states) with S a multiple of c, about
     `shard_mib` uncompressed.
     """
-    layer_bytes = enc.info.num_tokens * enc.info.hidden_size * StorageDtype(cfg.dtype).itemsize
+    layer_bytes = enc.info.num_tokens * enc.info.hidden_size * StorageDtype.parse(cfg.dtype, "--dtype").itemsize
     stored = len(cfg.stored_layers(enc)) + len(cfg.view_groups(enc))
     shard = int(cfg.shard_samples or max(1, min(256, (cfg.shard_mib << 20) // (layer_bytes * stored))))
     want = max(1, min(shard, -(-(cfg.chunk_kib << 10) // layer_bytes)))
@@ -509,6 +576,8 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
                 "storage": {"dtype": cfg.dtype, "layers": cfg.stored_layers(enc), "views": [list(v) for v in cfg.view_groups(enc)], "shard_samples": shard_samples, "chunk_samples": chunk_samples, "codec": cfg.codec, "clevel": cfg.clevel, "compressor": compressor_name(cfg.codec, cfg.clevel)},
                 "text": {"model": cfg.text_model, "path": text.path, "dim": text.dim, "max_turns": max_turns, "suffixes": list(cfg.suffixes)},
             }
+            encoding = _calibrate(cfg, enc, meta["storage"], plan.records, device)
+            meta["storage"].update(encoding.storage_record(len(meta["storage"]["layers"]) + len(meta["storage"]["views"])))
             CacheWriter.create(cfg.out, meta, plan.records, plan.issues, storage_options=cfg.storage_options or None)
     ctx.barrier()
     writer = CacheWriter(cfg.out, cfg.storage_options or None)
@@ -542,11 +611,8 @@ def _process(
     if not shards:
         return 0
     info = enc.info
-    stored = writer.meta["storage"]["layers"]
-    views = [torch.tensor(v, device=device) for v in writer.meta["storage"].get("views", [])]
-    select = None if stored == list(range(info.num_layers + 1)) else torch.tensor(stored, device=device)
-    feat_shape = (len(stored) + len(views), info.num_tokens, info.hidden_size)
-    feat_dtype = StorageDtype(cfg.dtype).zarr_dtype
+    storer = _Storer(writer.meta["storage"], info.num_layers, device)
+    feat_shape = (storer.inputs, info.num_tokens, info.hidden_size)
     max_turns = int(writer.meta["text"]["max_turns"])
     batches = list(shard_batches(writer, shards, cfg.batch_size))
     rows = [r for b in batches for r in b]
@@ -566,11 +632,6 @@ def _process(
         for batch in loader:
             items = batch["items"]
             hs = enc(batch["pixels"].to(device, non_blocking=True)) if batch["pixels"] is not None else None  # [B, L+1, T, D]
-            if hs is not None and (select is not None or views):
-                means = [hs.index_select(1, v).float().mean(1, keepdim=True) for v in views]  # [B, 1, T, D] each, fp32
-                kept = hs if select is None else hs.index_select(1, select)  # [B, K, T, D]
-                hs = torch.cat([kept.float(), *means], dim=1) if means else kept  # [B, K+V, T, D]: only this leaves the device
-            feats = from_torch(hs, cfg.dtype) if hs is not None else None
             status = []
             for it in items:
                 rec = records[it["row"]]
@@ -581,19 +642,22 @@ def _process(
                 else:
                     status.append(OK if rec.has_image else TEXT_ONLY)
             emb = text.embed([records[it["row"]].conversations for it in items], [s == OK for s in status], max_turns)
+            for it in items:
+                if (k := it["row"] // writer.shard_samples) not in buffers:
+                    buffers[k] = _ShardBuffer(k, *writer.shard_rows(k), storer.encoding, feat_shape, max_turns, text.dim)
+            image_shards = np.asarray([it["row"] // writer.shard_samples for it, st in zip(items, status) if st == OK], np.int64)
+            feats = storer.parts(hs, image_shards, {k: buffers[k].stats for k in set(image_shards.tolist())}) if hs is not None else {}
             j = 0
             for i, (it, st) in enumerate(zip(items, status)):
                 row = it["row"]
                 k = row // writer.shard_samples
-                if k not in buffers:
-                    a, b = writer.shard_rows(k)
-                    buffers[k] = _ShardBuffer(k, a, b, feat_shape, feat_dtype, max_turns, text.dim)
                 buf = buffers[k]
                 r = row - buf.start
                 buf.status[r], buf.size[r] = st, it["size"]
                 buf.turns[r], buf.mean[r], buf.num_turns[r] = emb.turns[i], emb.mean[i], emb.num_turns[i]
                 if st == OK:
-                    buf.features[r] = feats[j]
+                    for part, values in feats.items():
+                        buf.parts[part][r] = values[j]
                     j += 1
                 elif st == SKIPPED:
                     rec = records[row]

@@ -4,15 +4,16 @@
 same estimate when it starts, from its loaded encoder's `EncoderInfo`, and compare it with `free_bytes(out)`.
 
     shape = encoder_shape("/models/clip-vit-large-patch14-336")       # or a config.json, a hub id, "default"
-    cfg = ExtractConfig(dtype="float16", layers="mmfuser")
-    shard, chunk = storage_layout(cfg, shape)                         # extract's own rule (`layout_stand_in` first
-    plan = plan_cache(shape, 1_223_000, shard_samples=shard,          #  for a planned dtype)
-                      chunk_samples=chunk, layers=cfg.stored_layers(shape))
+    cfg = ExtractConfig(dtype="int8", layers="mmfuser")
+    shard, chunk = storage_layout(cfg, shape)                         # extract's own rule
+    plan = plan_cache(shape, 1_223_000, shard_samples=shard, chunk_samples=chunk,
+                      layers=cfg.stored_layers(shape), dtype="int8")
     text = plan.format(out="/data/cache")
 
 Per sample (K stored hidden states, T tokens, D width, M turns, d_s text width):
 
-    features   K * T * (D * value_bytes + scale_bytes)          [K, T, D] in the storage dtype (+ a scale per token)
+    features   K * T * (D * value_bytes + scale_bytes + 2 * n)  [K, T, D] in the storage dtype (+ an fp16 scale per token
+                                                                and, for int8, at most n = 16 fp16 outlier channels)
     text       (M + 1) * d_s * 4                                text/turns [M, d_s] + text/mean [d_s], float32
     tables     the strings (an assumed `string_bytes`) + status, image size, turn count, 4 * K + 3 * 4 checksum bytes
 
@@ -39,8 +40,9 @@ import transformers
 from layerfuse.core.dtypes import StorageDtype
 from layerfuse.core.errors import ConfigError, MissingError
 from layerfuse.core.hub import CheckpointError, is_local, load_pretrained
+from layerfuse.pipeline.cache.encoding import MAX_OUTLIERS
 from layerfuse.pipeline.cache.quantize import SCALE_DTYPE
-from layerfuse.pipeline.cache.reader import ARRAYS, FEATURE_CHECKSUMS
+from layerfuse.pipeline.cache.reader import ARRAYS, FEATURE_CHECKSUMS, cache_arrays
 from layerfuse.pipeline.cache.selection import describe_layers
 from layerfuse.pipeline.cache.writer import TABLE_CHUNK
 from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, describe
@@ -53,17 +55,17 @@ DEFAULT_TEXT_DIM = 384  # all-MiniLM-L6-v2, the default sentence model
 DEFAULT_STRING_BYTES = 1024
 TEXT_RATIO = 1.0  # float32 embeddings: assumed incompressible (the zero padding past a sample's turns compresses away)
 TABLE_RATIO = 1.0  # per-sample tables: assumed incompressible (an upper bound; they are tiny)
-SCALE_BYTES = SCALE_DTYPE.itemsize  # one float16 scale per (layer, token) for the quantised planned dtypes
+SCALE_BYTES = SCALE_DTYPE.itemsize  # one float16 scale per (layer, token) for the quantised dtypes (and per int8 outlier)
 
 
 @dataclass(frozen=True)
 class StorageCost:
-    """What a storage dtype costs per value, and the on-disk / raw ratio expected under blosc-zstd-3-shuffle."""
+    """What a storage dtype costs per value, and the on-disk / raw ratio expected under the cache's compressor."""
 
     value_bytes: int  # bytes per stored value
     scale_bytes: int  # extra bytes per (layer, token): the fp16 scale of a quantised dtype
+    outliers: int  # at most this many fp16 outlier channels per (layer, token) (int8; the cache keeps n <= this)
     ratio: float  # expected on-disk bytes / raw bytes of the features
-    planned: bool  # a planned storage dtype: estimated here, extraction cannot write it yet
     source: str  # where `ratio` comes from
 
 
@@ -75,21 +77,20 @@ class StorageCost:
 # CLIP/SigLIP weights are not measured (offline); trained weights compressed worse than random ones on the tiny tower
 # (the largest value of every column), which is why the largest is used.
 STORAGE_COSTS: dict[str, StorageCost] = {
-    "float16": StorageCost(2, 0, 0.94, False, "measured 0.88-0.93 (BENCHMARKS.md: Compression by storage dtype; 0.87 on disk in Extraction)"),
-    "bfloat16": StorageCost(2, 0, 0.74, False, "measured 0.65-0.74 (BENCHMARKS.md: Compression by storage dtype)"),
-    "float32": StorageCost(4, 0, 0.91, False, "measured 0.86-0.90 (BENCHMARKS.md: Compression by storage dtype)"),
-    # planned storage dtypes: 1 byte per value + one fp16 scale per (layer, token): quantize.py's `token` and `fp8+token`
-    "int8": StorageCost(1, SCALE_BYTES, 0.97, True, "planned storage dtype; measured 0.90-0.96 with per-token absmax scales (BENCHMARKS.md: Compression by storage dtype)"),
-    "float8_e4m3fn": StorageCost(1, SCALE_BYTES, 0.84, True, "planned storage dtype; measured 0.74-0.84 with per-token absmax scales (BENCHMARKS.md: Compression by storage dtype)"),
+    "float16": StorageCost(2, 0, 0, 0.94, "measured 0.88-0.93 (BENCHMARKS.md: Compression by storage dtype; 0.87 on disk in Extraction)"),
+    "bfloat16": StorageCost(2, 0, 0, 0.74, "measured 0.65-0.74 (BENCHMARKS.md: Compression by storage dtype)"),
+    "float32": StorageCost(4, 0, 0, 0.91, "measured 0.86-0.90 (BENCHMARKS.md: Compression by storage dtype)"),
+    # quantised (pipeline/cache/encoding.py): a byte per value + an fp16 scale per (layer, token); int8 also keeps at
+    # most MAX_OUTLIERS channels per token in fp16 (counted in full here: an upper bound)
+    "int8": StorageCost(1, SCALE_BYTES, MAX_OUTLIERS, 0.97, "measured 0.90-0.96 with per-token absmax scales (BENCHMARKS.md: Compression by storage dtype)"),
+    "float8_e4m3fn": StorageCost(1, SCALE_BYTES, 0, 0.84, "measured 0.74-0.84 with per-token absmax scales (BENCHMARKS.md: Compression by storage dtype)"),
 }
 
 
 def storage_cost(dtype: str) -> StorageCost:
     """The cost entry of `dtype`; a ConfigError naming the known dtypes otherwise."""
     if dtype not in STORAGE_COSTS:
-        planned = [n for n, c in STORAGE_COSTS.items() if c.planned]
-        raise ConfigError(f"--dtype must be one of {', '.join(StorageDtype.names())} (or a planned storage dtype: "
-                          f"{', '.join(planned)}), not {dtype!r}")
+        raise ConfigError(f"--dtype must be one of {', '.join(StorageDtype.names())}, not {dtype!r}")
     return STORAGE_COSTS[dtype]
 
 
@@ -187,18 +188,6 @@ def encoder_shape(vision: str, *, revision: str | None = None) -> EncoderShape:
     return config_shape(config, vision)
 
 
-def layout_stand_in(shape: ShapeLike, dtype: str) -> tuple[str, EncoderShape]:
-    """(dtype, shape) to hand `extract.storage_layout` so that it sizes shards and chunks by the bytes one layer of
-    `dtype` takes: a stored dtype and the shape as they are; a planned dtype (storage_layout knows only the stored
-    ones) as float16 and a width with the same bytes per (layer, token), ceil((D + scale bytes) / 2)."""
-    base = EncoderShape.of(shape)
-    cost = storage_cost(dtype)
-    if not cost.planned:
-        return dtype, base
-    per_token = base.hidden_size * cost.value_bytes + cost.scale_bytes
-    return StorageDtype.FLOAT16.value, replace(base, hidden_size=-(-per_token // StorageDtype.FLOAT16.itemsize))
-
-
 # --- the plan -------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CachePlan:
@@ -231,9 +220,10 @@ class CachePlan:
 
     @property
     def feature_bytes(self) -> int:
-        """Raw feature bytes per sample: K x T x (D x value bytes + scale bytes)."""
+        """Raw feature bytes per sample: K x T x (D x value bytes + scale bytes + fp16 outliers); for int8 an upper bound
+        (the cache keeps the outlier channels calibration finds, at most MAX_OUTLIERS)."""
         e, c = self.encoder, self.cost
-        return self.num_stored * e.num_tokens * (e.hidden_size * c.value_bytes + c.scale_bytes)
+        return self.num_stored * e.num_tokens * (e.hidden_size * c.value_bytes + c.scale_bytes + c.outliers * SCALE_BYTES)
 
     @property
     def text_bytes(self) -> int:
@@ -278,8 +268,8 @@ class CachePlan:
         """Files (objects) the finished cache holds, by kind."""
         table_chunks = -(-self.samples // TABLE_CHUNK)
         chunks = {"feature shards": self.num_shards, "text chunks": 0, "table chunks": 0}
-        for path in ARRAYS:
-            if path == "features":
+        for path in self.arrays:
+            if path in ("features", "quant/scale", "quant/outliers"):  # in the feature shards' count
                 continue
             if path in ("text/turns", "text/mean"):  # chunked by shard: [S, M, d_s], [S, d_s]
                 chunks["text chunks"] += self.num_shards
@@ -287,8 +277,17 @@ class CachePlan:
                 chunks["table chunks"] += table_chunks * self.num_stored
             elif not path.startswith("issues/"):  # no issues assumed: the issue arrays are empty
                 chunks["table chunks"] += table_chunks
-        groups = {p.rsplit("/", 1)[0] for p in ARRAYS if "/" in p}
-        return {**chunks, "zarr.json": 1 + len(groups) + len(ARRAYS), "progress markers": 1 + self.num_shards}
+        chunks["feature shards"] *= len(self.arrays) - len(ARRAYS) + 1  # quant/scale (and quant/outliers) are sharded alike
+        groups = {p.rsplit("/", 1)[0] for p in self.arrays if "/" in p}
+        return {**chunks, "zarr.json": 1 + len(groups) + len(self.arrays), "progress markers": 1 + self.num_shards}
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        """The arrays of the finished cache (reader.cache_arrays): int8 counted with outliers (an upper bound)."""
+        storage: dict[str, Any] = {"dtype": self.dtype}
+        if self.cost.scale_bytes:
+            storage["quant"] = {"inputs": self.num_stored, "outlier_channels": [list(range(self.cost.outliers))] * self.num_stored}
+        return cache_arrays(storage)
 
     @property
     def num_files(self) -> int:
@@ -312,7 +311,6 @@ class CachePlan:
             "layers": list(self.layers),
             "views": self.views,
             "dtype": self.dtype,
-            "planned_dtype": self.cost.planned,
             "compression_ratio": self.cost.ratio,
             "ratio_source": self.cost.source,
             "shard_samples": self.shard_samples,
@@ -340,7 +338,7 @@ class CachePlan:
         """The plan as a few lines of text; with `out`, also its free space."""
         e, c, n = self.encoder, self.cost, self.samples
         cls = " + CLS" if e.has_cls else ", no CLS"
-        ratio = f"x {c.ratio:.2f}" + (f" ({self.dtype} is a planned storage dtype: extraction cannot write it yet)" if c.planned else "")
+        ratio = f"x {c.ratio:.2f}"
         files = ", ".join(f"{v:,} {k}" for k, v in self.files.items())
         lines = [
             f"encoder   {e.name} ({e.model_type}): L={e.num_layers} blocks, T={e.num_tokens} tokens "
@@ -352,6 +350,7 @@ class CachePlan:
             "per sample",
             f"  features  {_si(self.feature_bytes):>9} raw  ({self.num_stored} x {e.num_tokens} x {e.hidden_size} x {c.value_bytes} B"
             + (f" + {self.num_stored} x {e.num_tokens} x {c.scale_bytes} B scales" if c.scale_bytes else "")
+            + (f" + at most {self.num_stored} x {e.num_tokens} x {c.outliers} x {SCALE_BYTES} B outliers" if c.outliers else "")
             + f"), {_si(self.feature_bytes * c.ratio)} on disk {ratio}",
             f"  text      {_si(self.text_bytes):>9}      ({self.max_turns} turn(s) + mean, {self.text_dim} float32 each)",
             f"  tables    {_si(self.table_bytes):>9}      ({self.string_bytes} B of strings assumed, checksums, status)",

@@ -321,23 +321,49 @@ class ErrorStats:
         for name in ("sq_err", "sq_ref", "max_abs", "cos_sum", "tokens", "clips", "values"):
             setattr(self, name, torch.zeros(self.num_layers, dtype=torch.float64))
 
+    FIELDS: ClassVar[tuple[str, ...]] = ("sq_err", "sq_ref", "max_abs", "cos_sum", "tokens", "clips", "values")
+
     def update(self, x: Tensor, x_hat: Tensor, clipped: Tensor | None = None) -> None:
-        """Add a block x [B, K, T, D], its reconstruction x_hat (same shape) and its clip mask (bool, same shape)."""
+        """Add a block x [B, K, T, D], its reconstruction x_hat (same shape) and its clip mask (bool, same shape).
+
+        Computed on the block's device one layer at a time in float32, reduced in float64: a ViT-L/14-336 batch of 32
+        needs one layer's [B, T, D] float32 at a time, not a float64 copy of the block."""
         if x.shape != x_hat.shape or x.ndim != 4 or x.shape[1] != self.num_layers:
             raise QuantizeError(f"error stats over {self.num_layers} layers: got blocks {tuple(x.shape)} and {tuple(x_hat.shape)}")
-        x, x_hat = x.double(), x_hat.double()
-        err = x - x_hat
-        self.sq_err += err.square().sum(dim=(0, 2, 3)).cpu()
-        self.sq_ref += x.square().sum(dim=(0, 2, 3)).cpu()
-        self.max_abs = torch.maximum(self.max_abs, err.abs().amax(dim=(0, 2, 3)).cpu())
-        norm = x.norm(dim=-1)  # [B, K, T]
-        cos = (x * x_hat).sum(-1) / (norm * x_hat.norm(dim=-1)).clamp_min(1e-300)
-        live = norm > 0
-        self.cos_sum += torch.where(live, cos, 0.0).sum(dim=(0, 2)).cpu()
-        self.tokens += live.sum(dim=(0, 2)).double().cpu()
-        if clipped is not None:
-            self.clips += clipped.sum(dim=(0, 2, 3)).double().cpu()
+        f64 = torch.float64
+        for k in range(self.num_layers):
+            xk, hk = x[:, k].float(), x_hat[:, k].float()  # [B, T, D]
+            err = xk - hk
+            self.sq_err[k] += float(err.square().sum(dtype=f64))
+            self.sq_ref[k] += float(xk.square().sum(dtype=f64))
+            self.max_abs[k] = max(float(self.max_abs[k]), float(err.abs().amax()) if err.numel() else 0.0)
+            norm = xk.norm(dim=-1)  # [B, T]
+            cos = (xk * hk).sum(-1, dtype=f64) / (norm.double() * hk.norm(dim=-1).double()).clamp_min(1e-300)
+            live = norm > 0
+            self.cos_sum[k] += float(torch.where(live, cos, 0.0).sum())
+            self.tokens[k] += float(live.sum())
+            if clipped is not None:
+                self.clips[k] += float(clipped[:, k].sum())
         self.values += float(x.shape[0] * x.shape[2] * x.shape[3])
+
+    def merge(self, other: "ErrorStats") -> None:
+        """Add the sums of `other` (another shard's or rank's blocks of the same layers)."""
+        if other.num_layers != self.num_layers:
+            raise QuantizeError(f"error stats over {self.num_layers} layers cannot merge stats over {other.num_layers}")
+        for name in self.FIELDS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            setattr(self, name, torch.maximum(mine, theirs) if name == "max_abs" else mine + theirs)
+
+    def to_json(self) -> dict[str, list[float]]:
+        """The sums, as stored in a shard marker."""
+        return {name: getattr(self, name).tolist() for name in self.FIELDS}
+
+    @classmethod
+    def from_json(cls, data: dict[str, list[float]]) -> "ErrorStats":
+        stats = cls(len(data["values"]))
+        for name in cls.FIELDS:
+            setattr(stats, name, torch.tensor(data[name], dtype=torch.float64))
+        return stats
 
     def per_layer(self) -> list[LayerError]:
         rel = torch.where(self.sq_ref > 0, self.sq_err / self.sq_ref.clamp_min(1e-300), torch.where(self.sq_err > 0, float("inf"), 0.0)).sqrt()

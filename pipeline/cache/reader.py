@@ -3,15 +3,18 @@
 The on-disk format is specified in docs/cache-format.md; this module and `cache_writer` implement it.
 In short, a zarr v3 group with
 
-    features            [N, K+V, T, D]  fp16 | bf16 (as uint16) | fp32, chunk [c, 1, T, D], shard [S, K+V, T, D]: the K stored
-                                        hidden states (storage.layers), then V group means (storage.views)
+    features            [N, K+V, T, D]  fp16 | bf16 (as uint16) | fp32 | int8 | float8_e4m3fn (as uint8), chunk [c, 1, T, D],
+                                        shard [S, K+V, T, D]: the K stored hidden states (storage.layers), then V group
+                                        means (storage.views)
+    quant/scale         [N, K+V, T]     float16 per-token scales (int8, float8_e4m3fn; pipeline/cache/encoding.py)
+    quant/outliers      [N, K+V, T, n]  float16 outlier channels (int8 with n > 0)
     text/turns          [N, M, d_s]     float32, per human turn (zeros past text/num_turns)
     text/mean           [N, d_s]        float32, mean over turns
     text/num_turns      [N]             int16, 0 = marked empty (text-only sample or no instruction)
     samples/<field>     [N]             id, source, category, split, image_ref, conversations (JSON), locator (JSON)
     samples/status      [N]             uint8: 0 pending, 1 ok, 2 text-only, 3 skipped
     samples/image_size  [N, 2]          int32 (width, height) of the original image, -1 when none
-    checksums/features  [N, K+V]        uint32 CRC-32C of each (row, layer) of features, as stored
+    checksums/features  [N, K+V]        uint32 CRC-32C of each (row, layer) of features (+ its scales and outliers), as stored
     checksums/turns, checksums/mean, checksums/conversations  [N]  uint32 CRC-32C of the row's bytes
     issues/<field>      [I]             row, id, stage, reason, where: every skipped or repaired sample
 
@@ -40,7 +43,8 @@ import zarr
 
 from layerfuse.core.errors import StateError
 from layerfuse.core.dtypes import StorageDtype
-from layerfuse.pipeline.cache.integrity import block_checksums, layout_problems, table_problem, text_checksums
+from layerfuse.pipeline.cache.encoding import FEATURES, FeatureEncoding
+from layerfuse.pipeline.cache.integrity import block_checksums, layout_problems, parts_checksums, table_problem, text_checksums
 from layerfuse.pipeline.cache.selection import describe_layers
 
 FORMAT = "layerfuse-cache"
@@ -59,7 +63,14 @@ DIGESTED_TABLES = (
     *(f"samples/{f}" for f in SAMPLE_FIELDS if f != "conversations"), "samples/status", "samples/image_size", "text/num_turns",
     *(f"issues/{f}" for f in ISSUE_FIELDS),
 )
-ARRAYS = ("features", *ROW_CHECKSUMS, FEATURE_CHECKSUMS, *ROW_CHECKSUMS.values(), *DIGESTED_TABLES)  # every array of a finished cache
+ARRAYS = (FEATURES, *ROW_CHECKSUMS, FEATURE_CHECKSUMS, *ROW_CHECKSUMS.values(), *DIGESTED_TABLES)  # every float cache's array
+
+
+def cache_arrays(storage: dict[str, Any]) -> tuple[str, ...]:
+    """Every array of a finished cache with this `storage` metadata: ARRAYS, and the scale/outlier parts of a
+    quantised dtype."""
+    extra = [p for p in FeatureEncoding.from_storage(storage).part_shapes(1, 1) if p != FEATURES]
+    return (*ARRAYS, *extra)
 
 
 class CacheError(StateError):
@@ -88,19 +99,6 @@ def open_group(url: str | Path, mode: str, storage_options: dict[str, Any] | Non
     if storage_options:
         kwargs["storage_options"] = storage_options
     return zarr.open_group(str(url), **kwargs)
-
-
-def to_torch(a: np.ndarray, storage_dtype: str) -> torch.Tensor:
-    """A stored feature array as a torch tensor of its logical dtype (bf16 bit patterns re-viewed)."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.view(torch.bfloat16) if StorageDtype(storage_dtype) is StorageDtype.BFLOAT16 else t
-
-
-def from_torch(t: torch.Tensor, storage_dtype: str) -> np.ndarray:
-    """A feature tensor as the numpy array that is stored (bf16 as its uint16 bit pattern)."""
-    dtype = StorageDtype(storage_dtype)
-    t = t.detach().to("cpu", dtype.torch_dtype).contiguous()
-    return t.view(torch.int16).numpy().view(np.uint16) if dtype is StorageDtype.BFLOAT16 else t.numpy()
 
 
 class FeatureCache:
@@ -134,13 +132,19 @@ class FeatureCache:
                 f"cache '{url}' has format {version}, written before per-layer checksums and the manifest (format "
                 f"{FORMAT_VERSION}); extract it again with the same command and --overwrite"
             )
-        if self.complete and (problems := layout_problems(self.fs, self.root, meta, ARRAYS)):
-            raise CorruptCacheError(self._damaged("; ".join(problems)))
         self._tables: dict[str, np.ndarray] = {}
         self._crc_layers: dict[int, np.ndarray] = {}
         try:
-            self._features = self.group["features"]
             self.storage_dtype: str = StorageDtype(meta["storage"]["dtype"]).value
+            self.encoding = FeatureEncoding.from_storage(meta["storage"])
+            arrays = cache_arrays(meta["storage"])
+        except Exception as e:  # noqa: BLE001 - an edited storage record
+            raise CorruptCacheError(self._damaged(f"its storage record cannot be read: {_describe(e)}")) from None
+        if self.complete and (problems := layout_problems(self.fs, self.root, meta, arrays)):
+            raise CorruptCacheError(self._damaged("; ".join(problems)))
+        try:
+            self._parts = {p: self.group[p] for p in self.encoding.part_shapes(1, 1)}  # features (+ quant/scale, quant/outliers)
+            self._features = self._parts[FEATURES]
         except Exception as e:  # noqa: BLE001
             raise CorruptCacheError(self._damaged(f"features cannot be opened: {_describe(e)}")) from None
         self.status = self.table("samples/status") if self.complete else np.zeros(self._features.shape[0], np.uint8)
@@ -170,6 +174,11 @@ class FeatureCache:
     def inputs(self) -> list[int | tuple[int, ...]]:
         """Everything stored along the layer axis, in order: the hidden states, then the group means."""
         return [*self.stored_layers, *self.views]
+
+    @property
+    def feature_dtype(self) -> str:
+        """The dtype `features` returns: the stored dtype, float16 for the quantised int8 and float8_e4m3fn."""
+        return self.encoding.read_dtype
 
     @property
     def num_tokens(self) -> int:
@@ -320,7 +329,8 @@ class FeatureCache:
         return [where[i] for i in inputs]
 
     def features(self, rows: Sequence[int] | np.ndarray | slice | None, layers: Sequence[int | tuple[int, ...]] | None = None) -> torch.Tensor:
-        """Hidden states (and stored group means, named by tuples) of the given reader rows: [n, k, T, D], stored dtype.
+        """Hidden states (and stored group means, named by tuples) of the given reader rows: [n, k, T, D] in
+        `feature_dtype` (quantised caches are dequantised here, in the process that reads: the loader's workers).
 
         Only the chunks holding the asked-for (row, layer) pairs are read and decompressed: rows are merged
         into spans of neighbouring chunks (cut at shard boundaries) and layers into runs, and each span x run is one
@@ -335,28 +345,29 @@ class FeatureCache:
         lay = np.asarray(self._positions(self.resolve_layers(layers)), dtype=np.int64)  # storage positions
         uniq, rinv = np.unique(srows, return_inverse=True)
         ulay, linv = np.unique(lay, return_inverse=True)
-        block = np.empty((len(uniq), len(ulay), self.num_tokens, self.hidden_size), self._features.dtype)
+        blocks = {p: np.empty((len(uniq), len(ulay), *a.shape[2:]), a.dtype) for p, a in self._parts.items()}
         bad: dict[int, str] = {}
         for r0, r1 in self._spans(uniq):
             rsel = slice(int(np.searchsorted(uniq, r0)), int(np.searchsorted(uniq, r1, side="right")))
             for l0, l1 in _runs(ulay, gap=1):
                 lsel = slice(int(np.searchsorted(ulay, l0)), int(np.searchsorted(ulay, l1, side="right")))
                 try:
-                    data = np.asarray(self._features[r0 : r1 + 1, l0 : l1 + 1])[uniq[rsel] - r0]
+                    data = [np.asarray(a[r0 : r1 + 1, l0 : l1 + 1])[uniq[rsel] - r0] for a in self._parts.values()]
                 except Exception as e:  # noqa: BLE001 - a truncated shard or a broken shard index
                     why = f"its shard file cannot be read (truncated, or its index damaged): {_describe(e)}"
                     bad.update((int(r), why) for r in uniq[rsel])
                     continue
-                block[rsel, lsel] = data
+                for block, d in zip(blocks.values(), data):
+                    block[rsel, lsel] = d
                 if check and self.complete:
                     want = np.stack([self._layer_checksums(int(k))[uniq[rsel]] for k in ulay[lsel]], axis=1)
-                    for i, j in zip(*np.nonzero(block_checksums(data, axes=2) != want)):
+                    for i, j in zip(*np.nonzero(parts_checksums(data, axes=2) != want)):
                         slot = self.inputs[int(ulay[lsel][j])]
                         what = f"layer {slot}" if isinstance(slot, int) else f"the group mean of layers {list(slot)}"
                         bad.setdefault(int(uniq[rsel][i]), f"{what} of the features fails its checksum")
         if bad:
             raise self._corrupt_rows(bad, "features")
-        return to_torch(block[rinv][:, linv], self.storage_dtype)
+        return self.encoding.decode({p: b[rinv][:, linv] for p, b in blocks.items()}, lay)
 
     def _spans(self, uniq: np.ndarray) -> list[tuple[int, int]]:
         """Inclusive storage-row spans of `uniq` (sorted) that merge neighbouring chunks and never cross a shard."""

@@ -50,6 +50,7 @@ def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[
         "hidden_size": cache.hidden_size,
         "has_cls": cache.has_cls,
         "dtype": cache.storage_dtype,
+        "quantization": _quantization(cache),
         "encoder": m["encoder"]["name"],
         "encoder_path": m["encoder"].get("path"),
         "encoder_config_hash": m["encoder"]["config_hash"],
@@ -71,6 +72,18 @@ def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[
     return info
 
 
+def _quantization(cache: FeatureCache) -> dict[str, Any] | None:
+    """A quantised cache's scheme, outlier channels and per-input error (storage.quant), by input name."""
+    quant = cache.meta["storage"].get("quant")
+    if not quant:
+        return None
+    names = [f"hs[{i}]" if isinstance(i, int) else f"mean(hs[{i[0]}..{i[-1]}])" for i in cache.inputs]
+    errors = quant.get("errors") or [None] * len(names)
+    channels = quant.get("outlier_channels") or [[] for _ in names]
+    return {"scheme": quant["scheme"], "outliers": cache.encoding.num_outliers,
+            "layers": [{"input": name, **(e or {}), "outlier_channels": ch} for name, e, ch in zip(names, errors, channels)]}
+
+
 def _reason_kind(reason: str) -> str:
     return reason.split(":")[0].strip()
 
@@ -86,13 +99,21 @@ def format_info(info: dict[str, Any]) -> str:
         + (f" + group means of {', '.join(f'{v[0]}..{v[-1]}' for v in info['views'])}" if info["views"] else ""),
         f"num_tokens       {info['num_tokens']}  ({'CLS + ' if info['has_cls'] else ''}patches)",
         f"hidden_size      {info['hidden_size']}",
-        f"dtype            {info['dtype']}",
+        f"dtype            {info['dtype']}" + (f" ({q['scheme']}, {q['outliers']} fp16 outlier channel(s) per layer; read as float16)"
+                                                   if (q := info.get("quantization")) else ""),
         f"encoder          {info['encoder']}  (config {info['encoder_config_hash']})",
         f"text_encoder     {info['text_encoder']}",
         f"text_dim         {info['text_dim']}",
         f"size on disk     {info['bytes'] / 2**20:.1f} MiB",
         f"layerfuse        {info['layerfuse_version']}, created {info['created']}",
     ]
+    if (q := info.get("quantization")) and info["complete"]:
+        lines.append("quantisation error per stored input (every stored image; rel RMS = ||x - x^|| / ||x||):")
+        lines.append(f"  {'input':<16} {'rel RMS':>8} {'max |err|':>10} {'cosine':>9} {'clipped':>8}  outlier channels")
+        for row in q["layers"]:
+            if "rel_rms" in row:
+                lines.append(f"  {row['input']:<16} {row['rel_rms']:>8.2%} {row['max_abs']:>10.4g} {row['cosine']:>9.6f} "
+                             f"{row['clip_rate']:>8.1e}  {row['outlier_channels'] or '-'}")
     if info["complete"]:
         s = info["summary"]
         lines.append(f"samples          ok {s['ok']}, text-only {s['text_only']}, skipped {s['skipped'] + s['plan_skipped']}, repaired {s['notes']}")
@@ -146,7 +167,7 @@ def verify_cache(url: str, storage_options: dict[str, Any] | None = None, *, pro
     n = int(m["num_samples_planned"])
     enc = m["encoder"]
     want = {
-        "features": (n, len(cache.inputs), enc["num_tokens"], enc["hidden_size"]),
+        **{path: (n, len(cache.inputs), *shape) for path, shape in cache.encoding.part_shapes(enc["num_tokens"], enc["hidden_size"]).items()},
         "text/turns": (n, m["text"]["max_turns"], m["text"]["dim"]),
         "text/mean": (n, m["text"]["dim"]),
         FEATURE_CHECKSUMS: (n, len(cache.inputs)),

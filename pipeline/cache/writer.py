@@ -21,10 +21,10 @@ from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from layerfuse.core.atomic import write_bytes
-from layerfuse.core.dtypes import StorageDtype
-from layerfuse.pipeline.cache.integrity import MANIFEST_KEY, block_checksums, build_manifest, text_checksums
+from layerfuse.pipeline.cache.encoding import FEATURES, QUANT_KEY, FeatureEncoding
+from layerfuse.pipeline.cache.integrity import MANIFEST_KEY, block_checksums, build_manifest, parts_checksums, text_checksums
+from layerfuse.pipeline.cache.quantize import ErrorStats
 from layerfuse.pipeline.cache.reader import (
-    ARRAYS,
     ATTRS_KEY,
     DIGESTED_TABLES,
     FEATURE_CHECKSUMS,
@@ -38,6 +38,7 @@ from layerfuse.pipeline.cache.reader import (
     SKIPPED,
     TEXT_ONLY,
     CacheError,
+    cache_arrays,
     open_group,
     split_url,
 )
@@ -90,13 +91,19 @@ class ShardResult:
     index: int
     start: int
     stop: int
-    features: np.ndarray  # [n, K, T, D] storage dtype, the K stored hidden states (zeros for rows without an image)
+    features: np.ndarray  # [n, K, T, D] storage dtype (int8 codes, float8 bits as uint8), the K stored hidden states + views
     text_turns: np.ndarray  # [n, M, d_s] float32
     text_mean: np.ndarray  # [n, d_s] float32
     num_turns: np.ndarray  # [n] int16
     status: np.ndarray  # [n] uint8
     image_size: np.ndarray  # [n, 2] int32
     errors: list[dict[str, Any]] = field(default_factory=list)  # {"row", "id", "reason", "where"}
+    quant: dict[str, np.ndarray] = field(default_factory=dict)  # quantised dtypes: quant/scale [n, K, T], quant/outliers [n, K, T, n_o]
+    quant_error: ErrorStats | None = None  # quantised dtypes: the error sums of this shard's images
+
+    def parts(self) -> dict[str, np.ndarray]:
+        """Every stored part of the features, in checksum order (features, then quant/scale, quant/outliers)."""
+        return {FEATURES: self.features, **self.quant}
 
     def marker(self) -> dict[str, Any]:
         return {
@@ -106,10 +113,11 @@ class ShardResult:
             "status": self.status.tolist(),
             "image_size": self.image_size.tolist(),
             "num_turns": self.num_turns.tolist(),
-            "crc_features": block_checksums(self.features, axes=2).tolist(),  # [n][K]
+            "crc_features": parts_checksums(list(self.parts().values()), axes=2).tolist(),  # [n][K]
             "crc_turns": block_checksums(self.text_turns).tolist(),
             "crc_mean": block_checksums(self.text_mean).tolist(),
             "errors": self.errors,
+            **({"quant_error": self.quant_error.to_json()} if self.quant_error is not None else {}),
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
@@ -149,18 +157,20 @@ class CacheWriter:
         codec = compressor(storage.get("codec", LEGACY_CODEC), int(storage["clevel"]))
         if s % c:
             raise ValueError(f"shard_samples {s} is not a multiple of chunk_samples {c}")
-        zdtype = StorageDtype(storage["dtype"]).zarr_dtype.name  # bfloat16 as uint16 bit patterns
+        encoding = FeatureEncoding.from_storage(storage)
+        dtypes = encoding.part_dtypes()  # bfloat16 as uint16 bit patterns, float8 as uint8
         g = open_group(url, "w", storage_options)
-        g.create_array(
-            "features",
-            shape=(n, n_layers, tokens, hidden),
-            chunks=(c, 1, tokens, hidden),
-            shards=(s, n_layers, tokens, hidden),
-            dtype=zdtype,
-            compressors=codec,
-            fill_value=0,
-            dimension_names=("sample", "layer", "token", "channel"),
-        )
+        for path, shape in encoding.part_shapes(tokens, hidden).items():  # features, and the scales/outliers of a quantised dtype
+            g.create_array(
+                path,
+                shape=(n, n_layers, *shape),
+                chunks=(c, 1, *shape),
+                shards=(s, n_layers, *shape),
+                dtype=dtypes[path].name,
+                compressors=codec,
+                fill_value=0,
+                dimension_names=("sample", "layer", "token", "channel")[: 2 + len(shape)],
+            )
         m, d = int(text["max_turns"]), int(text["dim"])
         g.create_array("text/turns", shape=(n, m, d), chunks=(s, m, d), dtype="float32", compressors=codec, fill_value=0)
         g.create_array("text/mean", shape=(n, d), chunks=(s, d), dtype="float32", compressors=codec, fill_value=0)
@@ -252,7 +262,8 @@ class CacheWriter:
         if (res.start, res.stop) != self.shard_rows(res.index):
             raise ValueError(f"shard {res.index} covers rows {self.shard_rows(res.index)}, got {res.start, res.stop}")
         sl = slice(res.start, res.stop)
-        self.group["features"][sl] = res.features
+        for path, data in res.parts().items():
+            self.group[path][sl] = data
         self.group["text/turns"][sl] = res.text_turns
         self.group["text/mean"][sl] = res.text_mean
         put_file(self.fs, self._marker_path(res.index), json.dumps(res.marker()).encode())
@@ -271,6 +282,7 @@ class CacheWriter:
             {**i, "row": -1} for i in json.loads(self.fs.cat_file(f"{self.root}/progress/plan-issues.json"))
         ]
         missing = []
+        quant_error: ErrorStats | None = None
         for k in range(self.num_shards):
             m = self.read_marker(k)
             if m is None:
@@ -283,6 +295,12 @@ class CacheWriter:
             crc_f[a:b] = m["crc_features"]
             crc_turns[a:b] = m["crc_turns"]
             crc_mean[a:b] = m["crc_mean"]
+            if "quant_error" in m:
+                shard_error = ErrorStats.from_json(m["quant_error"])
+                if quant_error is None:
+                    quant_error = shard_error
+                else:
+                    quant_error.merge(shard_error)
             issues += [{"row": e["row"], "id": e["id"], "stage": e.get("stage", "image"), "reason": e["reason"], "where": e.get("where", "")} for e in m["errors"]]
         if missing:
             raise CacheError(f"cannot finalise '{self.url}': shards {missing[:10]}{'...' if len(missing) > 10 else ''} are not written")
@@ -312,10 +330,13 @@ class CacheWriter:
             "notes": sum(1 for i in issues if i["stage"] == "note"),
         }
         meta = {**self.meta, "summary": summary, "complete": True, "completed": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if QUANT_KEY in meta["storage"]:  # the quantisation error over every stored image, per stored layer / view
+            errors = [] if quant_error is None else [e.as_dict() for e in quant_error.per_layer()]
+            meta["storage"] = {**meta["storage"], QUANT_KEY: {**meta["storage"][QUANT_KEY], "errors": errors}}
         meta["num_samples"] = summary["ok"] + summary["text_only"]
         meta.pop(MANIFEST_KEY, None)
         tables = {p: np.asarray(g[p][:]) for p in DIGESTED_TABLES}
-        meta[MANIFEST_KEY] = build_manifest(self.fs, self.root, meta, ARRAYS, tables)  # last: it pins everything above
+        meta[MANIFEST_KEY] = build_manifest(self.fs, self.root, meta, cache_arrays(meta["storage"]), tables)  # last: it pins everything above
         g.attrs[ATTRS_KEY] = meta
         self.meta = meta
         return summary

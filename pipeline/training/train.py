@@ -259,7 +259,7 @@ def _load_model(cfg: TrainConfig, cache: FeatureCache, device: torch.device, dty
     model = RunModel(
         fuser=cfg.fuser, fuser_options=options, llm=base_llm, vision=asdict(vision), image_token_id=bundle.image_token_id,
         template=cfg.template, max_length=cfg.max_length, stage=cfg.stage, llm_mode=cfg.llm_mode,
-        feature_dtype=cache.storage_dtype,
+        feature_dtype=cache.feature_dtype,
         encoder={"path": _absolute(enc.get("path") or cache.meta["config"]["vision"]["path"]),
                  "revision": cache.meta["config"]["vision"].get("revision"), "pad_to_square": bool(cache.meta["processor"].get("pad_to_square"))},
         text_model={"path": cache.meta["text"].get("path"), "suffixes": cache.meta["text"].get("suffixes", [])},

@@ -1,0 +1,183 @@
+"""How a cache stores its features: plain floats, or 1-byte codes with scales beside them (docs/cache-format.md 3.5).
+
+    enc = FeatureEncoding.calibrate("int8", absmax)        # extraction: absmax [K, D] of the first images' blocks
+    parts = enc.encode(x, stats)                            # x [B, K, T, D] on the extraction device -> host numpy parts
+    x_hat = enc.decode(parts)                               # a reader (loader worker): parts -> float16 [B, K, T, D]
+    enc = FeatureEncoding.from_storage(meta["storage"])     # what the cache's metadata says
+
+A cache's parts, by array path (K = stored hidden states + group-mean views):
+
+    features        [N, K, T, D]  float16 | bfloat16 (uint16 bit patterns) | float32, or
+                                  int8 codes (--dtype int8), or float8_e4m3fn bit patterns as uint8 (--dtype float8_e4m3fn)
+    quant/scale     [N, K, T]     float16, one per (sample, layer, token)                   quantised dtypes only
+    quant/outliers  [N, K, T, n]  float16, the n outlier channels of each token, kept exact  int8 with n > 0 only
+
+int8 is `token+outliers` of pipeline/cache/quantize.py: per layer, the n channels whose absmax over the calibration
+images exceeds 2x the layer's median channel absmax (n at most 16, the same n for every layer, each layer's n largest)
+are stored in float16; the rest of each token is symmetric int8 with the token's absmax / 127 as its float16 scale.
+float8_e4m3fn is `fp8+token`: each token divided by its absmax / 448, cast to float8. BENCHMARKS.md "Quantised
+storage" has the measurements behind the choice (all-MiniLM-L6-v2 hidden states: worst layer 0.97% relative RMS for
+int8, 2.6% for float8; per-channel scales 4.5% and clipping on unseen text). Readers return float16.
+
+Quantising happens on the device that ran the encoder, before the copy to the host (a quarter of the bytes move);
+`ErrorStats` of every block (relative RMS, largest absolute error, token cosine, clip rate per stored layer) is summed
+in the shard markers and recorded in the metadata (`storage.quant.errors`, shown by `layerfuse cache info`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from layerfuse.core.dtypes import StorageDtype
+from layerfuse.pipeline.cache.quantize import ErrorStats, Float8Token, QuantScheme, TokenOutlierInt8
+
+FEATURES = "features"
+SCALE = "quant/scale"
+OUTLIERS = "quant/outliers"
+QUANT_KEY = "quant"  # storage.quant in the metadata
+
+CALIBRATION_IMAGES = 32  # the first images (in storage order) whose absmax chooses the int8 outlier channels
+OUTLIER_FACTOR = 2.0  # an outlier channel's absmax exceeds this many times its layer's median channel absmax
+MAX_OUTLIERS = 16  # at most this many channels per layer kept in float16
+
+SCHEME_OF = {StorageDtype.INT8: TokenOutlierInt8.name, StorageDtype.FLOAT8: Float8Token.name}
+
+
+def to_torch(a: np.ndarray, storage_dtype: str) -> torch.Tensor:
+    """A stored float feature array as a torch tensor of its dtype (bf16 bit patterns re-viewed)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if StorageDtype(storage_dtype) is StorageDtype.BFLOAT16 else t
+
+
+def from_torch(t: torch.Tensor, storage_dtype: str) -> np.ndarray:
+    """A float feature tensor as the numpy array that is stored (bf16 as its uint16 bit pattern)."""
+    dtype = StorageDtype(storage_dtype)
+    if dtype.quantized:
+        raise ValueError(f"{dtype} features are stored as parts: use FeatureEncoding.encode")
+    t = t.detach().to("cpu", dtype.torch_dtype).contiguous()
+    return t.view(torch.int16).numpy().view(np.uint16) if dtype is StorageDtype.BFLOAT16 else t.numpy()
+
+
+def running_absmax(absmax: Tensor | None, x: Tensor) -> Tensor:
+    """absmax [K, D] float32 updated with a block x [B, K, T, D] (the calibration statistic of `calibrate`)."""
+    m = x.detach().float().abs().amax(dim=(0, 2))
+    return m if absmax is None else torch.maximum(absmax, m.to(absmax.device))
+
+
+@dataclass(frozen=True)
+class FeatureEncoding:
+    """The stored form of a cache's features: the dtype, and for the quantised dtypes the calibrated scheme."""
+
+    dtype: StorageDtype
+    scheme: QuantScheme | None = None  # None for float dtypes
+
+    # --- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def calibrate(cls, dtype: str, absmax: Tensor | None, inputs: int) -> "FeatureEncoding":
+        """The encoding of `dtype` for `inputs` (K) stored hidden states and views; int8 chooses its outlier channels
+        from absmax [K, D] over the calibration images (None when the source has no readable image: no channel kept)."""
+        d = StorageDtype(dtype)
+        if d is StorageDtype.INT8:
+            if absmax is None:
+                return cls(d, TokenOutlierInt8(torch.zeros(inputs, 0, dtype=torch.long)))
+            block = absmax.float().cpu()[None, :, None, :]  # [1, K, 1, D]: absmax over (samples, tokens) is itself
+            return cls(d, TokenOutlierInt8.calibrate(block, factor=OUTLIER_FACTOR, max_outliers=MAX_OUTLIERS))
+        if d is StorageDtype.FLOAT8:
+            return cls(d, Float8Token())
+        return cls(d)
+
+    @classmethod
+    def from_storage(cls, storage: Mapping[str, Any]) -> "FeatureEncoding":
+        """The encoding a cache's `storage` metadata records."""
+        d = StorageDtype(storage["dtype"])
+        if not d.quantized:
+            return cls(d)
+        quant = storage[QUANT_KEY]
+        if d is StorageDtype.INT8:
+            return cls(d, TokenOutlierInt8(torch.tensor(quant["outlier_channels"], dtype=torch.long).reshape(int(quant["inputs"]), -1)
+                                           if any(quant["outlier_channels"]) else torch.zeros(int(quant["inputs"]), 0, dtype=torch.long)))
+        return cls(d, Float8Token())
+
+    def storage_record(self, inputs: int) -> dict[str, Any]:
+        """storage.quant for a cache with `inputs` stored hidden states + views (empty for float dtypes)."""
+        if self.scheme is None:
+            return {}
+        rec: dict[str, Any] = {"scheme": self.scheme.name, "scale_dtype": "float16", "inputs": inputs}
+        if isinstance(self.scheme, TokenOutlierInt8):
+            rec.update(outlier_channels=self.outlier_channels_list(inputs), outlier_factor=OUTLIER_FACTOR,
+                       max_outliers=MAX_OUTLIERS, calibration_images=CALIBRATION_IMAGES)
+        return {QUANT_KEY: rec}
+
+    def outlier_channels_list(self, inputs: int) -> list[list[int]]:
+        ch = self.channels
+        return [[] for _ in range(inputs)] if ch.numel() == 0 else ch.tolist()
+
+    # --- layout -----------------------------------------------------------------------------------------------
+    @property
+    def channels(self) -> Tensor:
+        """[K, n] outlier channels (int8), else [0, 0]."""
+        return self.scheme.channels if isinstance(self.scheme, TokenOutlierInt8) else torch.zeros(0, 0, dtype=torch.long)
+
+    @property
+    def num_outliers(self) -> int:
+        return int(self.channels.shape[1])
+
+    def part_shapes(self, tokens: int, hidden: int) -> dict[str, tuple[int, ...]]:
+        """Per (sample, layer) shape of each stored part, by array path, in checksum order."""
+        shapes: dict[str, tuple[int, ...]] = {FEATURES: (tokens, hidden)}
+        if self.scheme is not None:
+            shapes[SCALE] = (tokens,)
+        if self.num_outliers:
+            shapes[OUTLIERS] = (tokens, self.num_outliers)
+        return shapes
+
+    def part_dtypes(self) -> dict[str, np.dtype]:
+        return {FEATURES: self.dtype.zarr_dtype, SCALE: np.dtype(np.float16), OUTLIERS: np.dtype(np.float16)}
+
+    @property
+    def read_dtype(self) -> str:
+        """The dtype `decode` (and so every reader) returns."""
+        return self.dtype.read_dtype.value
+
+    # --- values -----------------------------------------------------------------------------------------------
+    def encode(self, x: Tensor, stats: ErrorStats | None = None) -> dict[str, np.ndarray]:
+        """x [B, K, T, D] (any float dtype, on the extraction device) -> the stored parts on the host.
+
+        Quantised dtypes quantise where x is and add this block's error to `stats` (computed there too)."""
+        if self.scheme is None:
+            return {FEATURES: from_torch(x, self.dtype.value)}
+        parts = self.scheme.quantize(x)  # float32 inside, on x's device
+        if stats is not None:
+            stats.update(x, self.scheme.dequantize(parts), self.scheme.clipped(x))
+        q = parts["q"]
+        out = {FEATURES: (q.view(torch.uint8) if q.dtype == torch.float8_e4m3fn else q).cpu().numpy(), SCALE: parts["scale"].cpu().numpy()}
+        if self.num_outliers:
+            out[OUTLIERS] = parts["outliers"].cpu().numpy()
+        return out
+
+    def decode(self, parts: Mapping[str, np.ndarray], positions: Sequence[int] | np.ndarray | None = None) -> Tensor:
+        """The stored parts [B, k, ...] (numpy) of the stored layers/views at `positions` (None: all K, in order) ->
+        features [B, k, T, D] in `read_dtype` (float16 when quantised)."""
+        if self.scheme is None:
+            return to_torch(parts[FEATURES], self.dtype.value)
+        scheme = self.scheme
+        if isinstance(scheme, TokenOutlierInt8) and positions is not None:
+            scheme = TokenOutlierInt8(scheme.channels[torch.as_tensor(np.asarray(positions, np.int64))])
+        q = torch.from_numpy(np.ascontiguousarray(parts[FEATURES]))
+        tparts = {"q": q.view(torch.float8_e4m3fn) if self.dtype is StorageDtype.FLOAT8 else q,
+                  "scale": torch.from_numpy(np.ascontiguousarray(parts[SCALE]))}
+        if self.num_outliers:
+            tparts["outliers"] = torch.from_numpy(np.ascontiguousarray(parts[OUTLIERS]))
+        elif isinstance(scheme, TokenOutlierInt8):
+            tparts["outliers"] = torch.zeros(*q.shape[:3], 0, dtype=torch.float16)
+        return scheme.dequantize(tparts, torch.float16)
+
+    def zeros(self, n: int, inputs: int, tokens: int, hidden: int) -> dict[str, np.ndarray]:
+        """Parts of n all-zero rows (rows without an image): [n, inputs, ...] per part."""
+        dt = self.part_dtypes()
+        return {p: np.zeros((n, inputs, *s), dt[p]) for p, s in self.part_shapes(tokens, hidden).items()}

@@ -1,0 +1,202 @@
+"""Quantised caches (--dtype int8 / float8_e4m3fn): extraction, layout, checksums, error records, resume, derive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+import zarr
+
+from layerfuse.pipeline.cache.derive import derive_cache
+from layerfuse.pipeline.cache.encoding import OUTLIERS, SCALE, FeatureEncoding, running_absmax
+from layerfuse.pipeline.cache.extract import _Storer, run_extract, storage_layout
+from layerfuse.pipeline.cache.plan import encoder_shape, plan_cache
+from layerfuse.pipeline.cache.quantize import ErrorStats
+from layerfuse.pipeline.cache.reader import CorruptRowsError, FeatureCache
+from layerfuse.pipeline.cache.verify import cache_info, format_info, verify_cache
+from layerfuse.pipeline.cache.writer import CacheWriter
+from tests.support import extract_config
+
+OUTLIER_CHANNELS = (5, 17)
+
+
+@pytest.fixture(scope="module")
+def outlier_tower(tmp_path_factory, vision_dir):
+    """The test tower with two channels of its position embeddings raised: like trained ViTs, every hidden state then
+    has a few channels far above the rest."""
+    model = transformers.CLIPVisionModel.from_pretrained(vision_dir)
+    with torch.no_grad():
+        emb = next(m for name, m in model.named_modules() if name.endswith("embeddings.position_embedding"))
+        emb.weight[:, list(OUTLIER_CHANNELS)] += 40.0
+    out = tmp_path_factory.mktemp("outlier-tower")
+    model.save_pretrained(out)
+    transformers.AutoImageProcessor.from_pretrained(vision_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, outlier_tower):
+    """The same 24 samples in float16, int8 and float8_e4m3fn."""
+    root = tmp_path_factory.mktemp("quantised")
+    out = {}
+    for dtype in ("float16", "int8", "float8_e4m3fn"):
+        out[dtype] = str(root / dtype)
+        run_extract(extract_config(out[dtype], outlier_tower, dtype=dtype))
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("dtype,bound", [("int8", 0.012), ("float8_e4m3fn", 0.04)])
+def test_quantised_extraction_reads_back_close_to_float16(caches, dtype, bound):
+    ref, q = FeatureCache(caches["float16"]), FeatureCache(caches[dtype])
+    assert q.storage_dtype == dtype and q.feature_dtype == "float16"
+    x, y = q.features(slice(None)), ref.features(slice(None))
+    assert x.dtype == torch.float16 and x.shape == y.shape
+    assert _rel(x, y) < bound
+    # a subset of layers reads the same values as the whole
+    assert torch.equal(q.features([3, 0, 7], [20, 2]), x[[3, 0, 7]][:, [20, 2]])
+    # rows without an image are exact zeros, as in a float cache
+    assert torch.equal(x[~torch.from_numpy(q.has_image)].float().abs().sum(), torch.tensor(0.0))
+    assert verify_cache(caches[dtype], progress=False).ok
+
+
+def test_int8_keeps_the_outlier_channels_exact_to_float16(caches):
+    q, ref = FeatureCache(caches["int8"]), FeatureCache(caches["float16"])
+    quant = q.meta["storage"]["quant"]
+    assert quant["scheme"] == "token+outliers" and quant["inputs"] == 25
+    assert all(set(OUTLIER_CHANNELS) <= set(ch) for ch in quant["outlier_channels"])
+    n = len(quant["outlier_channels"][0])
+    assert q.group[OUTLIERS].shape == (24, 25, q.num_tokens, n) and q.group[SCALE].shape == (24, 25, q.num_tokens)
+    assert q.group["features"].dtype == np.int8
+    rows = np.flatnonzero(q.has_image)
+    x, y = q.features(rows), ref.features(rows)
+    assert torch.equal(x[..., list(OUTLIER_CHANNELS)], y[..., list(OUTLIER_CHANNELS)])  # fp16 in, fp16 out
+    # with the outliers out of the way, the per-token scale serves the ordinary channels: the error stays at int8's
+    assert _rel(x, y) < 0.012
+    plain = FeatureEncoding.calibrate("int8", None, 25)  # no outlier channels: the outliers set every token's scale
+    block = y.float()
+    assert _rel(plain.decode(plain.encode(block)), block) > 3 * _rel(x, y)
+
+
+def test_recorded_error_is_the_error_a_reader_sees(caches):
+    for dtype in ("int8", "float8_e4m3fn"):
+        q, ref = FeatureCache(caches[dtype]), FeatureCache(caches["float16"])
+        errors = q.meta["storage"]["quant"]["errors"]
+        assert len(errors) == 25
+        rows = np.flatnonzero(q.has_image)
+        for layer in (0, 12, 24):
+            got = _rel(q.features(rows, [layer]), ref.features(rows, [layer]))
+            # recorded against the tower's float32 output, measured here against its float16 copy
+            assert errors[layer]["rel_rms"] == pytest.approx(got, rel=0.1, abs=2e-4)
+            assert 0.99 < errors[layer]["cosine"] <= 1.0 and errors[layer]["clip_rate"] == 0.0
+        text = format_info(cache_info(caches[dtype]))
+        assert "quantisation error per stored input" in text and "hs[24]" in text
+
+
+def test_checksums_cover_scales_and_outliers(tmp_path, caches):
+    import shutil
+
+    for part in (SCALE, OUTLIERS):
+        copy = tmp_path / part.replace("/", "-")
+        shutil.copytree(caches["int8"], copy)
+        arr = zarr.open_array(str(copy / part), mode="r+")
+        row = int(np.flatnonzero(FeatureCache(str(copy)).has_image)[2])
+        values = np.asarray(arr[row, 4])
+        arr[row, 4] = values * 2 + 1  # a rewritten scale/outlier: valid zarr, wrong values
+        cache = FeatureCache(str(copy))
+        assert torch.equal(cache.features([0], [4]), FeatureCache(caches["int8"]).features([0], [4]))  # other rows fine
+        with pytest.raises(CorruptRowsError, match="layer 4 of the features fails its checksum") as e:
+            cache.features([row], [4])
+        assert list(e.value.storage_rows) == [row]
+        assert not verify_cache(str(copy), progress=False).ok
+
+
+def test_batches_across_shards_encode_each_shard_alone():
+    """_Storer.parts on a batch that straddles output shards equals encoding each shard's images on their own, and
+    each shard's error goes to that shard's stats."""
+    storage = {"dtype": "int8", "layers": [0, 2], "views": [[1, 2]]}
+    enc = FeatureEncoding.calibrate("int8", None, 3)
+    storer = _Storer(storage, 2, torch.device("cpu"), enc)
+    hs = torch.randn(5, 3, 7, 16)
+    shards = np.array([0, 0, 1, 1, 1])
+    stats = {0: ErrorStats(3), 1: ErrorStats(3)}
+    parts = storer.parts(hs, shards, stats)
+    for k, rows in ((0, [0, 1]), (1, [2, 3, 4])):
+        alone = ErrorStats(3)
+        want = enc.encode(storer.block(hs[rows]), alone)
+        for name, values in want.items():
+            assert np.array_equal(parts[name][rows], values)
+        assert stats[k].to_json() == alone.to_json()
+    assert storer.block(hs).shape == (5, 3, 7, 16)
+    assert torch.allclose(storer.block(hs)[:, 2], hs[:, 1:3].mean(1))
+
+
+def test_killed_extraction_resumes_to_the_same_cache_and_errors(tmp_path, monkeypatch, outlier_tower, caches):
+    out = str(tmp_path / "int8")
+    real = CacheWriter.write_shard
+    written = []
+
+    def dies_after_one(self, res):
+        if written:
+            raise KeyboardInterrupt("killed")
+        written.append(res.index)
+        real(self, res)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(extract_config(out, outlier_tower, dtype="int8"))
+    monkeypatch.setattr(CacheWriter, "write_shard", real)
+    res = run_extract(extract_config(out, outlier_tower, dtype="int8"))
+    assert res.shards_written == 2  # the first shard was kept
+    a, b = FeatureCache(out), FeatureCache(caches["int8"])
+    assert torch.equal(a.features(slice(None)), b.features(slice(None)))
+    qa, qb = a.meta["storage"]["quant"], b.meta["storage"]["quant"]
+    assert qa["outlier_channels"] == qb["outlier_channels"]
+    assert [e["rel_rms"] for e in qa["errors"]] == pytest.approx([e["rel_rms"] for e in qb["errors"]], rel=1e-9)
+    assert [e["max_abs"] for e in qa["errors"]] == [e["max_abs"] for e in qb["errors"]]
+
+
+def test_derive_float16_to_int8_and_int8_to_fewer_layers(tmp_path, caches):
+    dst = str(tmp_path / "int8")
+    res = derive_cache(caches["float16"], dst, dtype="int8", progress=False)
+    assert res.shards_written == 3
+    d, src = FeatureCache(dst), FeatureCache(caches["float16"])
+    assert d.storage_dtype == "int8" and verify_cache(dst, progress=False).ok
+    assert _rel(d.features(slice(None)), src.features(slice(None))) < 0.012
+    assert set(OUTLIER_CHANNELS) <= set(d.meta["storage"]["quant"]["outlier_channels"][0])
+    assert d.meta["storage"]["quant"]["errors"][3]["rel_rms"] < 0.012
+    small = str(tmp_path / "small")
+    derive_cache(dst, small, layers="3-18-23", progress=False)
+    s = FeatureCache(small)
+    assert s.stored_layers == [3, 18, 23] and s.storage_dtype == "int8"
+    assert _rel(s.features(slice(None)), d.features(slice(None), [3, 18, 23])) < 0.012  # requantised: close, not equal
+
+
+def test_plan_matches_a_quantised_extraction(tmp_path, caches, outlier_tower):
+    """The plan's feature bytes and files are those of the real int8 / float8 cache (int8: at its n outliers, the
+    plan's upper bound being MAX_OUTLIERS)."""
+    for dtype in ("int8", "float8_e4m3fn"):
+        cache = FeatureCache(caches[dtype])
+        cfg = extract_config(caches[dtype], outlier_tower, dtype=dtype)
+        shape = encoder_shape(str(outlier_tower))
+        shard, chunk = storage_layout(cfg, shape)
+        p = plan_cache(shape, 24, shard_samples=shard, chunk_samples=chunk, dtype=dtype, string_bytes=200)
+        stored = sum(int(np.prod(cache.group[path].shape[1:])) * cache.group[path].dtype.itemsize
+                     for path in cache.encoding.part_shapes(1, 1))
+        outliers = (16 - cache.encoding.num_outliers) * 25 * cache.num_tokens * 2 if dtype == "int8" else 0
+        assert p.feature_bytes - outliers == stored
+        assert p.files["feature shards"] == 3 * len(cache.encoding.part_shapes(1, 1))  # 3 shards of each part
+        found = [f for f in Path(caches[dtype]).rglob("*") if f.is_file()]
+        assert p.num_files == len(found), sorted(str(f.relative_to(caches[dtype])) for f in found)
+
+
+def test_running_absmax_is_the_block_absmax():
+    x = torch.randn(6, 3, 5, 8)
+    m = running_absmax(running_absmax(None, x[:2]), x[2:])
+    assert torch.equal(m, x.abs().amax(dim=(0, 2)))
