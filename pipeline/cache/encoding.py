@@ -1,4 +1,4 @@
-"""How a cache stores its features: plain floats, or 1-byte codes with scales beside them (docs/cache-format.md 3.5).
+"""How a cache stores its features: plain floats, or 1-byte codes with scales beside them (docs/cache-format.md 3.2).
 
     enc = FeatureEncoding.calibrate("int8", absmax)        # extraction: absmax [K, D] of the first images' blocks
     parts = enc.encode(x, stats)                            # x [B, K, T, D] on the extraction device -> host numpy parts
