@@ -415,20 +415,19 @@ def _calibrate(cfg: ExtractConfig, enc: VisionEncoder, storage: dict[str, Any], 
     storer = _Storer(storage, enc.info.num_layers, device, FeatureEncoding(StorageDtype(cfg.dtype)))
     if StorageDtype(cfg.dtype) is not StorageDtype.INT8:
         return FeatureEncoding.calibrate(cfg.dtype, None, storer.inputs)
-    ds = _ImageDataset(records, [i for i, r in enumerate(records) if r.has_image], enc.preprocessor(cfg.pad_to_square),
-                       cfg.max_pixels, cfg.image_access())
-    absmax, pixels = None, []
+    rows = [i for i, r in enumerate(records) if r.has_image]
+    pre, serial = enc.preprocessor(cfg.pad_to_square), replace(cfg, workers=0)
+    absmax, start, seen = None, 0, 0
     with tqdm(total=CALIBRATION_IMAGES, unit="img", desc="calibrate int8", disable=not cfg.progress, leave=False) as bar:
-        for i in range(len(ds)):
-            if (item := ds[i])["pixels"] is not None:  # a bad image is recorded when its shard is extracted
-                pixels.append(item["pixels"])
-            if pixels and (len(pixels) == cfg.batch_size or i == len(ds) - 1 or bar.n + len(pixels) == CALIBRATION_IMAGES):
-                hs = enc(torch.from_numpy(np.stack(pixels)).to(device))  # [b, L+1, T, D]
-                absmax = running_absmax(absmax, storer.block(hs))
-                bar.update(len(pixels))
-                pixels = []
-            if bar.n == CALIBRATION_IMAGES:
-                break
+        while seen < CALIBRATION_IMAGES and start < len(rows):  # the next rows, as many as images are still wanted
+            window = rows[start:start + CALIBRATION_IMAGES - seen]
+            start += len(window)
+            batches = [window[i:i + cfg.batch_size] for i in range(0, len(window), cfg.batch_size)]
+            for batch in _loader(serial, records, batches, pre, device):  # the extraction's own reading path
+                if batch["pixels"] is not None:  # bad images are recorded when their shard is extracted
+                    absmax = running_absmax(absmax, storer.block(enc(batch["pixels"].to(device))))  # [b, K+V, T, D]
+                    seen += len(batch["pixels"])
+                    bar.update(len(batch["pixels"]))
     return FeatureEncoding.calibrate(cfg.dtype, absmax, storer.inputs)
 
 

@@ -200,3 +200,38 @@ def test_running_absmax_is_the_block_absmax():
     x = torch.randn(6, 3, 5, 8)
     m = running_absmax(running_absmax(None, x[:2]), x[2:])
     assert torch.equal(m, x.abs().amax(dim=(0, 2)))
+
+
+def _channels_from(cache: FeatureCache, images: int) -> list[list[int]]:
+    """The outlier channels int8 extraction should choose: calibrated on the absmax of the first `images` images."""
+    rows = np.flatnonzero(cache.table("samples/status") == 1)[:images]
+    absmax = running_absmax(None, cache.features_at(rows))
+    return FeatureEncoding.calibrate("int8", absmax, len(cache.inputs)).outlier_channels_list(len(cache.inputs))
+
+
+def test_calibration_uses_the_first_32_readable_images(tmp_path, outlier_tower):
+    """40 built-in samples (more than 32 images): the channels are those of the first 32 images' absmax in storage
+    order, computed here from a float32 extraction of the same source."""
+    ref, q = str(tmp_path / "fp32"), str(tmp_path / "int8")
+    run_extract(extract_config(ref, outlier_tower, builtin=40, dtype="float32"))
+    run_extract(extract_config(q, outlier_tower, builtin=40, dtype="int8", layers="3-18-23"))
+    fp32 = FeatureCache(ref)
+    assert fp32.has_image.sum() > 32
+    want = FeatureEncoding.calibrate("int8", running_absmax(None, fp32.features_at(
+        np.flatnonzero(fp32.table("samples/status") == 1)[:32], [3, 18, 23])), 3).outlier_channels_list(3)
+    assert FeatureCache(q).meta["storage"]["quant"]["outlier_channels"] == want
+
+
+def test_int8_from_webdataset_calibrates_through_the_stream(tmp_path, outlier_tower):
+    """A WebDataset source: calibration reads its images through the same streaming path as extraction."""
+    from tests.pipeline.data.test_stream import _shards
+
+    shards = _shards(tmp_path, 2, 5)
+    ref, q = str(tmp_path / "fp32"), str(tmp_path / "int8")
+    run_extract(extract_config(ref, outlier_tower, builtin=None, wds=",".join(shards), dtype="float32"))
+    run_extract(extract_config(q, outlier_tower, builtin=None, wds=",".join(shards), dtype="int8"))
+    cache = FeatureCache(q)
+    assert cache.meta["summary"]["ok"] == 10
+    assert cache.meta["storage"]["quant"]["outlier_channels"] == _channels_from(FeatureCache(ref), 32)
+    assert set(OUTLIER_CHANNELS) <= set(cache.meta["storage"]["quant"]["outlier_channels"][0])
+    assert _rel(cache.features(slice(None)), FeatureCache(ref).features(slice(None))) < 0.012
