@@ -501,6 +501,8 @@ def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
+    if name not in StorageDtype.float_names():
+        raise ExtractError(f"--compute-dtype must be auto or one of {', '.join(StorageDtype.float_names())}, not {name!r}")
     return StorageDtype(name).torch_dtype
 
 

@@ -52,7 +52,7 @@ class RunModel:
     max_length: int
     stage: Stage
     llm_mode: LLMMode  # what the run did to the LLM
-    feature_dtype: str = "float32"  # the cache's stored dtype: live features are rounded to it, as in training
+    feature_dtype: str = "float32"  # the dtype the cache returned (float16 for int8/float8 caches): live features are rounded to it
     encoder: dict[str, Any] = field(default_factory=dict)  # {"path", "revision", "pad_to_square"}: live inference
     text_model: dict[str, Any] = field(default_factory=dict)  # {"path", "suffixes"}: live instruction embeddings
     cache: str = ""  # the cache the run was trained on

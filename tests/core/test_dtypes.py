@@ -54,3 +54,11 @@ def test_extract_defaults_and_compute_dtypes_come_from_the_enum():
     cpu = torch.device("cpu")
     assert [_compute_dtype(name, cpu) for name in _choices("extract", "compute_dtype")] == [
         torch.float32, *(StorageDtype(d).torch_dtype for d in StorageDtype.float_names())]  # auto is float32 on the CPU
+
+
+def test_no_encoder_computes_in_a_quantised_dtype():
+    from layerfuse.pipeline.cache.extract import ExtractError
+
+    for name in ("int8", "float8_e4m3fn"):
+        with pytest.raises(ExtractError, match="--compute-dtype must be auto or one of float16, bfloat16, float32"):
+            _compute_dtype(name, torch.device("cpu"))
