@@ -6,12 +6,11 @@ zarr array with the cache's own codec (`writer.compressor` with ExtractConfig's 
 (sample, layer), [1, 1, T, D] (the layout of real encoders; the tiny tower's real chunks hold 32 samples). The ratio
 is stored chunk bytes / raw bytes.
 
-Planned storage dtypes (not written by extraction yet), quantised by pipeline/cache/quantize.py's per-token schemes
-(one float16 scale per (sample, layer, token): the token's absmax over the D channels / 127 or / 448), the scales in
-their own array chunked [1, L+1, T]:
-    int8            scheme `token`      (q int8 [B, K, T, D], scale float16 [B, K, T])
-    float8_e4m3fn   scheme `fp8+token`  (q float8_e4m3fn, stored as its uint8 bit patterns, scale float16 [B, K, T])
-Their ratio counts the values and the scales: (stored values + stored scales) / (raw values + raw scales).
+The quantised dtypes are encoded as extraction encodes them (pipeline/cache/encoding.py `FeatureEncoding`, int8's
+outlier channels calibrated on the same images), each part in its own array chunked like the cache's ([1, 1, T, ...]):
+    int8            `token+outliers`  (codes int8 [B, K, T, D], scale float16 [B, K, T], outliers float16 [B, K, T, n])
+    float8_e4m3fn   `fp8+token`       (codes as float8 bit patterns uint8 [B, K, T, D], scale float16 [B, K, T])
+Their ratio counts every part: (stored parts) / (raw parts).
 
 Towers: the shipped pretrained default tower (trained weights, toy scale) and random-weight CLIPs of the tiny, ViT-B/16
 and ViT-L/14-336 shapes. No real pretrained CLIP/SigLIP is measured (the benchmark machine is offline).
@@ -39,8 +38,8 @@ import zarr  # noqa: E402
 from zarr.storage import MemoryStore  # noqa: E402
 
 from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
-from layerfuse.pipeline.cache.quantize import Float8Token, TokenInt8  # noqa: E402
-from layerfuse.pipeline.cache.encoding import from_torch  # noqa: E402
+from layerfuse.pipeline.cache.encoding import FeatureEncoding, from_torch, running_absmax  # noqa: E402
+from layerfuse.core.dtypes import StorageDtype  # noqa: E402
 from layerfuse.pipeline.cache.extract import ExtractConfig  # noqa: E402
 from layerfuse.pipeline.cache.writer import compressor, compressor_name  # noqa: E402
 from layerfuse.pipeline.data.synthetic import render_record, synthetic_plan  # noqa: E402
@@ -49,7 +48,6 @@ from layerfuse.pipeline.models.encoder import load_vision_encoder  # noqa: E402
 
 SECTION = "## Compression by storage dtype (`bench/compression.py`)"
 DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3fn")
-PLANNED = {"int8": TokenInt8, "float8_e4m3fn": Float8Token}  # planned storage dtype -> its quantize.py scheme
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
@@ -88,24 +86,16 @@ def stored(a: np.ndarray, chunks: tuple[int, ...]) -> int:
     return sum(len(v) for k, v in store._store_dict.items() if not k.endswith("zarr.json"))
 
 
-def quantise(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """x [B, K, T, D] by the per-token scheme of `dtype`: (values [B, K, T, D] int8 / uint8 bits, scales [B, K, T] float16)."""
-    parts = PLANNED[dtype]().quantize(x)
-    q = parts["q"] if parts["q"].dtype == torch.int8 else parts["q"].view(torch.uint8)
-    return q.numpy(), parts["scale"].numpy()
-
-
 def ratios(hs: torch.Tensor) -> dict[str, float]:
-    """Stored / raw bytes for each of DTYPES."""
-    b, k, t, d = hs.shape
+    """Stored / raw bytes for each of DTYPES (every stored part of the quantised ones)."""
     out = {}
     for name in DTYPES:
-        if name in PLANNED:
-            q, s = quantise(hs, name)
-            out[name] = (stored(q, (1, 1, t, d)) + stored(s, (1, k, t))) / (q.nbytes + s.nbytes)
+        if StorageDtype(name).quantized:
+            parts = FeatureEncoding.calibrate(name, running_absmax(None, hs), hs.shape[1]).encode(hs)
+            out[name] = sum(stored(a, (1, 1, *a.shape[2:])) for a in parts.values()) / sum(a.nbytes for a in parts.values())
         else:
             a = from_torch(hs, name)
-            out[name] = stored(a, (1, 1, t, d)) / a.nbytes
+            out[name] = stored(a, (1, 1, *a.shape[2:])) / a.nbytes
     return out
 
 
@@ -117,9 +107,9 @@ def render(cmd: str, rows: list[tuple[Tower, tuple[int, ...], dict[str, float]]]
         f"Date: {datetime.date.today().isoformat()}  ",
         f"Machine: {machine()}  ",
         f"Settings: on-disk / raw bytes of the hidden states of built-in images, "
-        f"{compressor_name(ExtractConfig.codec, ExtractConfig.clevel)} (the cache's compressor), one chunk per (sample, layer); int8 and float8_e4m3fn are *planned* storage dtypes, "
-        "quantised by pipeline/cache/quantize.py's `token` and `fp8+token` schemes (a float16 absmax scale per token; "
-        "values + scales counted). Used by `layerfuse cache plan` "
+        f"{compressor_name(ExtractConfig.codec, ExtractConfig.clevel)} (the cache's compressor), one chunk per (sample, layer); int8 and float8_e4m3fn "
+        "encoded as extraction encodes them (pipeline/cache/encoding.py: int8 `token+outliers` with its outlier channels "
+        "calibrated on the same images, float8 `fp8+token`; codes, scales and outliers counted). Used by `layerfuse cache plan` "
         "(pipeline/cache/plan.py, the largest ratio per dtype, rounded up).",
         "",
         head,
@@ -134,8 +124,9 @@ def render(cmd: str, rows: list[tuple[Tower, tuple[int, ...], dict[str, float]]]
         "Trained weights compress worse than random ones here (the pretrained tiny tower is the least compressible in every "
         "dtype), so expect a real pretrained CLIP or SigLIP near the top of each column, if not above it; none could be measured "
         "offline. "
-        "bfloat16 compresses best of the 2-byte types: byte shuffle groups its high bytes (sign and 7 exponent bits), which "
-        "repeat, while float16 spreads the exponent over both bytes.",
+        "bfloat16 compresses best of the 2-byte types: its high byte (sign and 7 exponent bits) takes few values, while float16 "
+        "spreads the exponent over both bytes. int8 codes compress least (a per-token scale spreads every token over the "
+        "whole code range), which is why int8 stores about half of float16's bytes, not less.",
     ]
     return "\n".join(lines) + "\n"
 

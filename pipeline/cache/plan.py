@@ -71,19 +71,18 @@ class StorageCost:
 
 # Ratios: the largest (least compressible) measurement per dtype in BENCHMARKS.md "Compression by storage dtype"
 # (bench/compression.py: the shipped pretrained tiny tower, and random-weight CLIPs of the tiny, ViT-B/16 and ViT-L/14-336
-# shapes; the cache's compressor, blosc zstd level 3 with byte shuffle; one chunk per (sample, layer)), rounded up to the
-# next hundredth. The other measurements agree: BENCHMARKS.md "Extraction" has fp16 at 0.866 (tiny) and 0.870 (ViT-B/16)
-# of raw on disk, the compressor docstring in pipeline/cache/writer.py 0.88 at level 3 (ViT-B shaped). Real pretrained
-# CLIP/SigLIP weights are not measured (offline); trained weights compressed worse than random ones on the tiny tower
-# (the largest value of every column), which is why the largest is used.
+# shapes; the cache's default compressor, zstd level 1; one chunk per (sample, layer); int8 and float8 encoded as
+# extraction encodes them), rounded up to the next hundredth. Real pretrained CLIP/SigLIP weights are not measured
+# (offline); trained weights compressed worse than random ones on the tiny tower (the largest value of every column),
+# which is why the largest is used.
 STORAGE_COSTS: dict[str, StorageCost] = {
-    "float16": StorageCost(2, 0, 0, 0.94, "measured 0.88-0.93 (BENCHMARKS.md: Compression by storage dtype; 0.87 on disk in Extraction)"),
-    "bfloat16": StorageCost(2, 0, 0, 0.74, "measured 0.65-0.74 (BENCHMARKS.md: Compression by storage dtype)"),
-    "float32": StorageCost(4, 0, 0, 0.91, "measured 0.86-0.90 (BENCHMARKS.md: Compression by storage dtype)"),
+    "float16": StorageCost(2, 0, 0, 0.93, "measured 0.918-0.929 under zstd-1 (BENCHMARKS.md: Compression by storage dtype)"),
+    "bfloat16": StorageCost(2, 0, 0, 0.79, "measured 0.779-0.789 under zstd-1 (BENCHMARKS.md: Compression by storage dtype)"),
+    "float32": StorageCost(4, 0, 0, 0.93, "measured 0.924-0.928 under zstd-1 (BENCHMARKS.md: Compression by storage dtype)"),
     # quantised (pipeline/cache/encoding.py): a byte per value + an fp16 scale per (layer, token); int8 also keeps at
     # most MAX_OUTLIERS channels per token in fp16 (counted in full here: an upper bound)
-    "int8": StorageCost(1, SCALE_BYTES, MAX_OUTLIERS, 0.97, "measured 0.90-0.96 with per-token absmax scales (BENCHMARKS.md: Compression by storage dtype)"),
-    "float8_e4m3fn": StorageCost(1, SCALE_BYTES, 0, 0.84, "measured 0.74-0.84 with per-token absmax scales (BENCHMARKS.md: Compression by storage dtype)"),
+    "int8": StorageCost(1, SCALE_BYTES, MAX_OUTLIERS, 0.98, "measured 0.916-0.971 under zstd-1, codes + scales + outliers (BENCHMARKS.md: Compression by storage dtype)"),
+    "float8_e4m3fn": StorageCost(1, SCALE_BYTES, 0, 0.85, "measured 0.790-0.842 under zstd-1, codes + scales (BENCHMARKS.md: Compression by storage dtype)"),
 }
 
 
