@@ -100,6 +100,7 @@ default-tower: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/extract.py --out BENCHMARKS.md
+	$(PY) bench/wds.py --out BENCHMARKS.md
 	$(PY) bench/compression.py --out BENCHMARKS.md
 	$(PY) bench/quantize.py --out BENCHMARKS.md
 	$(PY) bench/codec.py --out BENCHMARKS.md

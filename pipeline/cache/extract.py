@@ -45,7 +45,7 @@ from layerfuse.pipeline.data import sources
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
 from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, ImageAccess, load_image, parse_url_schemes
 from layerfuse.pipeline.data.images import decode_image
-from layerfuse.pipeline.data.stream import read_members
+from layerfuse.pipeline.data.stream import is_pipe, read_members
 from layerfuse.pipeline.data.synthetic import synthetic_plan
 from layerfuse.core.workers import worker_init_fn
 from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL, InstructionEmbedder, max_human_turns
@@ -234,8 +234,9 @@ class _StreamDataset(IterableDataset):
     """
 
     def __init__(self, records: Sequence[SampleRecord], batches: Sequence[Sequence[int]], pre: ImagePreprocessor,
-                 max_pixels: int, access: ImageAccess):
+                 max_pixels: int, access: ImageAccess, pipes: frozenset[str] = frozenset()):
         self.records, self.pre, self.max_pixels, self.access = records, pre, max_pixels, access
+        self.pipes = pipes  # the `pipe:` commands --wds names: no other command is run, whatever a locator says
         self.groups: dict[str | None, list[list[int]]] = {}  # input shard -> its batches, in plan order
         for tar, rows in tar_batches(records, batches):
             self.groups.setdefault(tar, []).append(rows)
@@ -278,7 +279,12 @@ class _StreamDataset(IterableDataset):
             yield _collate([self._item(r, None) for r in batches[b]])
         if tar is None:
             return
-        for row, data in read_members(tar, wanted, self.access.max_bytes):
+        if is_pipe(tar) and tar not in self.pipes:
+            refused = SampleError(f"input shard {tar!r} is a command that --wds does not name; not run")
+            members: Iterator[tuple[int, bytes | SampleError]] = ((row, refused) for row in wanted.values())
+        else:
+            members = read_members(tar, wanted, self.access.max_bytes)
+        for row, data in members:
             got[row] = data
             b = batch_of[row]
             waiting[b] -= 1
@@ -293,7 +299,7 @@ def _loader(cfg: ExtractConfig, records: Sequence[SampleRecord], batches: list[l
     common: dict[str, Any] = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
                                   worker_init_fn=worker_init_fn(cfg.workers), prefetch_factor=4 if cfg.workers else None)
     if cfg.source_spec()["kind"] == "webdataset":
-        ds = _StreamDataset(records, batches, pre, cfg.max_pixels, cfg.image_access())
+        ds = _StreamDataset(records, batches, pre, cfg.max_pixels, cfg.image_access(), sources.pipe_shards(cfg.wds or ""))
         return DataLoader(ds, batch_size=None, collate_fn=_as_collated, **common)
     rows = [r for b in batches for r in b]
     pos = {r: i for i, r in enumerate(rows)}

@@ -47,6 +47,7 @@ __all__ = [
     "normalize_conversations",
     "plan_llava",
     "expand_shards",
+    "pipe_shards",
     "split_member_name",
     "plan_webdataset",
 ]
@@ -424,6 +425,13 @@ def expand_shards(spec: str | list[str]) -> list[str]:
                     raise MissingError(f"shard not found: {path}; check the shard spec (--wds)")
                 out.append(os.path.abspath(path))
     return list(dict.fromkeys(out))
+
+
+def pipe_shards(spec: str | list[str]) -> frozenset[str]:
+    """The `pipe:` commands a shard spec names (as `expand_shards` lists them; nothing else is resolved): extraction
+    runs no command that is not one of these, whatever a cache's stored locators say."""
+    items = [p for part in ([spec] if isinstance(spec, str) else list(spec)) for p in _split_top_level_commas(str(part))]
+    return frozenset(path for item in items for path in braceexpand(item) if is_pipe(path))
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:

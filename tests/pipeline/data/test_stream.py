@@ -231,3 +231,20 @@ def test_hostile_corpus_streamed_from_pipe_and_fsspec(tmp_path, vision_dir, kind
     finally:
         if "url" in written:
             fsspec.filesystem("memory").rm(written["url"].rsplit("/", 1)[0].replace("memory://", "/"), recursive=True)
+
+
+def test_no_command_runs_that_wds_does_not_name(tmp_path, vision_dir):
+    """A cache's stored locators are data: a `pipe:` tar among them that --wds does not name is a bad sample, not run."""
+    from layerfuse.pipeline.cache.extract import _StreamDataset
+    from layerfuse.pipeline.data.access import ImageAccess
+    from layerfuse.pipeline.data.sources import pipe_shards
+
+    assert pipe_shards("a.tar, pipe:cat {x,y}.tar,s3://b/c.tar") == {"pipe:cat x.tar", "pipe:cat y.tar"}
+    flag = tmp_path / "ran"
+    loc = {"tar": f"pipe:touch {flag}", "member": "a.png", "offset": 512, "size": 10}
+    rec = SampleRecord(id="a", source="webdataset", locator=loc, conversations=[], has_image=True)
+    pre = load_vision_encoder(str(vision_dir)).preprocessor(False)
+    ds = _StreamDataset([rec], [[0]], pre, 1 << 24, ImageAccess(), pipe_shards(f"pipe:cat {tmp_path}/s.tar"))
+    [batch] = list(ds)
+    assert batch["items"][0]["error"] == f"input shard 'pipe:touch {flag}' is a command that --wds does not name; not run"
+    assert not flag.exists()
