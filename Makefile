@@ -121,6 +121,27 @@ CUDA_ARCHS ?=
 kernel: $(STAMP)
 	$(PY) -m layerfuse.plugins_trt.build $(if $(CUDA_ARCHS),--archs "$(CUDA_ARCHS)")
 
+# GPU evidence in one go (README "GPU check"): `make gpu-check` on a GPU machine (H100/H200: at most 8 minutes)
+# measures the MSDeformAttn kernel, extraction at ViT-L/14-336, mmfuser training with a 0.5B-shaped LLM and the ONNX
+# front end on onnxruntime CUDA into BENCHMARKS.md (and $$OUT). It needs only the machine's python with torch: the
+# wheels of `make gpu-wheels` (downloaded here for GPU_PYTHONS) and the kernel of `make gpu-kernel` (built here with
+# nvcc for GPU_ARCH) are carried in .gpu-wheels/. GPU_ARGS e.g. --budget 300 --parts kernel,extract.
+GPU_WHEELS ?= .gpu-wheels
+GPU_PYTHONS ?= 3.11 3.12
+GPU_ARCH ?= 90
+GPU_ARGS ?=
+.PHONY: gpu-check gpu-wheels gpu-kernel
+gpu-check:
+	$(PYTHON) bench/gpu.py --wheels $(GPU_WHEELS) $(GPU_ARGS)
+
+gpu-wheels: $(STAMP)
+	$(PY) bench/gpu_env.py download --dest $(GPU_WHEELS) --pythons "$(GPU_PYTHONS)"
+
+gpu-kernel: $(STAMP)
+	$(PY) -m layerfuse.plugins_trt.build --build-dir .gpu-kernel --archs "$(GPU_ARCH)" --no-host --plugin off -q
+	@mkdir -p $(GPU_WHEELS)/kernel && cp .gpu-kernel/libmsda_kernel.so $(GPU_WHEELS)/kernel/libmsda_kernel.so
+	@echo "gpu-kernel: $(GPU_WHEELS)/kernel/libmsda_kernel.so (sm_$(GPU_ARCH), CUDA $$(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'))"
+
 clean:
 	rm -rf $(RUN) .pytest_cache
 

@@ -1,6 +1,6 @@
 """GPU check of the MSDeformAttn CUDA kernel: correctness against grid_sample in float64, determinism, timing.
 
-    python -m layerfuse.plugins_trt.gpu_check [--out BENCHMARKS.md] [--quick] [--archs 90] [--no-large]
+    python -m layerfuse.plugins_trt.gpu_check [--out BENCHMARKS.md] [--json FILE] [--quick] [--archs 90] [--no-large]
 
 1. Builds libmsda_kernel.so (build.py: CMake + nvcc), loads it with ctypes and registers it with ms_deform_attn.
 2. Correctness matrix, each case against the grid_sample reference computed in float64 on the GPU from the same
@@ -14,7 +14,8 @@
    implementations (grid_sample, gather): speed-ups and achieved memory bandwidth as a fraction of the device's peak
    (compulsory bytes: value, locations, weights and output read/written once).
 
-Writes its section of BENCHMARKS.md with --out (replacing only that section). Exit status: 0 all checks passed,
+Writes its section of BENCHMARKS.md with --out (replacing only that section), and its numbers as JSON with --json
+(bench/gpu.py, `make gpu-check`, reads them). Exit status: 0 all checks passed,
 1 a check failed, 2 no CUDA device / kernel not buildable. `--device cpu` runs the same script on the CPU build of
 the kernel arithmetic with tiny shapes: a test of this script, not of the GPU.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
@@ -383,9 +385,31 @@ def render(outcomes: list[Outcome], determinism: bool, auto_ok: bool, timings: l
     return "\n".join(lines) + "\n"
 
 
+def summary(outcomes: list[Outcome], determinism: bool, auto_ok: bool, timings: list[Timing], device: str) -> dict:
+    """The report's numbers as JSON-ready values (--json)."""
+    peak, peak_how = peak_bandwidth(device)
+    rows = []
+    for t in timings:
+        seconds = t.ms.get("raw", t.ms["kernel"]) * 1e-3
+        gbs = t.bytes_moved / seconds / 1e9
+        rows.append({"name": t.name, "dtype": DTYPE_NAMES[t.dtype], "backward": t.backward, "kernel_ms": t.ms["kernel"],
+                     "launcher_ms": t.ms.get("raw"), "grid_sample_ms": t.ms["grid_sample"], "gather_ms": t.ms["gather"],
+                     "vs_grid_sample": t.speedup("grid_sample"), "vs_gather": t.speedup("gather"), "gb_per_s": gbs,
+                     "fraction_of_peak": None if math.isnan(peak) else gbs * 1e9 / peak})
+    return {
+        "machine": machine(device), "cases": len(outcomes), "passed": sum(o.passed for o in outcomes),
+        "failed": [o.case.name for o in outcomes if not o.passed], "determinism": determinism, "auto": auto_ok,
+        "peak": None if math.isnan(peak) else peak, "peak_how": peak_how,
+        "outcomes": [{"name": o.case.name, "forward_err": o.forward_err, "backward_err": o.backward_err,
+                      "passed": o.passed, "note": o.note} for o in outcomes],
+        "timings": rows,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write the report section into this markdown file (BENCHMARKS.md)")
+    parser.add_argument("--json", type=Path, help="also write the numbers as JSON to this file")
     parser.add_argument("--quick", action="store_true", help="a smaller matrix and fewer timing shapes")
     parser.add_argument("--no-large", action="store_true", help="skip the > 2^31-element case (needs ~5 GB)")
     parser.add_argument("--archs", default=None, help="CUDA architectures to build for (default LAYERFUSE_CUDA_ARCHS or 80;90)")
@@ -433,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     print(section)
     if args.out:
         write_section(args.out, SECTION, section)
+    if args.json:
+        args.json.write_text(json.dumps(summary(outcomes, determinism, auto_ok, timings, args.device), indent=1))
     failed = [o.case.name for o in outcomes if not o.passed]
     if failed or not determinism or not auto_ok:
         print(f"gpu_check: FAILED: {failed or ''} {'' if determinism else 'forward not deterministic'} "
