@@ -248,14 +248,15 @@ def build_llm(out: Path, tiny: bool, device: str) -> Path:
 # ---- parts -------------------------------------------------------------------------------------------------------
 
 
-def kernel_library(wheels: Path, work: Path) -> tuple[str, str]:
-    """(path of libmsda_kernel.so, where it came from); PartError when there is none and nvcc is missing."""
+def kernel_library(wheels: Path, work: Path, use_given: bool = True) -> tuple[str, str]:
+    """(path of libmsda_kernel.so, where it came from): LAYERFUSE_MSDA_LIB, the carried one, else built here
+    (use_given=False: built here); PartError when there is none and nvcc is missing."""
     from layerfuse.plugins_trt import build as msda_build
 
-    if os.environ.get("LAYERFUSE_MSDA_LIB"):
+    if use_given and os.environ.get("LAYERFUSE_MSDA_LIB"):
         return os.environ["LAYERFUSE_MSDA_LIB"], "LAYERFUSE_MSDA_LIB"
     carried = wheels / KERNEL_LIB
-    if carried.is_file():
+    if use_given and carried.is_file():
         return str(carried), f"carried {carried.relative_to(wheels.parent) if wheels.is_absolute() else carried} (make gpu-kernel)"
     nvcc = msda_build.find_nvcc()
     if nvcc is None:
@@ -290,6 +291,27 @@ def nvcc_build(out: Path, arch: str, nvcc: str) -> Path:
     return out
 
 
+def probe_kernel(lib: str) -> str:
+    """"" when `lib` loads and runs one tiny forward on the GPU, else why not (one line)."""
+    import torch
+
+    from layerfuse.plugins_trt import kernel as msda_kernel
+
+    try:
+        library = msda_kernel.MSDALibrary(Path(lib))
+        value = torch.zeros(1, 4, 1, 8, device="cuda")
+        shapes = torch.tensor([[2, 2]], device="cuda")
+        starts = torch.zeros(1, dtype=torch.long, device="cuda")
+        loc = torch.full((1, 1, 1, 1, 1, 2), 0.5, device="cuda")
+        attn = torch.ones(1, 1, 1, 1, 1, device="cuda")
+        out = torch.empty(1, 1, 8, device="cuda")
+        library.forward(value, shapes, starts, loc, attn, out, torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 - any failure to load or launch is the answer
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    return ""
+
+
 def part_kernel(args: argparse.Namespace) -> PartResult:
     """plugins_trt/gpu_check.py in this process (its own BENCHMARKS.md section), its JSON summarised."""
     from layerfuse.plugins_trt import gpu_check
@@ -301,6 +323,16 @@ def part_kernel(args: argparse.Namespace) -> PartResult:
         source = "host build (CPU)"
     else:
         lib, source = kernel_library(args.wheels, work)
+        problem = probe_kernel(lib)
+        if problem:  # e.g. built with a newer CUDA than this driver runs: build it here if nvcc is
+            try:
+                lib, source = kernel_library(args.wheels, work, use_given=False)
+            except PartError as err:
+                raise PartError(f"the given kernel library does not run here ({problem}) and it cannot be rebuilt: {err}") from None
+            source += f" (the carried one failed: {problem})"
+            problem = probe_kernel(lib)
+        if problem:
+            return PartResult("error", f"the kernel library {lib} does not run: {problem}", data={"library": source})
         os.environ["LAYERFUSE_MSDA_LIB"] = lib
     status = gpu_check.main(argv)
     if status == 2 or not (work / "gpu_check.json").is_file():

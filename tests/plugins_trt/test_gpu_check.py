@@ -233,3 +233,14 @@ def test_kernel_compiles_for_sm90_with_nvcc_alone(tmp_path):
         dump = subprocess.run([str(cuobjdump), "--list-elf", str(lib)], capture_output=True, text=True, check=True)
         assert "sm_90" in dump.stdout
     assert msda_kernel.MSDALibrary(lib).lib.msda_abi_version() == msda_kernel.ABI_VERSION
+
+
+def test_no_kernel_library_and_no_nvcc_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("LAYERFUSE_MSDA_LIB", raising=False)
+    monkeypatch.setattr(msda_build, "find_nvcc", lambda: None)
+    with pytest.raises(gpu.PartError, match=r"no kernel library: no .*kernel/libmsda_kernel.so \(run `make gpu-kernel`"):
+        gpu.kernel_library(tmp_path / ".gpu-wheels", tmp_path)
+    carried = tmp_path / ".gpu-wheels" / gpu.KERNEL_LIB
+    carried.parent.mkdir(parents=True)
+    carried.write_bytes(b"")
+    assert gpu.kernel_library(tmp_path / ".gpu-wheels", tmp_path)[0] == str(carried)
