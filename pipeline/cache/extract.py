@@ -1,7 +1,8 @@
 """Phase one: run a frozen vision tower once over a source and store every layer in a cache.
 
     source -> plan (records) -> DataLoader workers (load, decode, preprocess) -> batched encoder forward
-           -> shard buffers -> writer thread (zarr, overlapped with compute) -> markers -> finalize
+           -> shard buffers -> writer threads (zarr, overlapped with compute; bounded queue of shards) -> markers -> finalize
+    records -> text thread (each batch's instruction embeddings, ahead of the forward) -> shard buffers
 
 Output shard k holds storage rows [k*S, (k+1)*S). Under torchrun rank r takes shards k = r (mod world),
 and batches never straddle shards, so the cache is bit-for-bit the one a single process writes.
@@ -14,6 +15,7 @@ preprocessing's working size (`ImagePreprocessor.working_pixels`). A refused ima
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -48,7 +50,7 @@ from layerfuse.pipeline.data.images import decode_image
 from layerfuse.pipeline.data.stream import is_pipe, read_members
 from layerfuse.pipeline.data.synthetic import synthetic_plan
 from layerfuse.core.workers import worker_init_fn
-from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL, InstructionEmbedder, max_human_turns
+from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL, InstructionEmbedder, TextBatch, max_human_turns
 
 BUILTIN_SAMPLES = 2000  # the built-in source's size when no source is given
 
@@ -320,22 +322,35 @@ def shard_batches(writer: CacheWriter, shards: Sequence[int], batch_size: int) -
             yield list(range(s, min(b, s + batch_size)))
 
 
-# --- writer thread: overlaps zarr compression and I/O with the encoder -------------------------------------------
+# --- background stages: the writer pool and the text embedder ---------------------------------------------------
+WRITER_THREADS = {"cpu": 1}  # writer threads by device type (others: CUDA_WRITER_THREADS); zarr compresses a shard's chunks in parallel itself
+CUDA_WRITER_THREADS = 4  # on an accelerator the host's cores encode and write while the device computes
+TEXT_AHEAD = 4  # extraction batches whose instruction embeddings may wait, computed, for the image path
+TEXT_THREAD = {"cpu": True}  # whether the text stage has its own thread, by device type (others: True)
+
+
 class _ShardWriterThread:
-    def __init__(self, writer: CacheWriter, depth: int = 2):
+    """Writes whole shards (zarr compression, I/O, then the marker) in `threads` background threads, overlapped with
+    compute. Memory is bounded: at most `depth` full shards wait and `threads` are being written; `submit` blocks
+    beyond that. The first error stops writing and is raised in the main thread by `submit` or `close`."""
+
+    def __init__(self, writer: CacheWriter, depth: int = 2, threads: int = 1):
         self.writer = writer
         self.q: queue.Queue[ShardResult | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.written = 0
-        self.thread = threading.Thread(target=self._run, name="layerfuse-cache-writer", daemon=True)
-        self.thread.start()
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, name=f"layerfuse-cache-writer-{i}", daemon=True) for i in range(max(1, threads))]
+        for t in self.threads:
+            t.start()
 
     def _run(self) -> None:
         while (res := self.q.get()) is not None:
             if self.error is None:
                 try:
                     self.writer.write_shard(res)
-                    self.written += 1
+                    with self._lock:
+                        self.written += 1
                 except BaseException as e:  # surfaced in the main thread by submit/close
                     self.error = e
 
@@ -345,10 +360,81 @@ class _ShardWriterThread:
         self.q.put(res)
 
     def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.q.put(None)
+        for t in self.threads:
+            t.join()
         if self.error:
             raise self.error
+
+
+class _TextStage:
+    """The instruction embeddings of each extraction batch, computed ahead of the image path in a thread.
+
+    Each batch is embedded by one `InstructionEmbedder.embed` call over exactly its rows, as inline embedding does, so
+    the stored values are the same bit for bit (the sentence model's output depends on which texts share a padded
+    batch; deduplication is per batch, fixed by the cache layout). The thread assumes every image of a batch decodes;
+    `get` embeds a batch again in the calling thread when one did not, and for every batch once the loader's batches
+    leave the planned order (streamed sources: any order is correct, the planned one is fast). At most `ahead`
+    computed batches wait. The thread uses the creating thread's number of torch intra-op threads: on a CPU the
+    sentence model's values depend on it.
+    """
+
+    def __init__(self, text: InstructionEmbedder, records: Sequence[SampleRecord], batches: Sequence[Sequence[int]], max_turns: int,
+                 *, background: bool = True, ahead: int = TEXT_AHEAD, device: torch.device | None = None):
+        self.text, self.records, self.max_turns = text, records, max_turns
+        self.planned = [tuple(b) for b in batches]
+        self.next = 0  # the planned batch `get` expects
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=max(1, ahead))
+        self.stop = threading.Event()
+        if not background:
+            self.stop.set()  # inline: `get` embeds every batch
+        self.torch_threads = torch.get_num_threads()  # a new thread would start from the process default
+        self.stream = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None  # beside the forward's
+        self.thread = threading.Thread(target=self._run, name="layerfuse-text", daemon=True)
+        if background:
+            self.thread.start()
+
+    def _embed(self, rows: Sequence[int], has_image: Sequence[bool]) -> TextBatch:
+        return self.text.embed([self.records[r].conversations for r in rows], list(has_image), self.max_turns)  # [B, M, d], [B], [B, d]
+
+    def _run(self) -> None:
+        torch.set_num_threads(self.torch_threads)  # this thread's OpenMP team only
+        try:
+            with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                for rows in self.planned:
+                    if self.stop.is_set():
+                        return
+                    flags = [self.records[r].has_image for r in rows]
+                    self._put((flags, self._embed(rows, flags)))
+        except BaseException as e:  # raised in the main thread by get
+            self._put(e)
+
+    def _put(self, item: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                return self.q.put(item, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def get(self, rows: Sequence[int], has_image: Sequence[bool]) -> TextBatch:
+        """The embeddings of the loader batch `rows` (storage rows) whose images decoded as `has_image`."""
+        if not self.stop.is_set() and self.next < len(self.planned) and tuple(rows) == self.planned[self.next]:
+            self.next += 1
+            item = self.q.get()
+            if isinstance(item, BaseException):
+                raise item
+            flags, emb = item
+            if flags == list(has_image):
+                return emb
+        else:
+            self.stop.set()  # the loader left the planned order: embed inline from here on
+        return self._embed(rows, has_image)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
 
 
 class _ShardBuffer:
@@ -624,7 +710,8 @@ def _process(
     batches = list(shard_batches(writer, shards, cfg.batch_size))
     rows = [r for b in batches for r in b]
     loader = _loader(cfg, records, batches, enc.preprocessor(cfg.pad_to_square), device)
-    sink = _ShardWriterThread(writer)
+    sink = _ShardWriterThread(writer, threads=WRITER_THREADS.get(device.type, CUDA_WRITER_THREADS))
+    texts = _TextStage(text, records, batches, max_turns, background=TEXT_THREAD.get(device.type, True), device=device)
     buffers: dict[int, _ShardBuffer] = {}
     n_images = n_skipped = 0
     bar = tqdm(
@@ -648,7 +735,7 @@ def _process(
                         raise ExtractError(f"--strict: sample {rec.id} ({rec.image_ref or rec.locator}): {it['error']}")
                 else:
                     status.append(OK if rec.has_image else TEXT_ONLY)
-            emb = text.embed([records[it["row"]].conversations for it in items], [s == OK for s in status], max_turns)
+            emb = texts.get([it["row"] for it in items], [s == OK for s in status])  # computed ahead, in its own thread
             for it in items:
                 if (k := it["row"] // writer.shard_samples) not in buffers:
                     buffers[k] = _ShardBuffer(k, *writer.shard_rows(k), storer.encoding, feat_shape, max_turns, text.dim)
@@ -679,5 +766,6 @@ def _process(
                 bar.set_postfix(skipped=n_skipped, refresh=False)
     finally:
         bar.close()
+        texts.close()
         sink.close()
     return n_images
