@@ -11,17 +11,22 @@ For each (b, q, h): sum over (l, p) of attn * bilinear(value_l, x*w_l - 0.5, y*h
 map (= grid_sample bilinear, zeros padding, align_corners=False). Locations, weights, coordinate math and the
 accumulation are fp32 whatever the value dtype (fp64 for fp64 value).
 
-Implementations: "grid_sample" (reference), "gather" (ONNX-friendly), "kernel" (a compiled kernel plugged in
-with `register_kernel`; the CUDA kernel lives in plugins_trt/), "auto" = the registered kernel for CUDA
-tensors when there is one, else grid_sample, the faster of the two PyTorch paths on CPU and GPU
-(see BENCHMARKS.md, `bench/msda.py`).
+Implementations: "grid_sample" (reference), "gather" (ONNX-friendly; eagerly a sparse autograd.Function, see
+gather.py), "kernel" (a compiled kernel plugged in with `register_kernel`; the CUDA kernel lives in plugins_trt/),
+"auto": the registered kernel for CUDA tensors when there is one, else the faster of grid_sample and gather as
+measured once per (device type, value dtype, with / without backward) in this process (`auto_choice`;
+docs/msda-op.md, "impl=auto").
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Callable
 
 import torch
+
+from layerfuse.core.timing import time_once
 
 from .gather import ms_deform_attn_gather
 from .grid_sample import ms_deform_attn_grid_sample
@@ -29,6 +34,13 @@ from .grid_sample import ms_deform_attn_grid_sample
 MSDAFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 IMPLS: dict[str, MSDAFunction] = {"grid_sample": ms_deform_attn_grid_sample, "gather": ms_deform_attn_gather}
 _KERNEL: dict[str, MSDAFunction] = {}  # the plugin slot: at most one compiled kernel, under key "kernel"
+
+AUTO_CANDIDATES = ("grid_sample", "gather")  # what impl="auto" measures (the kernel, when registered, wins on CUDA)
+AUTO_ENV = "LAYERFUSE_MSDA_IMPL"  # pins impl="auto" to one of AUTO_CANDIDATES (reproducible runs, no measurement)
+AUTO_REPEATS = 2  # timed calls per candidate, interleaved, after one warm-up call each; the fastest counts
+AutoKey = tuple[str, torch.dtype, bool]  # (device type, value dtype, with backward)
+_AUTO: dict[AutoKey, tuple[str, dict[str, float]]] = {}  # key -> (choice, best seconds per candidate)
+log = logging.getLogger(__name__)
 
 
 def register_impl(name: str, fn: MSDAFunction) -> None:
@@ -54,6 +66,78 @@ def unregister_kernel() -> None:
 
 def kernel_available() -> bool:
     return "kernel" in _KERNEL
+
+
+def auto_choices() -> dict[AutoKey, tuple[str, dict[str, float]]]:
+    """What impl="auto" measured in this process: (device type, dtype, backward) -> (choice, best seconds)."""
+    return dict(_AUTO)
+
+
+def reset_auto() -> None:
+    """Forget the measurements (the next impl="auto" call measures again)."""
+    _AUTO.clear()
+
+
+def _measurement_unsafe(value: torch.Tensor) -> bool:
+    """Tracing, compiling or exporting (no timing possible), or capturing a CUDA graph (no synchronisation)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return True
+    return value.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _measure(args: tuple[torch.Tensor, ...], backward: bool) -> dict[str, float]:
+    """Best seconds of each candidate on the call's own inputs (forward, or forward + backward of all three float
+    inputs), interleaved; a candidate that raises is left out. The whole call, not a slice: the per-op overhead
+    of `gather` makes a batch-1 slice favour grid_sample where the full batch does not (BENCHMARKS.md)."""
+    value, shapes, starts, loc, attn = args
+    sample = [t.detach() for t in (value, loc, attn)]
+    times: dict[str, list[float]] = {}
+    for impl in AUTO_CANDIDATES:
+        try:
+            _run(impl, sample, shapes, starts, backward)  # warm-up
+            times[impl] = []
+        except Exception as e:  # noqa: BLE001 - a candidate this device / dtype cannot run is simply not chosen
+            log.warning("ms_deform_attn(impl='auto'): %s fails on %s %s (%s); not a candidate", impl, value.device.type, value.dtype, e)
+    if not times:
+        raise RuntimeError(f"ms_deform_attn(impl='auto'): no implementation runs on {value.device.type} {value.dtype}")
+    for _ in range(AUTO_REPEATS):
+        for impl in times:
+            times[impl].append(time_once(lambda impl=impl: _run(impl, sample, shapes, starts, backward), value.device))
+    return {impl: min(ts) for impl, ts in times.items()}
+
+
+def _run(impl: str, sample: list[torch.Tensor], shapes: torch.Tensor, starts: torch.Tensor, backward: bool) -> None:
+    """One call of `impl` on [value, locations, weights] (+ backward of the sum: gradients for all three)."""
+    with torch.enable_grad() if backward else torch.no_grad():
+        v, lc, a = (t.clone().requires_grad_(True) for t in sample) if backward else sample
+        out = IMPLS[impl](v, shapes, starts, lc, a)
+        if backward:
+            out.sum().backward()
+
+
+def auto_choice(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> str:
+    """The implementation impl="auto" runs for these inputs (docs/msda-op.md, "impl=auto")."""
+    if value.is_cuda and kernel_available():
+        return "kernel"
+    pinned = os.environ.get(AUTO_ENV)
+    if pinned:
+        if pinned not in AUTO_CANDIDATES:
+            raise ValueError(f"{AUTO_ENV}={pinned!r}: use one of {', '.join(AUTO_CANDIDATES)}")
+        return pinned
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (value, sampling_locations, attention_weights))
+    key = (value.device.type, value.dtype, backward)
+    if key in _AUTO:
+        return _AUTO[key][0]
+    if _measurement_unsafe(value):
+        return "gather"  # the plain-op path: traces with dynamic shapes (grid_sample reads the level sizes in Python)
+    times = _measure((value, spatial_shapes, level_start_index, sampling_locations, attention_weights), backward)
+    choice = min(times, key=times.get)
+    _AUTO[key] = (choice, times)
+    log.info(
+        "ms_deform_attn(impl='auto') on %s %s %s: %s (%s)", key[0], str(value.dtype).removeprefix("torch."),
+        "forward+backward" if backward else "forward", choice, ", ".join(f"{k} {t * 1e3:.1f} ms" for k, t in times.items()),
+    )
+    return choice
 
 
 def _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
@@ -99,8 +183,11 @@ def ms_deform_attn(
 ) -> torch.Tensor:
     """Multi-scale deformable attention core: [B, S, H, Dh] values -> [B, Q, H*Dh] (see module docstring)."""
     _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if value.dtype != torch.float64:  # fp32 locations and weights whatever the value dtype
+        sampling_locations, attention_weights = sampling_locations.float(), attention_weights.float()
     if impl == "auto":
-        impl = "kernel" if value.is_cuda and kernel_available() else "grid_sample"
+        with torch.autocast(value.device.type, enabled=False):
+            impl = auto_choice(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if impl == "kernel":
         if not kernel_available():
             raise RuntimeError(
@@ -113,5 +200,5 @@ def ms_deform_attn(
     else:
         raise ValueError(f"ms_deform_attn: unknown impl {impl!r}; use auto, {', '.join(IMPLS)} or kernel")
     with torch.autocast(value.device.type, enabled=False):
-        out = fn(value, spatial_shapes, level_start_index, sampling_locations.float() if value.dtype != torch.float64 else sampling_locations, attention_weights.float() if value.dtype != torch.float64 else attention_weights)
+        out = fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return out.to(value.dtype)

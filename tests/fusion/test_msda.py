@@ -14,6 +14,9 @@ from layerfuse.fusion.msda import (
     unregister_kernel,
 )
 
+from layerfuse.fusion.msda import function as msda_function
+from layerfuse.fusion.msda.gather import GatherFunction, gather_plain
+
 from tests.msda_reference import loop_reference
 from tests.support import REPO
 
@@ -243,6 +246,146 @@ def test_reference_grid_pixel_centres():
     torch.testing.assert_close(g[0], torch.tensor([1 / 6, 1 / 4]))
     torch.testing.assert_close(g[4], torch.tensor([3 / 6, 3 / 4]))  # row 1, column 1
     assert g.shape == (6, 2)
+
+
+# --- the gather path's two executions (plain ops when traced, the sparse autograd.Function eagerly) -------
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_plain_formulation_matches_loop_reference_float64(name):
+    """gather_plain is what tracing / export / compile see: same contract as the eager path."""
+    value, shapes, starts, loc, attn = case(SHAPES[name], dh=5)
+    torch.testing.assert_close(gather_plain(value, shapes, starts, loc, attn), loop_reference(value, shapes, starts, loc, attn), rtol=1e-12, atol=1e-12)
+
+
+def test_plain_formulation_gradcheck_float64():
+    value, shapes, starts, loc, attn = case([(3, 4), (2, 3)], b=1, q=3, h=2, dh=2, p=2, seed=2, lo=0.05, hi=0.95)
+    for t in (value, loc, attn):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v, lc, a: gather_plain(v, shapes, starts, lc, a), (value, loc, attn), eps=1e-6, atol=1e-6)
+
+
+def test_sparse_function_gradcheck_borders_and_outside_float64():
+    """The hand-written backward where corners leave the map (zero padding) and across several levels / heads."""
+    value, shapes, starts, loc, attn = case(SHAPES["mixed-levels"], b=2, q=4, h=3, dh=3, p=2, seed=7, lo=-0.3, hi=1.3)
+    loc = loc.detach().clone()
+    loc[0, 0, 0, 0, 0] = torch.tensor([-0.9, 0.5], dtype=torch.float64)  # entirely outside: zero gradient
+    for t in (value, loc, attn):
+        t.requires_grad_(True)
+    fn = lambda v, lc, a: GatherFunction.apply(v, shapes, starts, lc, a)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (value, loc, attn), eps=1e-7, atol=1e-6)
+
+
+def test_sparse_function_and_plain_agree_with_grads_and_partial_needs():
+    value, shapes, starts, loc, attn = case([(6, 5), (3, 3)], b=2, q=7, h=4, dh=8, p=3, seed=8)
+    grads = []
+    for fn in (GatherFunction.apply, gather_plain):
+        v, lc, a = (t.clone().requires_grad_(True) for t in (value, loc, attn))
+        out = fn(v, shapes, starts, lc, a)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+        grads.append((out.detach(), v.grad, lc.grad, a.grad))
+    for x, y in zip(*grads):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    # only some inputs need gradients: the others get None, the rest is unchanged
+    lc = loc.clone().requires_grad_(True)
+    GatherFunction.apply(value, shapes, starts, lc, attn).sum().backward()
+    ref = loc.clone().requires_grad_(True)
+    gather_plain(value, shapes, starts, ref, attn).sum().backward()
+    torch.testing.assert_close(lc.grad, ref.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_half_value_grads_fp32_math(dtype, tol):
+    """Reduced-precision value: fp32 sums in forward and backward, gradients back in value's dtype."""
+    value, shapes, starts, loc, attn = case(SHAPES["mixed-levels"], dh=8)
+    v16 = value.to(dtype)
+    res = []
+    for v in (v16.float(), v16):
+        v, lc, a = v.clone().requires_grad_(True), loc.float().requires_grad_(True), attn.float().requires_grad_(True)
+        ms_deform_attn(v, shapes, starts, lc, a, impl="gather").square().sum().backward()
+        res.append((v.grad, lc.grad, a.grad))
+    assert res[1][0].dtype == dtype
+    for x, y in zip(*res):
+        torch.testing.assert_close(y.float(), x, rtol=tol, atol=tol)
+
+
+def test_traced_gather_is_plain_ops():
+    """Under tracing the gather path is the plain formulation (no sparse tensors, no custom autograd node)."""
+    value, shapes, starts, loc, attn = case([(3, 4), (2, 2)], dtype=torch.float32)
+    traced = torch.jit.trace(lambda v, lc, a: ms_deform_attn_gather(v, shapes, starts, lc, a), (value, loc.float(), attn.float()))
+    kinds = {n.kind() for n in traced.graph.nodes()}
+    assert "aten::index_select" in kinds and "aten::bmm" in kinds
+    assert not any("sparse" in k or "PythonOp" in k for k in kinds), kinds
+
+
+# --- impl="auto" -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_auto(monkeypatch):
+    monkeypatch.delenv(msda_function.AUTO_ENV, raising=False)
+    msda_function.reset_auto()
+    yield
+    msda_function.reset_auto()
+
+
+def test_auto_measures_once_per_device_dtype_and_pass(fresh_auto, monkeypatch):
+    value, shapes, starts, loc, attn = case([(4, 4), (2, 2)], dtype=torch.float32)
+    loc, attn = loc.float(), attn.float()
+    times = {"grid_sample": 2.0, "gather": 1.0}
+    measured = []
+
+    def fake_measure(args, backward):
+        measured.append(backward)
+        return dict(times)
+
+    monkeypatch.setattr(msda_function, "_measure", fake_measure)
+    for _ in range(3):
+        out = ms_deform_attn(value, shapes, starts, loc, attn)
+    assert measured == [False]
+    assert msda_function.auto_choices() == {("cpu", torch.float32, False): ("gather", times)}
+    torch.testing.assert_close(out, ms_deform_attn(value, shapes, starts, loc, attn, impl="gather"))
+    times.update(grid_sample=0.5)
+    ms_deform_attn(value.requires_grad_(True), shapes, starts, loc, attn).sum().backward()  # training: its own entry
+    ms_deform_attn(value.detach().bfloat16(), shapes, starts, loc, attn)  # another dtype: its own entry
+    assert measured == [False, True, False]
+    choices = {k: c for k, (c, _) in msda_function.auto_choices().items()}
+    assert choices == {("cpu", torch.float32, False): "gather", ("cpu", torch.float32, True): "grid_sample",
+                       ("cpu", torch.bfloat16, False): "grid_sample"}
+
+
+def test_auto_real_measurement_and_pin(fresh_auto, monkeypatch):
+    value, shapes, starts, loc, attn = case([(4, 4), (2, 2)], b=3, dtype=torch.float32)
+    loc, attn = loc.float(), attn.float()
+    ms_deform_attn(value, shapes, starts, loc, attn)
+    ((key, (choice, times)),) = msda_function.auto_choices().items()
+    assert key == ("cpu", torch.float32, False) and choice in ("grid_sample", "gather")
+    assert set(times) == {"grid_sample", "gather"} and choice == min(times, key=times.get)
+    monkeypatch.setenv(msda_function.AUTO_ENV, "gather")
+    assert msda_function.auto_choice(value, shapes, starts, loc, attn) == "gather"
+    monkeypatch.setenv(msda_function.AUTO_ENV, "nope")
+    with pytest.raises(ValueError, match="LAYERFUSE_MSDA_IMPL"):
+        ms_deform_attn(value, shapes, starts, loc, attn)
+
+
+def test_auto_drops_a_failing_candidate(fresh_auto, monkeypatch):
+    value, shapes, starts, loc, attn = case([(2, 3)], dtype=torch.float32)
+
+    def broken(*args):
+        raise RuntimeError("not on this device")
+
+    monkeypatch.setitem(msda_function.IMPLS, "grid_sample", broken)
+    assert ms_deform_attn(value, shapes, starts, loc.float(), attn.float()).shape == (2, 5, 6)
+    assert msda_function.auto_choices()[("cpu", torch.float32, False)][0] == "gather"
+
+
+def test_auto_does_not_measure_while_tracing(fresh_auto, monkeypatch):
+    value, shapes, starts, loc, attn = case([(3, 4), (2, 2)], dtype=torch.float32)
+    monkeypatch.setattr(msda_function, "_measure", lambda *a: pytest.fail("measured while tracing"))
+    fn = lambda v, lc, a: ms_deform_attn(v, shapes, starts, lc, a)  # noqa: E731
+    traced = torch.jit.trace(fn, (value, loc.float(), attn.float()), check_trace=False)  # the check reruns it eagerly
+    assert "aten::index_select" in {n.kind() for n in traced.graph.nodes()}
+    assert msda_function.auto_choices() == {}
 
 
 def test_benchmark_script_writes_its_section(tmp_path):
