@@ -128,17 +128,19 @@ def compare_encoder(name: str, vision: str, vision_dir: Path, n: int, run_dir: P
             enc(pix[a:b])
 
     fwd, pipe, fwd_cpu, pipe_cpu = [], [], [], []
+    load = [os.getloadavg()[0]]
     for i in range(repeats):
         c = cpu_seconds()
         fwd.append(median_time(forward, 1))
         fwd_cpu.append(cpu_seconds() - c)
         out = run_dir / f"cache-{name}-{i}"
         pipe.append(timed_extract(out, n, vision, run_dir, pipe_cpu))
+        load.append(os.getloadavg()[0])
         print(f"{name} run {i + 1}/{repeats}: forward-only {fwd[-1]:.2f} s ({fwd_cpu[-1]:.1f} CPU s), pipeline {pipe[-1]:.2f} s "
               f"({pipe_cpu[-1]:.1f} CPU s)", file=sys.stderr)
     info = enc.info
     return {
-        "name": name, "n": n, "load_s": load_s, "fwd_s": statistics.median(fwd), "pipe_s": statistics.median(pipe), "runs": (fwd, pipe), "cpu": (statistics.median(fwd_cpu), statistics.median(pipe_cpu)),
+        "name": name, "n": n, "load_s": load_s, "fwd_s": statistics.median(fwd), "pipe_s": statistics.median(pipe), "runs": (fwd, pipe), "cpu": (statistics.median(fwd_cpu), statistics.median(pipe_cpu)), "loadavg": max(load),
         "cache": out, "shard": shard, "raw_fp16": (info.num_layers + 1) * info.num_tokens * info.hidden_size * 2,
         "run_dir": run_dir, "enc": enc, "text": text, "records": records, "pix": pix, "batch": cfg.batch_size,
     }
@@ -263,16 +265,19 @@ def render(cmd: str, pipes: list[dict], reads: list[dict]) -> str:
     cores = os.cpu_count()
     text = [
         "Design: the DataLoader workers decode and preprocess; the main thread runs the forward and one feature conversion per "
-        f"batch; a text thread embeds each batch's instructions ahead of the forward ({TEXT_WHERE.split(',')[0]} here; the same "
-        "per-batch `embed` calls as before, so the same bits); full output shards go through a bounded queue (2 shards) to a pool of writer "
-        "threads (1 on a CPU device, more on an accelerator) that compress, write and mark them.",
+        f"batch; the instruction embeddings of each batch are computed in the {TEXT_WHERE} (the same per-batch `embed` calls as "
+        "before, so the same bits); full output shards go through a bounded queue (2 shards) to a pool of writer threads (1 on a CPU "
+        "device, more on an accelerator) that compress, write and mark them.",
         f"The tiny default reaches {ratio(tiny):.2f} of forward-only speed (pairs {pairs(tiny)}). Its forward takes {ms(fwd_t)}/image, and "
-        f"the instruction embedding alone {ms(text_t)}/image ({text_t / fwd_t:.2f}x the forward: all-MiniLM-L6-v2 over a batch's distinct "
-        f"instructions costs about as much compute as this tiny tower); the pipeline spends {tiny['cpu'][1] / tiny['cpu'][0]:.1f}x the CPU "
+        f"the instruction embedding alone {ms(text_t)}/image ({text_t / fwd_t:.2f}x the forward"
+        + (": all-MiniLM-L6-v2 over a batch's distinct instructions is not much cheaper than this tiny tower" if text_t > 0.3 * fwd_t else "")
+        + f"); the pipeline spends {tiny['cpu'][1] / tiny['cpu'][0]:.1f}x the CPU "
         f"seconds of the forward alone. On {cores} cores the forward already keeps every core busy, so no stage can run beside it for free: "
         f"the stages alone sum to {ms(sum_t)}/image, a ceiling of about {fwd_t / sum_t:.2f} on this machine, and a one-batch run costs "
-        f"{tb['fixed_s']:.2f} s of fixed work (plan, layout, workers, finalize). 0.9 is out of reach for this tower on a CPU without changing the "
-        "stored text embeddings (their bits depend on which instructions share a batch and on the thread count).",
+        f"{tb['fixed_s']:.2f} s of fixed work (plan, layout, workers, finalize)"
+        + (". 0.9 is out of reach for this tower on this CPU without changing the stored text embeddings (their bits depend on which "
+           "instructions share a batch and on the thread count, so they cannot be batched differently or deduplicated across batches)."
+           if fwd_t / sum_t < 0.9 else "."),
     ]
     for p in big:
         (w1, m1), (w2, m2) = others(p)[:2]
@@ -284,8 +289,11 @@ def render(cmd: str, pipes: list[dict], reads: list[dict]) -> str:
             f"{p['shard']}-row shards) is written after the last forward."
         )
     spread = max(max(f / q for f, q in zip(*p["runs"])) - min(f / q for f, q in zip(*p["runs"])) for p in pipes)
-    if spread > 0.05:
-        text.append(f"Pairs differ by up to {spread:.2f}: this 2-core VM is shared and noisy between runs.")
+    busy = max(p["loadavg"] for p in pipes)
+    if spread > 0.05 or busy > 1.5 * (cores or 1):
+        text.append(f"Pairs differ by up to {spread:.2f}, and the 1-minute load average reached {busy:.1f} on {cores} cores during the "
+                    "timed runs: this VM is shared, and other jobs slow a forward on every core (an OpenMP team waits for its slowest "
+                    "thread) more than the pipeline's mixed stages, so ratios from a busy machine are not the pipeline's.")
     text += [
         f"Reading {len(LAYERS)} of {reads[0]['layers']} layers fetches {reads[0]['b3'] / reads[0]['ball']:.3f} of the feature bytes "
         f"(a chunk is {tiny['chunk']} samples x 1 layer) in {reads[0]['t3'] / reads[0]['tall']:.2f} / {reads[1]['t3'] / reads[1]['tall']:.2f} "
