@@ -284,8 +284,8 @@ def render(cmd: str, pipes: list[dict], reads: list[dict]) -> str:
         last = p["n"] - (p["n"] - 1) // p["shard"] * p["shard"]
         text.append(
             f"{p['short']}: the forward dominates ({ms(p['fwd_s'] / p['n'])}/image) and the pipeline reaches {ratio(p):.2f} (pairs {pairs(p)}, "
-            f"{p['cpu'][1] / p['cpu'][0]:.2f}x the forward's CPU seconds); the largest other costs are {m1} ({ms(w1)}/image for "
-            f"{p['raw_fp16'] / 1e6:.1f} MB of fp16 features) and {m2} ({ms(w2)}); the last output shard ({last} of {p['n']} rows, "
+            f"{p['cpu'][1] / p['cpu'][0]:.2f}x the forward's CPU seconds); the largest other costs are {m1} ({ms(w1)}/image) and {m2} "
+            f"({ms(w2)}/image), for {p['raw_fp16'] / 1e6:.1f} MB of fp16 features per image; the last output shard ({last} of {p['n']} rows, "
             f"{p['shard']}-row shards) is written after the last forward."
         )
     spread = max(max(f / q for f, q in zip(*p["runs"])) - min(f / q for f, q in zip(*p["runs"])) for p in pipes)
