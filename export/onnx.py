@@ -20,6 +20,11 @@ MSDeformAttn core op; the mode is applied to the exported graph afterwards. Ever
 
     path = export_onnx(fuser, "front.onnx", msda="hybrid")
     report = verify_onnx(path, fuser)            # layerfuse.export.verify: ORT / onnx.reference vs PyTorch
+    session = ort_session(path)                  # onnxruntime CPU with the options BENCHMARKS.md measured
+
+After packaging, `layerfuse.export.graph_opt` folds constants (the inlined gather function's shape arithmetic) and
+stores constant operands of inner-axis broadcasts materialised (onnxruntime's elementwise kernels are slow on those);
+plain ONNX ops in, the same plain ops out.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from layerfuse.fusion.base import Fuser
 from layerfuse.plugins_trt.info import ONNX_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 from .frontend import FrontEnd, OnnxExportError, eval_mode
+from .graph_opt import broadcast_friendly, fold_constants
 from .msda_onnx import MsdaMode, msda_as_export_op, msda_nodes, package, register_onnx_schema, translation_table
 from .verify import verify_onnx
 
@@ -99,13 +105,31 @@ def export_onnx(
             dynamic_shapes=tuple({0: batch} for _ in args),
             custom_translation_table=translation_table(), optimize=True, verbose=False,
         )
-    model = package(program.model_proto, msda)
+    with _quiet_exporter():
+        model = broadcast_friendly(fold_constants(package(program.model_proto, msda)))
     _describe(model, fuser, msda, encoder)
     _save(model, out_path)
     check_onnx(out_path)
     if check_batch_sizes:
         verify_onnx(out_path, fuser, encoder=encoder, batch_sizes=check_batch_sizes).raise_on_failure()
     return out_path
+
+
+def ort_session(path: str | Path, threads: int | None = None) -> Any:
+    """An onnxruntime CPU `InferenceSession` for an exported file: all graph optimisations, `threads` intra-op
+    threads (default torch's), sequential execution, and intra-op threads that block instead of spinning between
+    ops and runs (spinning threads take the cores from whatever runs next, e.g. PyTorch in the same process, and
+    from each other on a shared or oversubscribed machine; BENCHMARKS.md, ONNX export)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def _describe(model: onnx.ModelProto, fuser: Fuser, msda: str, encoder: Any | None) -> None:

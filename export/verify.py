@@ -3,8 +3,9 @@
 Runtimes: "onnxruntime-cpu" and "onnxruntime-cuda" (ORT execution providers; CUDA needs onnxruntime-gpu and a GPU,
 TF32 off) for `gather` / `hybrid` files; "reference" (`onnx.reference.ReferenceEvaluator` with the numpy
 MSDeformAttn op of `layerfuse.export.msda_numpy`) for `custom` files, which no stock runtime can run. The
-eager side is the fuser as trained (its own MSDeformAttn implementation, `grid_sample` on CPU), so the graph is
-checked against an independent implementation.
+eager side is the fuser as trained, with its own MSDeformAttn implementation: by default `impl="auto"`, i.e. on CPU
+whichever of `grid_sample` and the sparse CSR `gather` (an autograd.Function, not the plain-op formulation the
+graph holds) measured faster in this process; either way an implementation independent of the graph's Gather ops.
 
 Tolerance (fp32 graph): max |onnx - eager| <= atol * max(1, max |eager|) per output, atol = 1e-4 by default.
 
