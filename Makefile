@@ -104,6 +104,7 @@ bench: $(STAMP)
 	$(PY) bench/compression.py --out BENCHMARKS.md
 	$(PY) bench/quantize.py --out BENCHMARKS.md
 	$(PY) bench/codec.py --out BENCHMARKS.md
+	$(PY) bench/storage.py --out BENCHMARKS.md
 	$(PY) bench/msda.py --out BENCHMARKS.md
 	$(PY) bench/export.py --out BENCHMARKS.md
 	$(PY) bench/train.py --out BENCHMARKS.md
