@@ -4,8 +4,8 @@
                                     function's shape arithmetic becomes initializers), dead nodes dropped
     broadcast_friendly(model)       a constant operand of an elementwise op that broadcasts on inner axes
                                     (e.g. x [B, Q, H, L, P, 2] / c [1, 1, 1, L, 1, 2]) is stored materialised over
-                                    the axes it broadcasts on ([1, Q, H, L, P, 2]), so the op broadcasts only on the
-                                    leading (batch) axes; an Expand / Unsqueeze chain from a constant into such an
+                                    trailing axes of the result ([1, 1, H, L, P, 2]), so the op broadcasts over long
+                                    contiguous runs; an Expand / Unsqueeze chain from a constant into such an
                                     operand is folded into the constant when broadcasting makes the Expand redundant
 
 Why: onnxruntime's CPU elementwise kernels loop over contiguous spans of the broadcast; a constant that varies on
@@ -23,6 +23,8 @@ from onnx import numpy_helper
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Equal", "Less", "Greater", "LessOrEqual",
                "GreaterOrEqual", "And", "Or"}
 MAX_CONSTANT_ELEMENTS = 1 << 20  # a materialised constant holds at most this many elements (4 MiB in fp32)
+MIN_SPAN = 64  # a constant whose contiguous run in the result is at least this long (e.g. a bias) is left alone
+TARGET_SPAN = 512  # others are materialised over as few trailing axes as give a run this long
 
 Dims = list  # [int | str | None] per axis: static size, symbolic name, or unknown
 
@@ -79,8 +81,9 @@ def _resolve(name: str, producers: dict[str, onnx.NodeProto], consts: dict[str, 
 
 
 def _materialised(c: np.ndarray, other: Dims, out: Dims) -> np.ndarray | None:
-    """`c` stored over the axes where it broadcasts against `other` (leading axes left at 1), or None when that
-    is not needed, not possible with static sizes, or too large."""
+    """`c` stored over trailing static axes of the result (the fewest that make a contiguous run of `TARGET_SPAN`,
+    at most `MAX_CONSTANT_ELEMENTS`; leading axes left at 1), or None when its run in the result is already
+    `MIN_SPAN` long, or when that is not possible with static sizes."""
     rank = len(out)
     if c.ndim > rank or len(other) > rank:
         return None
@@ -94,11 +97,22 @@ def _materialised(c: np.ndarray, other: Dims, out: Dims) -> np.ndarray | None:
     varying = [a for a in range(rank) if cd[a] != 1]
     if not varying:
         return None
-    j = varying[0]
-    target = [1] * j + list(out[j:])
-    if not all(isinstance(d, int) and d > 0 for d in target) or int(np.prod(target)) > MAX_CONSTANT_ELEMENTS:
+    run = 1  # elements of the innermost axes where c and the result agree: what one broadcast span covers
+    for a in reversed(range(rank)):
+        if cd[a] != out[a]:
+            break
+        run *= int(cd[a])
+    if run >= MIN_SPAN and run == int(np.prod(cd)):
         return None
-    return np.ascontiguousarray(np.broadcast_to(c.reshape(cd), target))
+    static = rank
+    while static > 0 and isinstance(out[static - 1], int) and out[static - 1] > 0:
+        static -= 1
+    fits = [j for j in range(static, varying[0] + 1) if int(np.prod(out[j:])) <= MAX_CONSTANT_ELEMENTS]
+    if not fits:
+        return None
+    long_enough = [j for j in fits if int(np.prod(out[j:])) >= TARGET_SPAN]
+    j = max(long_enough) if long_enough else min(fits)  # the shortest run >= TARGET_SPAN, else the longest one
+    return np.ascontiguousarray(np.broadcast_to(c.reshape(cd), [1] * j + list(out[j:])))
 
 
 def broadcast_friendly(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -125,7 +139,7 @@ def broadcast_friendly(model: onnx.ModelProto) -> onnx.ModelProto:
             if full is None:
                 continue
             if not skipped_expand and list(full.shape) == [1] * (len(result) - c.ndim) + list(c.shape):
-                continue  # already broadcasts on leading axes only
+                continue  # already as long a run as it can get
             name = f"{node.input[i]}_bcast"
             while name in names:
                 name += "_"
