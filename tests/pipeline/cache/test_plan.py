@@ -104,7 +104,8 @@ def test_quantised_dtypes(clip_l336):
     # a byte per value + an fp16 scale per (layer, token) + at most 16 fp16 outlier channels per (layer, token)
     assert p.feature_bytes == 25 * 577 * (1024 * 1 + 2 + 16 * 2)
     assert p.feature_bytes / plan_for(str(clip_l336), 1000).feature_bytes < 0.52  # the issue's goal: at most 0.5 (+ outliers)
-    assert p.shard_samples == (512 << 20) // (577 * 1024 * 25)  # shards sized by int8's bytes, as storage_layout's rule
+    # shards and chunks sized as float16's (storage_layout): the same rows per chunk, hence the same data order in training
+    assert (p.shard_samples, p.chunk_samples) == (plan_for(str(clip_l336), 1000).shard_samples, 1) == (18, 1)
     assert "at most 25 x 577 x 16 x 2 B outliers" in p.format()
     assert p.files["feature shards"] == 3 * p.num_shards  # features, quant/scale, quant/outliers
     fp8 = plan_for(str(clip_l336), 1000, dtype="float8_e4m3fn")

@@ -235,3 +235,17 @@ def test_int8_from_webdataset_calibrates_through_the_stream(tmp_path, outlier_to
     assert cache.meta["storage"]["quant"]["outlier_channels"] == _channels_from(FeatureCache(ref), 32)
     assert set(OUTLIER_CHANNELS) <= set(cache.meta["storage"]["quant"]["outlier_channels"][0])
     assert _rel(cache.features(slice(None)), FeatureCache(ref).features(slice(None))) < 0.012
+
+
+def test_quantised_caches_have_the_float16_layout(caches, outlier_tower):
+    """Same rows per chunk and shard as the float16 cache of the same source (storage_layout counts float16 bytes for
+    the quantised dtypes), so training sees the same data order; the tiny tower's defaults would otherwise give 1-byte
+    dtypes twice the rows per chunk."""
+    shape = encoder_shape(str(outlier_tower))
+    layouts = {d: storage_layout(extract_config("x", outlier_tower, dtype=d, shard_samples=None), shape)
+               for d in ("float16", "int8", "float8_e4m3fn")}
+    assert layouts["int8"] == layouts["float8_e4m3fn"] == layouts["float16"] == (256, 32)
+    ref = FeatureCache(caches["float16"])
+    for dtype in ("int8", "float8_e4m3fn"):
+        q = FeatureCache(caches[dtype])
+        assert (q.chunk_rows, q.shard_rows) == (ref.chunk_rows, ref.shard_rows)
