@@ -37,7 +37,7 @@ import transformers  # noqa: E402
 import zarr  # noqa: E402
 from zarr.storage import MemoryStore  # noqa: E402
 
-from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
+from layerfuse.core.benchmarks import CLIP_SHAPES, command, machine, random_clip, write_section  # noqa: E402
 from layerfuse.pipeline.cache.encoding import FeatureEncoding, from_torch, running_absmax  # noqa: E402
 from layerfuse.core.dtypes import StorageDtype  # noqa: E402
 from layerfuse.pipeline.cache.extract import ExtractConfig  # noqa: E402
@@ -57,16 +57,6 @@ class Tower:
     label: str
     folder: str
     images: int
-
-
-def build_clip(out: Path, **kw: int) -> str:
-    """A random-weight CLIP vision tower of the given shape (seed 0) with a CLIP image processor of its size."""
-    torch.manual_seed(0)
-    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**kw)).save_pretrained(out)
-    size = kw["image_size"]
-    proc_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    proc_cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(out)
-    return str(out)
 
 
 def hidden_states(folder: str, images: int) -> torch.Tensor:
@@ -144,10 +134,8 @@ def main() -> None:
                   Tower("tiny CLIP, random", random_tiny, 16 if args.quick else 64)]
         if not args.quick:
             towers += [
-                Tower("ViT-B/16-shaped CLIP, random", build_clip(root / "vitb", hidden_size=768, intermediate_size=3072,
-                                                                 num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16), 8),
-                Tower("ViT-L/14-336-shaped CLIP, random", build_clip(root / "vitl", hidden_size=1024, intermediate_size=4096,
-                                                                     num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14), 4),
+                Tower("ViT-B/16-shaped CLIP, random", str(random_clip(root / "vitb", CLIP_SHAPES["vit-b16"])), 8),
+                Tower("ViT-L/14-336-shaped CLIP, random", str(random_clip(root / "vitl", CLIP_SHAPES["vit-l14-336"])), 4),
             ]
         rows = []
         for tower in towers:

@@ -51,7 +51,7 @@ from layerfuse.pipeline.cache.extract import TEXT_THREAD, ExtractConfig, run_ext
 from layerfuse.pipeline.data.access import load_image  # noqa: E402
 from layerfuse.pipeline.data.synthetic import synthetic_plan  # noqa: E402
 from layerfuse.pipeline.models.text import InstructionEmbedder  # noqa: E402
-from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
+from layerfuse.core.benchmarks import CLIP_SHAPES, command, machine, random_clip, write_section  # noqa: E402
 from layerfuse.core.timing import median_time  # noqa: E402
 
 SECTION = "## Extraction (`bench/extract.py`)"
@@ -63,24 +63,12 @@ transformers.utils.logging.set_verbosity_error()
 
 def build_vitb(out: Path) -> Path:
     """A random CLIP ViT-B/16 vision tower (86M parameters) and a 224 px CLIP image processor."""
-    cfg = transformers.CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                        num_attention_heads=12, image_size=224, patch_size=16)
-    torch.manual_seed(0)
-    proc_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    transformers.CLIPVisionModel(cfg).save_pretrained(out)
-    proc_cls(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(out)
-    return out
+    return random_clip(out, CLIP_SHAPES["vit-b16"])
 
 
 def build_vitl(out: Path) -> Path:
     """A random CLIP ViT-L/14-336 vision tower (304M parameters, 577 tokens) and a 336 px CLIP image processor."""
-    cfg = transformers.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                        num_attention_heads=16, image_size=336, patch_size=14)
-    torch.manual_seed(0)
-    proc_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    transformers.CLIPVisionModel(cfg).save_pretrained(out)
-    proc_cls(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(out)
-    return out
+    return random_clip(out, CLIP_SHAPES["vit-l14-336"])
 
 
 def extract_config(out: Path, n: int, vision: str, run_dir: Path) -> ExtractConfig:

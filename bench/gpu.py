@@ -54,8 +54,6 @@ KERNEL_LIB = "kernel/libmsda_kernel.so"  # under the wheels folder (make gpu-ker
 GOALS = {"kernel_vs_grid_sample_fwd_bwd": 10.0, "kernel_hbm_fraction_fwd": 0.5, "extract_pipeline_ratio": 0.9}
 
 # ViT-L/14-336 and Qwen2-0.5B shapes; the tiny ones run on a CPU in seconds
-VIT_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
-             patch_size=14)
 VIT_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=24, num_attention_heads=2, image_size=28,
                 patch_size=14)
 QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -186,19 +184,9 @@ def build_vision(out: Path, tiny: bool, device: str) -> Path:
     """A random CLIP vision tower (ViT-L/14-336 or tiny) and its image processor, saved once in `out`."""
     if (out / "config.json").is_file():
         return out
-    import torch
-    import transformers
+    from layerfuse.core.benchmarks import CLIP_SHAPES, random_clip  # after the environment setup of this script
 
-    shape = VIT_TINY if tiny else VIT_L
-    cfg = transformers.CLIPVisionConfig(**shape)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.CLIPVisionModel(cfg)
-    model.save_pretrained(out)
-    size = shape["image_size"]
-    proc_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    proc_cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(out)
-    return out
+    return random_clip(out, VIT_TINY if tiny else CLIP_SHAPES["vit-l14-336"], device)
 
 
 def text_model(wheels: Path, work: Path) -> tuple[str, str]:

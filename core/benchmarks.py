@@ -15,8 +15,31 @@ import sys
 from pathlib import Path
 
 import torch
+import transformers
 
 HEADER = "# layerfuse benchmarks\n\nAll numbers are ratios (and the figures behind them) from a single run per section.\n\n"
+
+
+# Random-weight CLIP vision towers of real shapes, for throughput and storage measurements (weights do not change speed)
+CLIP_SHAPES: dict[str, dict[str, int]] = {
+    "vit-b16": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
+                    patch_size=16),  # 86M parameters, 197 tokens
+    "vit-l14-336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+                        patch_size=14),  # LLaVA-1.5's tower: 304M parameters, 577 tokens
+}
+
+
+def random_clip(out: Path, shape: dict[str, int], device: str = "cpu") -> Path:
+    """A CLIP vision tower of `shape` with random weights (seed 0), built on `device`, and a CLIP image processor of its
+    image size, saved in `out` (loaded back through the real loading code by the benchmarks)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**shape))
+    model.save_pretrained(out)
+    size = shape["image_size"]
+    proc_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    proc_cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(out)
+    return Path(out)
 
 
 def machine() -> str:
