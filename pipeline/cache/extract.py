@@ -22,10 +22,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from functools import partial
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
@@ -183,18 +185,25 @@ class _ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.rows[i]
         rec = self.records[row]
-        item: dict[str, Any] = {"row": row, "pixels": None, "size": (-1, -1), "error": None}
-        if not rec.has_image:
-            return item
-        try:
-            img = load_image(rec, max_pixels=self.max_pixels, access=self.access, working_pixels=self.pre.working_pixels)
-            item["size"] = img.size
-            item["pixels"] = self.pre(img)
-        except SampleError as e:
-            item["error"] = e.reason
-        except Exception as e:  # an unexpected failure still names the sample instead of killing the run
-            item["error"] = f"unexpected {type(e).__name__}: {e}"
+        load = partial(load_image, rec, max_pixels=self.max_pixels, access=self.access, working_pixels=self.pre.working_pixels)
+        return _image_item(row, load if rec.has_image else None, self.pre)
+
+
+def _image_item(row: int, load: Callable[[], Image.Image] | None, pre: ImagePreprocessor) -> dict[str, Any]:
+    """Row `row` as the loaders yield it: the preprocessed pixels [3, H, W] and the image's size, or the reason the image
+    could not be used (`load` is None for a row without an image); never raises."""
+    item: dict[str, Any] = {"row": row, "pixels": None, "size": (-1, -1), "error": None}
+    if load is None:
         return item
+    try:
+        img = load()
+        item["size"] = img.size
+        item["pixels"] = pre(img)
+    except SampleError as e:
+        item["error"] = e.reason
+    except Exception as e:  # an unexpected failure still names the sample instead of killing the run
+        item["error"] = f"unexpected {type(e).__name__}: {e}"
+    return item
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -251,19 +260,13 @@ class _StreamDataset(IterableDataset):
                 yield from self._shard(tar, batches)
 
     def _item(self, row: int, data: bytes | SampleError | None) -> dict[str, Any]:
-        item: dict[str, Any] = {"row": row, "pixels": None, "size": (-1, -1), "error": None}
-        if isinstance(data, SampleError):
-            item["error"] = data.reason
-        elif data is not None:
-            try:
-                img = decode_image(data, max_pixels=self.max_pixels, working_pixels=self.pre.working_pixels)
-                item["size"] = img.size
-                item["pixels"] = self.pre(img)
-            except SampleError as e:
-                item["error"] = e.reason
-            except Exception as e:  # an unexpected failure still names the sample instead of killing the run
-                item["error"] = f"unexpected {type(e).__name__}: {e}"
-        return item
+        """A streamed member's bytes (or why it could not be read; None for a row without an image) as a loader item."""
+        def load() -> Image.Image:
+            if isinstance(data, SampleError):
+                raise data
+            return decode_image(data, max_pixels=self.max_pixels, working_pixels=self.pre.working_pixels)
+
+        return _image_item(row, None if data is None else load, self.pre)
 
     def _shard(self, tar: str | None, batches: list[list[int]]) -> Iterator[dict[str, Any]]:
         wanted: dict[tuple[str, int], int] = {}  # (member, data offset) -> row
