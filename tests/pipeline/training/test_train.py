@@ -411,7 +411,9 @@ def test_training_benchmark_script_writes_its_section(tmp_path):
     out.write_text("# layerfuse benchmarks\n\n## Other (`x`)\n\nkeep me\n")
     script = REPO / "bench" / "train.py"
     for _ in range(2):
-        subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], check=True, capture_output=True, timeout=600, env=run_env())
+        done = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                              env=run_env())
+        assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()
     assert "keep me" in text and text.count("## Training from the cache (`bench/train.py`)") == 1
     assert "| tiny default CLIP (24 blocks, 65x64) | 8 |" in text
