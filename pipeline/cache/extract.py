@@ -718,6 +718,9 @@ def _process(
     batches = list(shard_batches(writer, shards, cfg.batch_size))
     rows = [r for b in batches for r in b]
     loader = _loader(cfg, records, batches, enc.preprocessor(cfg.pad_to_square), device)
+    # Fork the DataLoader workers now, before the text thread runs torch code: a worker forked while another thread holds
+    # a libc lock (e.g. glibc's atexit lock, taken when torch first registers a static destructor) hangs for ever.
+    loaded = iter(loader)
     sink = _ShardWriterThread(writer, threads=WRITER_THREADS.get(device.type, CUDA_WRITER_THREADS))
     texts = _TextStage(text, records, batches, max_turns, background=TEXT_THREAD.get(device.type, True), device=device)
     buffers: dict[int, _ShardBuffer] = {}
@@ -731,7 +734,7 @@ def _process(
         dynamic_ncols=True,
     )
     try:
-        for batch in loader:
+        for batch in loaded:
             items = batch["items"]
             hs = enc(batch["pixels"].to(device, non_blocking=True)) if batch["pixels"] is not None else None  # [B, L+1, T, D]
             status = []
