@@ -99,8 +99,7 @@ class FeatureEncoding:
             return cls(d)
         quant = storage[QUANT_KEY]
         if d is StorageDtype.INT8:
-            return cls(d, TokenOutlierInt8(torch.tensor(quant["outlier_channels"], dtype=torch.long).reshape(int(quant["inputs"]), -1)
-                                           if any(quant["outlier_channels"]) else torch.zeros(int(quant["inputs"]), 0, dtype=torch.long)))
+            return cls(d, TokenOutlierInt8(torch.tensor(quant["outlier_channels"], dtype=torch.long)))  # [K, n], n may be 0
         return cls(d, Float8Token())
 
     def storage_record(self, inputs: int) -> dict[str, Any]:
@@ -109,13 +108,9 @@ class FeatureEncoding:
             return {}
         rec: dict[str, Any] = {"scheme": self.scheme.name, "scale_dtype": "float16", "inputs": inputs}
         if isinstance(self.scheme, TokenOutlierInt8):
-            rec.update(outlier_channels=self.outlier_channels_list(inputs), outlier_factor=OUTLIER_FACTOR,
+            rec.update(outlier_channels=self.channels.tolist(), outlier_factor=OUTLIER_FACTOR,
                        max_outliers=MAX_OUTLIERS, calibration_images=CALIBRATION_IMAGES)
         return {QUANT_KEY: rec}
-
-    def outlier_channels_list(self, inputs: int) -> list[list[int]]:
-        ch = self.channels
-        return [[] for _ in range(inputs)] if ch.numel() == 0 else ch.tolist()
 
     # --- layout -----------------------------------------------------------------------------------------------
     @property

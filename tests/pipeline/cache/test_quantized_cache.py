@@ -206,7 +206,7 @@ def _channels_from(cache: FeatureCache, images: int) -> list[list[int]]:
     """The outlier channels int8 extraction should choose: calibrated on the absmax of the first `images` images."""
     rows = np.flatnonzero(cache.table("samples/status") == 1)[:images]
     absmax = running_absmax(None, cache.features_at(rows))
-    return FeatureEncoding.calibrate("int8", absmax, len(cache.inputs)).outlier_channels_list(len(cache.inputs))
+    return FeatureEncoding.calibrate("int8", absmax, len(cache.inputs)).channels.tolist()
 
 
 def test_calibration_uses_the_first_32_readable_images(tmp_path, outlier_tower):
@@ -218,7 +218,7 @@ def test_calibration_uses_the_first_32_readable_images(tmp_path, outlier_tower):
     fp32 = FeatureCache(ref)
     assert fp32.has_image.sum() > 32
     want = FeatureEncoding.calibrate("int8", running_absmax(None, fp32.features_at(
-        np.flatnonzero(fp32.table("samples/status") == 1)[:32], [3, 18, 23])), 3).outlier_channels_list(3)
+        np.flatnonzero(fp32.table("samples/status") == 1)[:32], [3, 18, 23])), 3).channels.tolist()
     assert FeatureCache(q).meta["storage"]["quant"]["outlier_channels"] == want
 
 
