@@ -3,8 +3,9 @@
 `FrontEnd` is what `layerfuse.export.onnx` exports, what `layerfuse.export.verify` and `layerfuse.export.engine` run in
 eager PyTorch to compare with, and `FrontEndSignature` the graph's input/output names and example shapes:
 
-    inputs   layers [B, k, T, D] (or pixel_values [B, 3, H, W] with an encoder), text [B, d_s] (igva)
-    outputs  tokens [B, N_v, d], weights [B, K] (igva), internal_<k>_llm_layer_<m> [B, N, d] (internal fusers)
+    inputs   layers [B, k, T, D] (or pixel_values [B, 3, H, W] with an encoder), text [B, d_s] (igva, tgif router=sentence)
+             or [B, d] (tgif router=llm: the mean LLM token embedding of the prompt, computed outside the graph)
+    outputs  tokens [B, N_v, d], weights [B, K] (igva, tgif), internal_<k>_llm_layer_<m> [B, N, d] (internal fusers)
 """
 
 from __future__ import annotations
@@ -74,12 +75,13 @@ class FrontEnd(nn.Module):
             names, shapes = ["pixel_values"], [(1, 3, size, size)]
         else:
             names, shapes = ["layers"], [(1, len(f.required_layers), v.num_tokens, v.hidden_size)]
-        if f.needs_text:
+        takes_text = f.needs_text or f.needs_prompt  # the cached sentence embedding, or the prompt's mean LLM token embedding
+        if takes_text:
             names.append("text")
-            shapes.append((1, v.text_dim))
+            shapes.append((1, f.text_dim))
         device = self.device
         layers = torch.zeros(1, len(f.required_layers), v.num_tokens, v.hidden_size, device=device)
-        text = torch.zeros(1, v.text_dim, device=device) if f.needs_text else None
+        text = torch.zeros(1, f.text_dim, device=device) if takes_text else None
         with torch.no_grad(), eval_mode(f):
             out = f(layers, text)
         outputs = ["tokens"] + (["weights"] if out.weights is not None else [])

@@ -3,9 +3,10 @@
     inputs   layers        [B, k, T, D]   the fuser's required hidden states, in `fuser.required_layers` order
              (or pixel_values [B, 3, H, W] with `encoder=`: the encoder runs in the graph and its hidden states
               `fuser.required_layers` are selected)
-             text          [B, d_s]       instruction embedding (igva in allocator mode only)
+             text          [B, d_s]       instruction embedding (igva in allocator mode, tgif router=sentence), or
+                           [B, d]         the prompt's mean LLM token embedding (tgif router=llm)
     outputs  tokens        [B, N_v, d]    the visual tokens
-             weights       [B, K]         per-sample group weights (igva)
+             weights       [B, K]         per-sample group (igva) or layer (tgif) weights
              internal_<k>_llm_layer_<m>  [B, N, d]   internal fusers: projector P_k's features, fed to LLM layer m
 
 Batch is dynamic; everything else is fixed by the fuser. fp32 graph (precision is chosen when a TensorRT engine is

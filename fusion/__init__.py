@@ -5,11 +5,11 @@
     fuser.use_views(cache.views)                     # group terms from stored group means, where the cache has them
     cache.features(rows, fuser.required_inputs)  # [B, k, T, D]: only the layers (and means) it needs
 
-Fusers: single, concat, sti, mmfuser, igva (external: they produce the visual tokens) and inject, xattn
-(internal: they also act inside the LLM through hooks; see VisionLanguageModel).
+Fusers: single, concat, sti, mmfuser, igva, tgif, tokenpacker (external: they produce the visual tokens) and
+inject, xattn, deepstack (internal: they also act inside the LLM through hooks; see VisionLanguageModel).
 """
 
-from . import concat, igva, inject, mmfuser, single, sti, xattn  # noqa: F401  (registers the fusers)
+from . import concat, deepstack, igva, inject, mmfuser, single, sti, tgif, tokenpacker, xattn  # noqa: F401  (registers the fusers)
 from .base import Fuser, FuserBuildError, FuserConfig, FuserOutput, LLMSpec, VisionSpec
 from .layers import LayerSelection, LayerSpecError, parse_layers
 from .msda import ms_deform_attn

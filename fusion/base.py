@@ -5,7 +5,9 @@ fuses them and projects to the LLM width. Data at the boundary:
 
     layers  [B, k, T, D]  the k = len(fuser.required_inputs) cached hidden states (or stored group means, see
                           use_views), in that order, all T tokens
-    text    [B, d_s]      instruction embedding (only when fuser.needs_text)
+    text    [B, d_s]      instruction embedding (only when fuser.needs_text: the cached sentence embedding; or, when
+                          fuser.needs_prompt, [B, d] the mean LLM token embedding of the prompt, which
+                          VisionLanguageModel computes from the input ids)
     -> FuserOutput.tokens   [B, N_v, d]   visual tokens placed at the image span of the LLM input
        FuserOutput.internal {k: [B, N, d]}  features the internal fusers feed into LLM layer llm_layer_of[k]
 """
@@ -91,11 +93,13 @@ class FuserBuildError(ConfigError):
 class Fuser(nn.Module):
     """Base class. Subclasses set `name`, `config_class`, build their modules in __init__ and implement
     `fuse`. `required_layers` are hidden-state indices for the cache reader, `needs_text` says whether
-    instruction embeddings are needed."""
+    the cached instruction embeddings are needed, `needs_prompt` whether `text` is instead the mean LLM token
+    embedding of the prompt (VisionLanguageModel computes it; there is none without an LLM)."""
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[FuserConfig]] = FuserConfig
     needs_text: ClassVar[bool] = False
+    needs_prompt: ClassVar[bool] = False
     internal: ClassVar[bool] = False  # acts inside the LLM (inject / xattn)
 
     def __init__(self, config: FuserConfig, vision: VisionSpec, llm: LLMSpec):
@@ -129,6 +133,11 @@ class Fuser(nn.Module):
     def num_visual_tokens(self) -> int:
         return self.vision.num_patches
 
+    @property
+    def text_dim(self) -> int:
+        """Width of the `text` input: d (the LLM's) for a prompt embedding, d_s for the cached sentence embedding."""
+        return self.llm.hidden_size if self.needs_prompt else self.vision.text_dim
+
     # -- helpers for subclasses ------------------------------------------------------------------------
     def term(self, layers: torch.Tensor, k: int, *, patches: bool = True) -> torch.Tensor:
         """Term k of the selection (group terms averaged): [B, k_layers, T, D] -> [B, T or N, D]."""
@@ -148,6 +157,11 @@ class Fuser(nn.Module):
             )
         if self.needs_text and text is None:
             raise ValueError(f"{self.name} needs the instruction embedding `text` [B, {self.vision.text_dim}]")
+        if self.needs_prompt and text is None:
+            raise ValueError(
+                f"{self.name} needs the mean LLM token embedding of the prompt `text` [B, {self.llm.hidden_size}]; "
+                "VisionLanguageModel computes it from the input ids"
+            )
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters split for separate learning rates: 'projector' (any module named

@@ -17,7 +17,7 @@ under whichever name the layer gets it (`cache` from transformers 5.24, `past_ke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -93,12 +93,13 @@ class InternalFuser(Fuser):
     Subclasses implement `apply(k, hidden, positions)`."""
 
     internal = True
+    fuses_listed_base: ClassVar[bool] = True  # a base written in the spec (3-18-23) is fused inside the LLM too
 
     def __init__(self, config: InternalConfig, vision: VisionSpec, llm: LLMSpec):
         super().__init__(config, vision, llm)
         n = len(self.selection.terms)
         # the extra terms, and the base when the spec lists it (3-18-23 -> three LLM layers; docs/methods.md)
-        self.fused_terms = list(range(n - 1)) + ([n - 1] if self.selection.base_listed else [])
+        self.fused_terms = list(range(n - 1)) + ([n - 1] if self.selection.base_listed and self.fuses_listed_base else [])
         if not self.fused_terms:
             raise FuserBuildError(f"{self.name} fuses extra layers inside the LLM; {self.selection.describe()} has none")
         if len(self.selection.base) != 1:
@@ -107,11 +108,18 @@ class InternalFuser(Fuser):
             raise FuserBuildError(f"{self.name} needs the LLM's number of decoder layers (LLMSpec.num_layers)")
         d = llm.hidden_size
         self.projector = Projector(vision.hidden_size, d, config.projector_depth)
-        self.layer_projectors = nn.ModuleList(Projector(vision.hidden_size, d, config.projector_depth) for _ in self.fused_terms)
-        # a group term enters where its last layer would
-        self.llm_layer_of = [llm_layer_for(self.selection.terms[t][-1], vision.num_layers, llm.num_layers) for t in self.fused_terms]
+        self.layer_projectors = nn.ModuleList(self.layer_projector() for _ in self.fused_terms)
+        self.llm_layer_of = self.injection_layers()
         self._handles: list[Any] = []
         self._context: tuple[dict[int, torch.Tensor], ImageSpan] | None = None
+
+    def layer_projector(self) -> nn.Module:
+        """P_k of one fused term: [B, N, D] -> [B, N, d]."""
+        return Projector(self.vision.hidden_size, self.llm.hidden_size, self.config.projector_depth)
+
+    def injection_layers(self) -> list[int]:
+        """The decoder layer each fused term enters before: MLVF's m(k); a group term enters where its last layer would."""
+        return [llm_layer_for(self.selection.terms[t][-1], self.vision.num_layers, self.llm.num_layers) for t in self.fused_terms]
 
     def fuse(self, layers: torch.Tensor, text: torch.Tensor | None) -> FuserOutput:
         n = len(self.selection.terms)

@@ -13,6 +13,10 @@ Spec syntax (`parse_layers`):
 | `former` / `latter` / `all` | mean(hs[1..12]) / mean(hs[13..24]) / both, + base 23 |
 | `mmfuser` | levels 3, 8, 13, 18, query (base) 23 |
 | `igva` | groups 1-6, 7-12, 13-18, 19-24, base 23 |
+| `tokenpacker` | 12, 16, 22, base 23 (TokenPacker's multi-level keys) |
+| `deepstack` | 8, 15, 22, base 23 (Qwen3-VL's blocks 8, 16, 24 of 27, in 24-block indices) |
+| `shallow-middle-deep` | groups 1-12, 13-20, 21-24; the deep group is the base |
+| `tgif` | every block hs[1..L], base L-1 last (not scaled: it is every block on any depth) |
 | `penultimate` / `last` | 23 alone / 24 alone |
 | `4,12,20`, `-2`, `12,` | explicit indices, exactly these, not scaled; negative counts from the end |
 | `1:6,7:12,13:18,19:24,23` | explicit groups (`a:b` = mean of hs[a..b], inclusive) |
@@ -43,10 +47,16 @@ NAMED_PRESETS: dict[str, tuple[tuple[tuple[int, int], ...], bool]] = {
     "all": (((1, 12), (13, 24)), True),
     "mmfuser": (((3, 3), (8, 8), (13, 13), (18, 18)), True),
     "igva": (((1, 6), (7, 12), (13, 18), (19, 24)), True),
+    "tokenpacker": (((12, 12), (16, 16), (22, 22)), True),
+    # Qwen3-VL-8B's deepstack blocks 8, 16, 24 (0-based) of 27 are hs[9], hs[17], hs[25]: 8, 15, 22 on 24 blocks,
+    # which scale back to exactly 9, 17, 25 on a 27-block tower
+    "deepstack": (((8, 8), (15, 15), (22, 22)), True),
+    "shallow-middle-deep": (((1, 12), (13, 20), (21, 24)), False),
     "penultimate": ((), True),
     "last": (((24, 24),), False),
 }
-PRESETS = ("18", "3-18", "3-18-23", *NAMED_PRESETS)
+EVERY_BLOCK = "tgif"  # every block hs[1..L] on any depth, the base (L-1) last
+PRESETS = ("18", "3-18", "3-18-23", *NAMED_PRESETS, EVERY_BLOCK)
 _DASH = re.compile(r"^\d+(-\d+)*$")
 _TERM = re.compile(r"^(-?\d+)(?::(-?\d+))?$")
 
@@ -168,6 +178,9 @@ def parse_layers(spec: str | int | list[int], num_layers: int) -> LayerSelection
         raise LayerSpecError("empty layer spec; use e.g. 'penultimate', '3-18-23', 'igva' or '4,12,20'")
     base = (num_layers - 1 if num_layers > 1 else num_layers,)
     base_listed = False
+    if text == EVERY_BLOCK:
+        terms = [(i,) for i in range(1, num_layers + 1) if (i,) != base]
+        return LayerSelection(text, num_layers, (*terms, base))
     if text in NAMED_PRESETS:
         ranges, with_base = NAMED_PRESETS[text]
         terms = [_scale_range(a, b, num_layers) for a, b in ranges]

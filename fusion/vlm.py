@@ -3,6 +3,9 @@
 Input ids carry `num_visual_tokens` copies of `image_token_id` where the image goes (the tokenizer side
 expands `<image>`); their embeddings are replaced by the fuser's visual tokens, in order, like transformers'
 LLaVA. Internal fusers get their features and the image span through `set_context` before the LLM runs.
+A fuser that `needs_prompt` (tgif with router=llm) gets as `text` the mean LLM token embedding of the prompt:
+the tokens that are not padding, not image placeholders and not supervised (label < 0: IGNORE_INDEX), so the
+answer tokens of a training sample never reach it; training must therefore pass `labels`.
 
     input_ids [B, S], layers [B, k, T, D], text [B, d_s] | None, has_image [B] -> logits [B, S, V]
 
@@ -42,8 +45,34 @@ class VisionLanguageModel(nn.Module):
         self.image_token_id = int(image_token_id)
         fuser.attach(llm)
 
-    def embed(self, input_ids: torch.Tensor, fused: FuserOutput, has_image: torch.Tensor | None = None) -> tuple[torch.Tensor, ImageSpan]:
-        """input_ids [B, S] -> inputs_embeds [B, S, d] with the visual tokens in place, and the image span."""
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, S] -> the LLM's token embeddings [B, S, d] (image placeholders embedded as id 0)."""
+        return self.llm.get_input_embeddings()(input_ids.masked_fill(input_ids == self.image_token_id, 0))
+
+    def prompt_embedding(self, input_ids: torch.Tensor, token_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean token embedding of each row's prompt tokens: [B, S], [B, S, d] -> [B, d] (fp32; zeros for a row without any).
+
+        Prompt tokens: attended (attention_mask), not image placeholders, and not supervised (labels < 0). Without
+        labels every attended text token counts (a generation prompt holds no answer); in training mode labels are
+        required, so that answer tokens cannot leak into the fusion."""
+        if labels is None and self.training:
+            raise ValueError(
+                f"{self.fuser.name} pools the prompt's token embeddings: pass `labels` in training so that the answer "
+                "tokens (label >= 0) are left out"
+            )
+        keep = input_ids != self.image_token_id  # [B, S]
+        if attention_mask is not None:
+            keep = keep & attention_mask.to(keep.device).bool()
+        if labels is not None:
+            keep = keep & (labels.to(keep.device) < 0)
+        w = keep.unsqueeze(-1).float()  # [B, S, 1]
+        return (token_embeds.float() * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+
+    def embed(self, input_ids: torch.Tensor, fused: FuserOutput, has_image: torch.Tensor | None = None,
+              token_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, ImageSpan]:
+        """input_ids [B, S] -> inputs_embeds [B, S, d] with the visual tokens in place, and the image span
+        (`token_embeds` [B, S, d]: the token embeddings when already looked up)."""
         mask = input_ids == self.image_token_id  # [B, S]
         b = input_ids.shape[0]
         if has_image is None:
@@ -59,9 +88,7 @@ class VisionLanguageModel(nn.Module):
                 f"{counts[bad].tolist()} tokens {self.image_token_id}, expected {expected[bad].tolist()} "
                 f"({n_v} per sample with an image)"
             )
-        embeds_layer = self.llm.get_input_embeddings()
-        safe_ids = input_ids.masked_fill(mask, 0)
-        embeds = embeds_layer(safe_ids)
+        embeds = self.token_embeddings(input_ids) if token_embeds is None else token_embeds
         visual = fused.tokens[has_image.to(fused.tokens.device)].to(embeds.dtype)  # [B_img, N_v, d]
         embeds = embeds.masked_scatter(mask.unsqueeze(-1), visual)
         if b and not has_image.any():
@@ -69,11 +96,17 @@ class VisionLanguageModel(nn.Module):
         return embeds, ImageSpan.from_mask(mask)
 
     def prepare(
-        self, input_ids: torch.Tensor, layers: torch.Tensor, text: torch.Tensor | None = None, has_image: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, layers: torch.Tensor, text: torch.Tensor | None = None, has_image: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, FuserOutput]:
-        """Run the fuser, place its tokens and hand the internal fusers their context: -> inputs_embeds [B, S, d]."""
+        """Run the fuser, place its tokens and hand the internal fusers their context: -> inputs_embeds [B, S, d].
+
+        `attention_mask` and `labels` [B, S] only matter to a fuser that `needs_prompt` (its `text` is computed here)."""
+        token_embeds = self.token_embeddings(input_ids)  # [B, S, d]
+        if self.fuser.needs_prompt:
+            text = self.prompt_embedding(input_ids, token_embeds, attention_mask, labels)
         fused = self.fuser(layers, text)
-        embeds, span = self.embed(input_ids, fused, has_image)
+        embeds, span = self.embed(input_ids, fused, has_image, token_embeds)
         if isinstance(self.fuser, InternalFuser):
             self.fuser.set_context(fused.internal, span)
         return embeds, fused
@@ -98,7 +131,7 @@ class VisionLanguageModel(nn.Module):
             return self._decode_step(input_ids, past, attention_mask, labels, llm_kwargs)
         if layers is None:
             raise ValueError("`layers` (the cached vision features) are needed unless this is a decoding step with a filled KV cache")
-        embeds, fused = self.prepare(input_ids, layers, text, has_image)
+        embeds, fused = self.prepare(input_ids, layers, text, has_image, attention_mask, labels)
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
         lm_loss = getattr(out, "loss", None)
         loss = lm_loss

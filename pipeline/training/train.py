@@ -175,7 +175,7 @@ class TrainObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, has_image: torch.Tensor,
                 layers: torch.Tensor, text: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, fused = self.vlm.prepare(input_ids, layers, text, has_image)  # [B, S, d]
+        embeds, fused = self.vlm.prepare(input_ids, layers, text, has_image, attention_mask, labels)  # [B, S, d]
         targets = labels[:, 1:]  # logits at t predict the token at t+1
         kwargs: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": attention_mask, "use_cache": False}
         if self.keep_logits:

@@ -58,7 +58,13 @@ OPTIONS = {
     "igva": {"allocator_dim": 32, "allocator_blocks": 2},
     "inject": {"layers": "3-18-23"},
     "xattn": {"layers": "3-18-23"},
+    "tgif": {"router_dim": 16},  # text = the prompt's mean LLM token embedding [B, d]
+    "tgif-sentence": {"router": "sentence", "router_dim": 16},  # text = the sentence embedding [B, d_s]
+    "tokenpacker": {"heads": 4},  # 4 tokens out of 16
+    "deepstack": {},  # 8, 15, 22 into LLM layers 1, 2, 3
 }
+FUSER_OF = {"tgif-sentence": "tgif"}  # cases that are another fuser with other options
+WEIGHTED = ("igva", "tgif", "tgif-sentence")  # text in, per-sample weights out
 FUSERS = list(OPTIONS)
 BATCHES = (1, 3)
 TRT_REASON = "TensorRT is not installable on this machine (PyPI has only stubs)"
@@ -68,7 +74,7 @@ def make_fuser(name: str, vision: VisionSpec = VISION, seed: int = 0):
     """A fuser with every parameter moved off its init (MMFuser's LayerScale 0 would hide the deformable attention,
     zero offset weights would hide the sampling), so a wrong graph cannot pass."""
     torch.manual_seed(seed)
-    fuser = build_fuser(name, vision, LLM, **OPTIONS[name])
+    fuser = build_fuser(FUSER_OF.get(name, name), vision, LLM, **OPTIONS[name])
     with torch.no_grad():
         for p in fuser.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -123,12 +129,14 @@ def test_every_fuser_exports_and_matches_eager(name, fusers, exported):
     # names: inputs, and the outputs each fuser family has
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    assert inputs == (["layers", "text"] if name == "igva" else ["layers"])
-    if name == "igva":
+    assert inputs == (["layers", "text"] if name in WEIGHTED else ["layers"])
+    if name in WEIGHTED:
         assert outputs == ["tokens", "weights"]
-    elif name in ("inject", "xattn"):
+        assert dims(model.graph.input[1].type)[1:] == [fuser.text_dim] == [LLM.hidden_size if name == "tgif" else VISION.text_dim]
+    elif name in ("inject", "xattn", "deepstack"):
         assert outputs == ["tokens"] + [f"internal_{k}_llm_layer_{m}" for k, m in enumerate(fuser.llm_layer_of)]
-        assert fuser.llm_layer_of == [0, 2, 2]  # 3-18-23 on a 4-layer LLM: three per-layer projectors
+        # 3-18-23 on a 4-layer LLM: three per-layer projectors; deepstack: 8, 15, 22 into the first layers after layer 0
+        assert fuser.llm_layer_of == ([1, 2, 3] if name == "deepstack" else [0, 2, 2])
     else:
         assert outputs == ["tokens"]
     # dynamic batch: a symbolic leading dim on every input and output, everything else static
