@@ -1,10 +1,16 @@
-"""Ablation benchmark: N variants trained in one shared pass against the same N variants one after another.
+"""Ablation benchmark: N variants trained in one shared pass against the same N variants one after another, and a
+3-seed sweep of one variant against one seed.
 
-Both runs are `layerfuse ablate` in probe mode (pipeline/ablation/run.py) with the same variants, steps, seed and data
-order; only the group size differs (N: one pass over the cache feeds every variant; 1: one pass per variant). The
-variants are `concat` on N different layer sets, cheap enough that reading and decoding the cache is a visible part
-of a step, which is what the shared pass pays once instead of N times. Goal: the shared pass costs close to the
-variants' own compute (sum of their compute time), i.e. the read/decode cost is paid once.
+All runs are `layerfuse ablate` in probe mode (pipeline/ablation/run.py) with the same variants, steps, seeds and data
+order; what differs is how they run. The N variants are `concat` on N different layer sets, cheap enough that reading
+and decoding the cache is a visible part of a step, which is what the shared pass pays once instead of N times:
+
+* one after another (`--group-size 1`), the shared pass as `layerfuse ablate` runs it by default (on CPU the
+  variants train concurrently, one per core), the same with `--concurrent 1` (one after another inside the pass) and
+  with `--stack` (variants of one architecture as one vmap-batched model, pipeline/ablation/stacked.py);
+* seeds: `concat 3-18-23` with 1 seed and with 3 seeds (one pass, one loader per seed), by default and with `--stack`.
+
+Goals (issue 16): the 6-variant group's training wall at most 0.4 of one after another; 3 seeds at most 1.5x one.
 
     python bench/ablate.py --out BENCHMARKS.md [--quick] [--cache runs/default/cache] [--variants 6] [--steps 100]
 """
@@ -32,6 +38,7 @@ from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E
 
 transformers.logging.disable_progress_bar()
 SECTION = "## Ablations: shared pass (`bench/ablate.py`)"
+SEED_LAYERS = "3-18-23"
 LAYER_SETS = ("3-18-23", "all", "former", "latter", "igva", "mmfuser", "3-18", "18", "penultimate")
 DEFAULT_CACHE = Path("runs/default/cache")
 
@@ -47,9 +54,9 @@ def build_cache(folder: Path, n: int) -> str:
     return str(out)
 
 
-def run(spec: SweepSpec, out: Path, group_size: int, workers: int) -> dict:
+def run(spec: SweepSpec, out: Path, group_size: int | None, workers: int, **opts: object) -> dict:
     t = time.perf_counter()
-    run_ablation(spec, AblateOptions(out=str(out), group_size=group_size, workers=workers, progress=False))
+    run_ablation(spec, AblateOptions(out=str(out), group_size=group_size, workers=workers, progress=False, **opts))
     wall = time.perf_counter() - t
     recs = [json.loads(p.read_text()) for p in sorted((out / "variants").glob("*.json"))]
     groups = {r["group"]["index"]: r["group"] for r in recs}
@@ -63,9 +70,12 @@ def run(spec: SweepSpec, out: Path, group_size: int, workers: int) -> dict:
     }
 
 
-def render(cmd: str, cache: str, spec: SweepSpec, shared: dict, sequential: dict) -> str:
+def render(cmd: str, cache: str, spec: SweepSpec, shared: dict, sequential: dict, more: dict[str, dict], seeds: dict[str, dict]) -> str:
     n = len(spec.layers)
     same = shared["accuracy"] == sequential["accuracy"]
+    same_more = all(r["accuracy"] == sequential["accuracy"] for r in more.values())
+    one = seeds["1 seed"]
+    seed_rows = [f"| {name} | {r['train_s']:.1f} s | {r['train_s'] / one['train_s']:.2f}x | {r['wall_s']:.1f} s |" for name, r in seeds.items()]
     row = lambda name, r: (f"| {name} | {r['passes']} | {r['train_s']:.1f} s | {r['read_s']:.1f} s | {r['compute_s']:.1f} s | "
                            f"{r['wall_s']:.1f} s |")
     return "\n".join([
@@ -84,6 +94,12 @@ def render(cmd: str, cache: str, spec: SweepSpec, shared: dict, sequential: dict
          f"Shared training wall / the variants' own compute: {shared['train_s'] / max(shared['compute_s'], 1e-9):.2f} "
          "(1.00 = reading and decoding cost nothing extra). "
          f"Per-variant accuracies of the two runs are {'identical' if same else 'NOT identical'} (same data, same init)."), "",
+        "| shared pass, how | training wall | / one after another | total wall |", "|---|---|---|---|",
+        *(f"| {name} | {r['train_s']:.1f} s | {r['train_s'] / sequential['train_s']:.2f} | {r['wall_s']:.1f} s |"
+          for name, r in {"default": shared, **more}.items()), "",
+        f"Per-variant accuracies of these runs and one after another: {'identical' if same_more else 'NOT identical'}.", "",
+        f"Seeds: `concat` x `{SEED_LAYERS}`, {spec.steps} steps of batch {spec.batch_size} (goal: 3 seeds at most 1.5x one):", "",
+        "| run | training wall | / 1 seed | total wall |", "|---|---|---|---|", *seed_rows, "",
     ])
 
 
@@ -110,7 +126,13 @@ def main() -> None:
             run(dataclasses.replace(spec, steps=2), tmp_dir / "warmup", n, args.workers)
         sequential = run(spec, tmp_dir / "sequential", 1, args.workers)
         shared = run(spec, tmp_dir / "shared", n, args.workers)
-    section = render(command(), cache, spec, shared, sequential)
+        more = {"--concurrent 1": run(spec, tmp_dir / "serial", n, args.workers, concurrent=1),
+                "--stack": run(spec, tmp_dir / "stack", n, args.workers, stack=True)}
+        seed_spec = dataclasses.replace(spec, layers=[SEED_LAYERS])
+        seeds = {"1 seed": run(seed_spec, tmp_dir / "seed1", None, args.workers),
+                 "3 seeds": run(dataclasses.replace(seed_spec, seeds=[0, 1, 2]), tmp_dir / "seed3", None, args.workers),
+                 "3 seeds, --stack": run(dataclasses.replace(seed_spec, seeds=[0, 1, 2]), tmp_dir / "seed3s", None, args.workers, stack=True)}
+    section = render(command(), cache, spec, shared, sequential, more, seeds)
     write_section(args.out, SECTION, section)
     print(section)
 

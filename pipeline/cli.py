@@ -789,7 +789,11 @@ def infer_cmd(run_dir: str, images: tuple[str, ...], questions: tuple[str, ...],
 @config_option(ABLATE, "--group-size", type=click.IntRange(min=1), help="Variants per shared pass. [default: as many as fit the memory estimate]")
 @config_option(ABLATE, "--memory-fraction", type=click.FloatRange(0.01, 1.0), help="Share of the available memory the groups may use.")
 @config_option(ABLATE, "--workers", type=click.IntRange(min=0), help="DataLoader reader processes. [default: 1, 2 from 8 cores]")
-@config_option(ABLATE, "--threads", type=click.IntRange(min=1), help="torch CPU threads. [default: cores - workers]")
+@config_option(ABLATE, "--threads", type=click.IntRange(min=1),
+               help="torch CPU threads. [default: cores / --concurrent while variants train at once, else cores - workers]")
+@config_option(ABLATE, "--concurrent", type=click.IntRange(min=1), help="Probe mode on CPU: variants (or stacks) of a pass trained at once, on threads. [default: the cores]")
+@config_option(ABLATE, "--stack/--no-stack", default_text=lambda _: "on CUDA only",
+               help="Probe mode: train variants of one architecture (seeds, layer sets of one shape) as one batched model (vmap).")
 @config_option(ABLATE, "--device", help="auto | cpu | cuda | cuda:N")
 @config_option(ABLATE, "--out", required=True, type=click.Path(file_okay=False), help="Sweep folder (results, plots, per-variant files).")
 @config_option(ABLATE, "--overwrite", is_flag=True, help="Start over in an --out that holds a sweep with other settings.")
@@ -797,10 +801,12 @@ def infer_cmd(run_dir: str, images: tuple[str, ...], questions: tuple[str, ...],
 def ablate_cmd(sweep_file: str | None, fuser_opts: tuple[str, ...], quiet: bool, **settings: Any) -> None:
     """Fusion ablations: train fusers x layer sets x seeds on one cache, many variants per pass over it.
 
-    Variants that fit in memory together share one pass: each batch is read once (the union of their layers) and
-    fed to every variant, each with its own optimizer, in the same order. Combinations the registry refuses
-    (single x 3-18-23, igva x 18, internal fusers in probe mode) are listed as invalid. A killed sweep continues
-    where it stopped: rerun the same command. Results: OUT/results.{md,csv,json} and OUT/plots/*.png.
+    Variants that fit in memory together share one pass: each batch is read once per seed (the union of their layers)
+    and fed to every variant of that seed, each with its own optimizer, in the same order; on CPU they train
+    concurrently, one per core. Variants that compute the same function (concat on one layer = single on it) train
+    once. Combinations the registry refuses (single x 3-18-23, igva x 18, internal fusers in probe mode) are listed
+    as invalid. A killed sweep continues where it stopped: rerun the same command. Results:
+    OUT/results.{md,csv,json} and OUT/plots/*.png.
 
     \b
     Examples:
@@ -825,7 +831,8 @@ def ablate_cmd(sweep_file: str | None, fuser_opts: tuple[str, ...], quiet: bool,
                              num_states=lambda path: FeatureCache(path).num_layers)
     opts = AblateOptions(progress=not quiet, **bound_values(ctx, ABLATE))
     res = run_ablation(spec, opts)
-    click.echo(f"ablate: {res.trained} variant(s) trained in {res.groups} shared pass(es), {res.reused} finished earlier, "
+    same = f", {res.same} the same as another (not trained again)" if res.same else ""
+    click.echo(f"ablate: {res.trained} variant(s) trained in {res.groups} shared pass(es), {res.reused} finished earlier{same}, "
                f"{res.invalid} invalid; {res.wall_s:.0f}s")
     click.echo(f"results: {res.out / 'results.md'} (also .csv, .json), plots in {res.out / 'plots'}")
 

@@ -94,6 +94,7 @@ class LMVariant:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.rng = VariantRNG(variant.seed, device)
+        self.exclusive = True  # LoRA dropout draws from the process-wide stream; a frozen LLM is shared by the group
         self.stats = MemberStats()
         self.eval_index = {str(i): k for k, i in enumerate(eval_ids)}
         self.correct = np.zeros(len(eval_ids), dtype=bool)

@@ -190,6 +190,16 @@ def prepare_batch(batch: ProbeBatch, device: torch.device) -> ProbeBatch:
     return ProbeBatch(b.layers.float(), b.text, b.labels, b.rows)
 
 
+def draws_random(model: nn.Module) -> bool:
+    """Whether training `model` draws random numbers: a dropout with p > 0 (nn.Dropout*, nn.MultiheadAttention's)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        if isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
+            return True
+    return False
+
+
 class ProbeVariant:
     """One variant in the probe budget: ProbeModel, AdamW, warmup + cosine schedule, its predictions on eval."""
 
@@ -209,6 +219,7 @@ class ProbeVariant:
         warmup = max(1, round(spec.warmup_ratio * total_steps))
         self.scheduler = warmup_cosine(self.optimizer, total_steps, warmup)
         self.rng = VariantRNG(variant.seed, device)
+        self.exclusive = draws_random(self.model)  # no fuser in the probe has dropout today: every probe variant can run concurrently
         self.stats = MemberStats()
         self.correct: list[np.ndarray] = []
         self.weights: list[np.ndarray] = []
@@ -217,24 +228,29 @@ class ProbeVariant:
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.trainable)
 
-    def _layers(self, batch: ProbeBatch) -> torch.Tensor:
-        return batch.layers if self.whole else batch.layers[:, self.positions]  # [B, k, T, D]
+    def inputs(self, batch: ProbeBatch) -> torch.Tensor:
+        """This variant's slice of the group's layers: [B, k_union, T, D] -> [B, k, T, D]."""
+        return batch.layers if self.whole else batch.layers[:, self.positions]
 
     def train_step(self, batch: ProbeBatch) -> float:
         self.model.train()
-        logits, fused = self.model(self._layers(batch), batch.text)
+        logits, fused = self.model(self.inputs(batch), batch.text)
         loss = probe_loss(logits, batch.labels, fused)
         loss.backward()
+        self.update()
+        return float(loss.detach())
+
+    def update(self) -> None:
+        """After backward: clip the gradients, one optimizer and schedule step, gradients cleared."""
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
 
     def eval_step(self, batch: ProbeBatch) -> None:
         self.model.eval()
-        logits, fused = self.model(self._layers(batch), batch.text)
+        logits, fused = self.model(self.inputs(batch), batch.text)
         self.correct.append((logits.argmax(-1) == batch.labels).cpu().numpy())
         if fused.weights is not None:
             self.weights.append(fused.weights.float().cpu().numpy())

@@ -66,7 +66,7 @@ def markdown(res: SweepResults, plots: list[Path]) -> str:
         rows = []
         for a in sorted(sweep_arms, key=lambda a: -(a.overall.mean if a.overall.mean is not None else -1)):
             seeds = f"{len(a.seeds_done)}/{len(a.seeds)}"
-            rows.append([a.fuser, f"`{a.layers}`", seeds, f"**{a.overall.text()}**", *(a.per_category[c].text() for c in cats),
+            rows.append([a.fuser, f"`{a.layers}`" + (f" (same as {a.same_as})" if a.same_as else ""), seeds, f"**{a.overall.text()}**", *(a.per_category[c].text() for c in cats),
                          _params(a.trainable_params), a.train_s.text(1), a.samples_per_s.text(0)])
         rows.append(["majority baseline", "", "", _overall_majority(res), *(f"{res.majority.get(c, 0):.3f}" for c in cats), "", "", ""])
         chance = res.sweep["questions"].get("chance", {})  # absent from sweeps written before it was recorded
@@ -89,6 +89,13 @@ def markdown(res: SweepResults, plots: list[Path]) -> str:
                   "docs/methods.md, Reference numbers):", "", _table(hdr, norm), ""]
         if missing:
             parts += [f"Not finished yet: hs{missing}.", ""]
+    same = [a for a in valid if a.same_as]
+    if same:
+        parts += ["## Equivalent variants (trained once)", "",
+                  ("These compute the same function as another variant (same fuser computation on the same layers, same "
+                   "options, same initialisation under each seed; docs/ablations.md): their numbers are that variant's, not "
+                   "a second run."), "",
+                  _table(["fuser", "layers", "same as"], [[a.fuser, f"`{a.layers}`", a.same_as] for a in same]), ""]
     if invalid:
         parts += ["## Invalid combinations", "", _table(["fuser", "layers", "reason"], [[a.fuser, f"`{a.layers}`", a.reason or ""] for a in invalid]), ""]
     unfinished = [a for a in valid if a.status in ("pending", "partial")]
@@ -131,6 +138,7 @@ def results_json(res: SweepResults) -> dict[str, Any]:
         d = {"fuser": a.fuser, "layers": a.layers, "study": a.study, "status": a.status, "reason": a.reason, "describe": a.describe,
              "required_layers": a.required_layers, "seeds": a.seeds, "seeds_done": a.seeds_done}
         if a.status != "invalid":
+            d["same_as"] = a.same_as
             d.update({"overall": _stat_json(a.overall), "macro": _stat_json(a.macro),
                       "per_category": {c: _stat_json(s) for c, s in a.per_category.items()}, "trainable_params": a.trainable_params,
                       "train_s": _stat_json(a.train_s), "samples_per_s": _stat_json(a.samples_per_s)})
@@ -140,7 +148,7 @@ def results_json(res: SweepResults) -> dict[str, Any]:
     runs = [{"id": vid, "fuser": r["variant"]["fuser"], "layers": r["variant"]["layers"], "seed": r["variant"]["seed"],
              "overall": r["eval"]["overall"], "per_category": r["eval"]["per_category"], "trainable_params": r["trainable_params"],
              "train_s": r["train_s"], "samples_per_s": r["samples_per_s"], "steps": r["steps"], "final_loss": r["loss"]["last"],
-             "group": r["group"]} for vid, r in res.records.items()]
+             "group": r["group"], "same_as": r.get("same_as")} for vid, r in res.records.items()]
     return {"settings": res.sweep["settings"], "questions": res.sweep["questions"], "arms": arms, "runs": runs,
             "layer_probe": layer_probe_table(res)}
 

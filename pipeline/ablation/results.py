@@ -68,6 +68,7 @@ class Arm:
     train_s: Stat = field(default_factory=lambda: Stat(None, None, 0))
     samples_per_s: Stat = field(default_factory=lambda: Stat(None, None, 0))
     igva_weights: dict[str, Any] | None = None  # groups, categories, weights [n, K] pooled over seeds
+    same_as: str | None = None  # every finished seed is a copy of another variant's (the same function): that variant's arm
 
     @property
     def name(self) -> str:
@@ -130,6 +131,11 @@ def _arms(variants: list[Variant], records: dict[str, dict[str, Any]], categorie
             arm.trainable_params = recs[0]["trainable_params"] if recs else first.trainable_params
             arm.train_s = Stat.of([r["train_s"] for r in recs])
             arm.samples_per_s = Stat.of([r["samples_per_s"] for r in recs])
+            same = {r.get("same_as") for r in recs}
+            if recs and None not in same:
+                arms_of = {v.id: v for v in variants}
+                names = sorted({f"{arms_of[i].fuser} {arms_of[i].layers}" for i in same if i in arms_of})
+                arm.same_as = ", ".join(names) or None
             weights = [r["igva_weights"] for r in recs if r.get("igva_weights")]
             if weights:
                 arm.igva_weights = {"groups": weights[0]["groups"], "categories": [c for w in weights for c in w["categories"]],

@@ -47,12 +47,14 @@ from layerfuse.core.distributed import DistContext
 from layerfuse.pipeline.models.llm import DEFAULT_LLM, build_default_llm, load_llm
 from layerfuse.pipeline.training.epoch_plan import BatchShape
 from layerfuse.pipeline.training.loader import CacheBatches, ConversationFormat, scan_training_set
+from layerfuse.pipeline.ablation.equivalent import equivalents
 from layerfuse.pipeline.ablation.lm import LMVariant, eval_chunks, resolved_lm, token_settings
 from layerfuse.pipeline.ablation.probe import ProbeBatches, ProbeVariant, default_workers, prepare_batch, total_steps
 from layerfuse.pipeline.ablation.questions import QuestionSet, question_set
 from layerfuse.pipeline.ablation.report import write_report
 from layerfuse.pipeline.ablation.results import SWEEP_FILE, VARIANTS_DIR
-from layerfuse.pipeline.ablation.shared_pass import PassTiming, evaluate_together, train_together
+from layerfuse.pipeline.ablation.shared_pass import Alone, PassTiming, Unit, evaluate_together, train_together, zip_seeds
+from layerfuse.pipeline.ablation.stacked import StackedProbe, plan_stacks
 from layerfuse.pipeline.ablation.sweep import SweepSpec, Variant, expand_sweep
 from layerfuse.pipeline.ablation.groups import LLMFootprint, available_memory, pass_bytes, plan_groups, variant_bytes
 
@@ -71,8 +73,10 @@ class AblateOptions:
     out: str
     group_size: int | None = None  # variants per shared pass [from the memory estimate]
     memory_fraction: float = 0.5  # of the available memory the groups may use
-    workers: int | None = None  # DataLoader reader processes [1 below 8 cores, else 2]
-    threads: int | None = None  # torch CPU threads [cores - workers]
+    workers: int | None = None  # DataLoader reader processes per seed of a pass [1 below 8 cores, else 2]
+    threads: int | None = None  # torch CPU threads [see cpu_threads]
+    concurrent: int | None = None  # probe mode on CPU: units of a pass trained at once [see cpu_threads]
+    stack: bool | None = None  # probe mode: variants of one architecture as one batched model [on CUDA only]
     device: str = "auto"
     overwrite: bool = False
     progress: bool = True
@@ -87,6 +91,7 @@ class AblateResult:
     trained: int
     groups: int
     wall_s: float
+    same: int = 0  # not trained: the same function as another variant (records copied, `same_as`)
 
 
 # -- the output folder ------------------------------------------------------------------------------------------------
@@ -172,7 +177,7 @@ def igva_labels(v: Variant, vision: VisionSpec) -> list[str]:
 
 
 def variant_record(v: Variant, member: Any, timing: PassTiming, eval_timing: PassTiming, group: list[Variant], group_index: int,
-                   spec: SweepSpec, questions: QuestionSet, vision: VisionSpec) -> dict[str, Any]:
+                   spec: SweepSpec, questions: QuestionSet, vision: VisionSpec, stacked_with: list[str] | None = None) -> dict[str, Any]:
     correct, weights = member.eval_outputs()
     st = member.stats
     train_s = st.compute_s + timing.read_s / len(group)
@@ -192,7 +197,7 @@ def variant_record(v: Variant, member: Any, timing: PassTiming, eval_timing: Pas
         "samples_per_s": st.samples / train_s if train_s > 0 else None,
         "eval_s": st.eval_s + eval_timing.read_s / len(group),
         "group": {"index": group_index, "size": len(group), "members": [g.id for g in group], "wall_s": timing.wall_s,
-                  "read_s": timing.read_s},
+                  "read_s": timing.read_s, "stacked_with": stacked_with or []},
         "loss": {"first": losses[0] if losses else None, "last": float(np.mean(losses[-max(1, len(losses) // 20):])) if losses else None,
                  "every": every, "curve": losses[::every]},
         "eval": {"split": spec.eval_split, **score(correct, questions.eval_categories, questions.categories)},
@@ -257,25 +262,61 @@ def run_ablation(spec: SweepSpec, opts: AblateOptions) -> AblateResult:
     valid = [v for v in variants if v.valid]
     pending = [v for v in valid if not is_finished(out, v)]
     invalid = len(variants) - len(valid)
+    same = equivalents(valid, vision, LLMSpec(spec.probe.width)) if spec.mode == "probe" else {}
+    to_train = [v for v in pending if v.id not in same]
     device = DistContext().device(opts.device)
     workers = default_workers() if opts.workers is None else opts.workers
     threads_before = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(opts.threads or max(1, (os.cpu_count() or 1) - workers))
+        torch.set_num_threads(cpu_threads(opts, workers)[0])
     n_groups = 0
     try:
-        if pending:
+        if to_train:
             runner = _ProbeSweep if spec.mode == "probe" else _LMSweep
-            n_groups = runner(spec, opts, cache, vision, questions, out, device, workers).run(pending, reused=len(valid) - len(pending),
+            n_groups = runner(spec, opts, cache, vision, questions, out, device, workers).run(to_train, reused=len(valid) - len(pending),
                                                                                               invalid=invalid)
+        elif pending:
+            pass  # only variants that are the same as finished ones: their records are copied below
         elif opts.progress and not valid:
             tqdm.write(f"ablate: none of the {invalid} variants is valid (the reasons are in {out / 'results.md'})")
         elif opts.progress:
             tqdm.write(f"ablate: all {len(valid)} valid variants of {out} are finished ({invalid} invalid); rebuilding the report")
     finally:
         torch.set_num_threads(threads_before)
+    copied = [v for v in pending if v.id in same and write_same_as(out, v, same[v.id])]
+    if opts.progress and copied:
+        tqdm.write(f"ablate: {len(copied)} variant(s) compute the same function as another and were not trained again: "
+                   + ", ".join(f"{v.id} = {same[v.id].id}" for v in copied))
     write_report(out)
-    return AblateResult(out, len(valid), invalid, len(valid) - len(pending), len(pending), n_groups, time.perf_counter() - t0)
+    return AblateResult(out, len(valid), invalid, len(valid) - len(pending), len(to_train), n_groups, time.perf_counter() - t0,
+                        same=len(copied))
+
+
+def write_same_as(out: Path, v: Variant, same: Variant) -> bool:
+    """Write `v`'s record as a copy of the finished `same`'s, with `same_as` naming it (pipeline/ablation/equivalent.py);
+    False when `same` is not finished."""
+    rec = read_json(variant_path(out, same))
+    if rec is None or rec.get("key") != same.key:
+        return False
+    write_json(variant_path(out, v), {**rec, "key": v.key, "variant": v.to_json(), "same_as": same.id,
+                                      "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+               indent=1, default=_json_default)
+    return True
+
+
+def cpu_threads(opts: AblateOptions, workers: int, units: int = 1) -> tuple[int, int]:
+    """(torch threads, units trained at once) on CPU for a pass of `units` units that may run concurrently.
+
+    With two or more such units (probe mode): every core, as concurrent units (`concurrent`, default the cores) of
+    cores / concurrent torch threads each: a probe step is a chain of small ops, and a unit on its own thread runs them
+    without waiting for the others, while the readers (`workers` processes) are mostly idle; more torch threads inside
+    one small op thrash as soon as a core is busy (docs/ablations.md, Threads). Otherwise cores - workers torch threads.
+    `threads` overrides the torch threads."""
+    cores = os.cpu_count() or 1
+    concurrent = min(opts.concurrent or cores, units)
+    if concurrent > 1:
+        return opts.threads or max(1, cores // concurrent), concurrent
+    return opts.threads or max(1, cores - workers), 1
 
 
 class _Sweep:
@@ -297,7 +338,8 @@ class _Sweep:
         union = len({i for v in pending for i in v.required_layers})
         return pass_bytes(union, self.vision, window_rows=max(self.spec.buffer_rows, self.spec.batch_size), buffers=2 * max(1, self.workers) + 1)
 
-    def train_group(self, group: list[Variant], index: int, total_groups: int) -> tuple[list[Any], PassTiming, PassTiming]:
+    def train_group(self, group: list[Variant], index: int, total_groups: int) -> tuple[list[Unit], PassTiming, PassTiming]:
+        """-> the group's units (their members in group order), the training pass's timing, the evaluation pass's."""
         raise NotImplementedError
 
     def run(self, pending: list[Variant], *, reused: int, invalid: int) -> int:
@@ -308,27 +350,40 @@ class _Sweep:
             tqdm.write(f"ablate ({self.spec.mode}): {len(pending) + reused} valid variants ({invalid} invalid, {reused} finished earlier); "
                        f"training {len(pending)} in {len(groups)} shared pass(es) ({how}) on {self.device}")
         for i, group in enumerate(groups):
-            members, timing, ev = self.train_group(group, i, len(groups))
-            for v, m in zip(group, members):
-                write_json(variant_path(self.out, v), variant_record(v, m, timing, ev, group, i, self.spec, self.questions, self.vision),
-                           indent=1, default=_json_default)
+            units, timing, ev = self.train_group(group, i, len(groups))
+            members = {m.variant.id: (m, [o.variant.id for o in u.members if o is not m]) for u in units for m in u.members}
+            for v in group:
+                m, stacked_with = members[v.id]
+                write_json(variant_path(self.out, v), variant_record(v, m, timing, ev, group, i, self.spec, self.questions, self.vision,
+                                                                     stacked_with), indent=1, default=_json_default)
             if self.opts.progress:
-                acc = {v.id: float(m.eval_outputs()[0].mean()) for v, m in zip(group, members)}
+                acc = {vid: float(m.eval_outputs()[0].mean()) for vid, (m, _) in members.items()}
                 best = max(acc, key=acc.get)
-                tqdm.write(f"  group {i + 1}/{len(groups)} (seed {group[0].seed}, {len(group)} variants): {timing.wall_s:.0f}s train "
+                tqdm.write(f"  group {i + 1}/{len(groups)} ({self.seeds_text(group)}, {len(group)} variants): {timing.wall_s:.0f}s train "
                            f"({timing.read_s:.0f}s waiting for data), {ev.wall_s:.0f}s eval; best {best} {acc[best]:.3f}")
-            del members
+            del members, units
         return len(groups)
 
     def union(self, group: list[Variant]) -> list[int | tuple[int, ...]]:
         """What the group's shared pass reads: every member's inputs (hidden states, then stored group means)."""
         return input_order({i for v in group for i in variant_inputs(v, self.vision, self.cache.views)})
 
+    @staticmethod
+    def seeds_text(group: list[Variant]) -> str:
+        seeds = sorted({v.seed for v in group})
+        return f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"
+
     def desc(self, group: list[Variant], index: int, total: int, what: str) -> str:
-        return f"{what} {index + 1}/{total} (seed {group[0].seed}, {len(group)} variants)"
+        return f"{what} {index + 1}/{total} ({self.seeds_text(group)}, {len(group)} variants)"
 
 
 class _ProbeSweep(_Sweep):
+    def group_key(self, v: Variant) -> tuple:
+        return ()  # seeds share a pass: one loader per seed, zipped
+
+    def fixed_cost(self, pending: list[Variant]) -> int:
+        return super().fixed_cost(pending) * len({v.seed for v in pending})  # a loader per seed (at most that many)
+
     def cost(self, v: Variant) -> int:
         p = self.spec.probe
         head = (self.vision.text_dim + 1) * p.width + 4 * p.width * p.width + 2 * p.width * p.width + p.width * len(self.questions.answers)
@@ -337,20 +392,29 @@ class _ProbeSweep(_Sweep):
     def train_group(self, group: list[Variant], index: int, total_groups: int):
         union = self.union(group)
         need_text = self.vision.text_dim > 0 or any(v.needs_text for v in group)
+        seeds = list(dict.fromkeys(v.seed for v in group))
         try:
-            batches = ProbeBatches(self.cache, self.questions, layers=union, need_text=need_text, batch_size=self.spec.batch_size,
-                                   seed=group[0].seed, buffer_rows=self.spec.buffer_rows, workers=self.workers)
+            loaders = {seed: ProbeBatches(self.cache, self.questions, layers=union, need_text=need_text, batch_size=self.spec.batch_size,
+                                          seed=seed, buffer_rows=self.spec.buffer_rows, workers=self.workers) for seed in seeds}
         except ValueError as e:
             raise AblateError(f"{e} (training questions of categories {', '.join(self.questions.categories)})") from None
-        total = total_steps(self.spec, batches.steps_per_epoch)
+        first = loaders[seeds[0]]
+        total = total_steps(self.spec, first.steps_per_epoch)
         members = [ProbeVariant(v, self.vision, self.spec, self.questions, union, self.device, total) for v in group]
+        stack = self.device.type == "cuda" if self.opts.stack is None else self.opts.stack
+        units: list[Unit] = [StackedProbe(s) if len(s) > 1 else Alone(s[0]) for s in plan_stacks(members, enabled=stack)]
+        concurrent = 1
+        if self.device.type == "cpu":
+            threads, concurrent = cpu_threads(self.opts, self.workers, sum(not u.exclusive for u in units))
+            torch.set_num_threads(threads)
         prep = lambda b: prepare_batch(b, self.device)
         progress = self.opts.progress
-        timing = train_together(members, batches.steps(0, total), total, prepare=prep, desc=self.desc(group, index, total_groups, "group"),
-                                progress=progress)
+        steps = zip_seeds({seed: loader.steps(0, total) for seed, loader in loaders.items()})
+        timing = train_together(units, steps, total, prepare=prep, desc=self.desc(group, index, total_groups, "group"), progress=progress,
+                                parallel=concurrent)
         n_eval = math.ceil(self.questions.eval_rows.size / EVAL_CHUNK)
-        ev = evaluate_together(members, batches.eval_batches(EVAL_CHUNK), n_eval, prepare=prep, desc="eval", progress=progress)
-        return members, timing, ev
+        ev = evaluate_together(units, first.eval_batches(EVAL_CHUNK), n_eval, prepare=prep, desc="eval", progress=progress)
+        return units, timing, ev
 
 
 class _LMSweep(_Sweep):
@@ -396,10 +460,12 @@ class _LMSweep(_Sweep):
             raise AblateError(str(e)) from None
         total = total_steps(self.spec, batches.steps_per_epoch)
         eval_ids = self.cache.sample_ids(self.questions.eval_rows)
-        members = [LMVariant(v, self.vision, self.spec, self.bundle, union, self.device, total, eval_ids) for v in group]
-        timing = train_together(members, batches.steps(0, total), total, prepare=lambda micro: [mb.to(self.device) for mb in micro],
-                                desc=self.desc(group, index, total_groups, "group"), progress=self.opts.progress)
+        units = [Alone(LMVariant(v, self.vision, self.spec, self.bundle, union, self.device, total, eval_ids)) for v in group]
+        seed = group[0].seed
+        timing = train_together(units, zip_seeds({seed: batches.steps(0, total)}), total,
+                                prepare=lambda micro: [mb.to(self.device) for mb in micro], desc=self.desc(group, index, total_groups, "group"),
+                                progress=self.opts.progress)
         loader, n_eval = eval_chunks(self.cache, self.questions, union, need_text, self.bundle, settings, batch_size=self.spec.batch_size,
                                      workers=self.workers)
-        ev = evaluate_together(members, loader, n_eval, desc="eval (greedy)", progress=self.opts.progress)
-        return members, timing, ev
+        ev = evaluate_together(units, loader, n_eval, desc="eval (greedy)", progress=self.opts.progress)
+        return units, timing, ev

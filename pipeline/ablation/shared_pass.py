@@ -1,23 +1,32 @@
-"""The shared pass: one read of the cache feeds every variant of a group.
+"""The shared pass: one read of the cache per seed feeds every variant of a group.
 
-    batches (the union of the group's layers, text if any variant needs it; read and decoded once)
-      -> prepare(batch)            once per step (e.g. to the device, fp16 -> fp32)
-      -> member.train_step(batch)  for every member in turn: its slice of the layers, its model, its optimizer
+    batches {seed: batch} (one loader per seed of the group, zipped; each reads the union of the group's layers, text
+                           if any variant needs it, once per step)
+      -> prepare(batch)             once per step and seed (e.g. to the device, fp16 -> fp32)
+      -> unit.train_step(batches)   for every unit: its seed's batch, its slice of the layers, its model, its optimizer
 
-Members are the variants' trainers (pipeline/ablation/probe.py `ProbeVariant`, pipeline/ablation/lm.py `LMVariant`). Each has
-its own torch RNG stream (`VariantRNG`), switched in around its work, so dropout and any other random draw of a
-variant does not depend on which other variants share its pass: a variant trained in a group ends with the same
-weights as the same variant trained alone on the same data.
+Members are the variants' trainers (pipeline/ablation/probe.py `ProbeVariant`, pipeline/ablation/lm.py `LMVariant`). A
+*unit* is what one call trains: one member (`Alone`) or a stack of members computed as one batched model
+(pipeline/ablation/stacked.py). Each member has its own torch RNG stream (`VariantRNG`), switched in around its work, so
+dropout and any other random draw of a variant does not depend on which other variants share its pass: a variant
+trained in a group ends with the same weights as the same variant trained alone on the same data.
 
-Time: `compute_s` per member is its own work; the wait for the next batch (`read_s`) is paid once per pass and
-shared, so a variant's train time is `compute_s + read_s / group size`.
+`parallel` > 1 runs the units that draw no random numbers and share no modules (`Unit.exclusive` False) concurrently
+on that many Python threads (torch releases the GIL inside its ops; the caller sets torch's own threads); the other
+units run one at a time, each on its own RNG stream. A unit's work does not depend on the others, so the
+result is the same as one after another (with the same torch thread count per op).
+
+Time: `compute_s` per member is its unit's own work (wall time, split evenly among a stack's members); the wait for the
+next batches (`read_s`) is paid once per pass and shared, so a variant's train time is `compute_s + read_s / group
+size`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,14 +73,45 @@ class MemberStats:
 
 
 class Member(Protocol):
-    """What the shared pass drives: one variant's model, optimizer and evaluation state."""
+    """One variant's model, optimizer and evaluation state."""
 
+    variant: Any  # pipeline/ablation/sweep.py Variant: its seed picks the member's batches
     rng: VariantRNG
     stats: MemberStats
+    exclusive: bool  # runs one at a time: draws random numbers (its RNG stream is switched in process-wide) or shares modules
 
     def train_step(self, batch: Any) -> float: ...  # one optimizer step -> its loss
 
     def eval_step(self, batch: Any) -> None: ...  # predictions for one evaluation batch, kept by the member
+
+
+class Unit(Protocol):
+    """What the shared pass drives: one member (`Alone`) or a stack of members trained as one batched model."""
+
+    members: Sequence[Member]
+    exclusive: bool
+
+    def train_step(self, batches: Mapping[int, Any]) -> list[float]: ...  # {seed: batch} -> one loss per member
+
+    def eval_step(self, batch: Any) -> None: ...
+
+
+class Alone:
+    """One member as a unit: its seed's batch, on its own RNG stream."""
+
+    def __init__(self, member: Member):
+        self.members = [member]
+        self.exclusive = member.exclusive
+
+    def train_step(self, batches: Mapping[int, Any]) -> list[float]:
+        m = self.members[0]
+        with m.rng.active():
+            return [m.train_step(batches[m.variant.seed])]
+
+    def eval_step(self, batch: Any) -> None:
+        m = self.members[0]
+        with m.rng.active():
+            m.eval_step(batch)
 
 
 @dataclass
@@ -87,30 +127,45 @@ def _size(batch: Any) -> int:
     return len(batch)
 
 
-def train_together(members: Sequence[Member], steps: Iterable[tuple[int, Any]], total: int, *,
-                   prepare: Callable[[Any], Any] = lambda b: b, desc: str = "train", progress: bool = True) -> PassTiming:
-    """Train every member on each batch of `steps` (an iterator of (step, batch)), in the same order."""
+def _train_unit(unit: Unit, batches: Mapping[int, Any]) -> None:
+    t = time.perf_counter()
+    losses = unit.train_step(batches)
+    share = (time.perf_counter() - t) / len(unit.members)
+    for m, loss in zip(unit.members, losses):
+        m.stats.compute_s += share
+        m.stats.steps += 1
+        m.stats.samples += _size(batches[m.variant.seed])
+        m.stats.losses.append(float(loss))
+
+
+def train_together(units: Sequence[Unit], steps: Iterable[tuple[int, Mapping[int, Any]]], total: int, *,
+                   prepare: Callable[[Any], Any] = lambda b: b, desc: str = "train", progress: bool = True, parallel: int = 1) -> PassTiming:
+    """Train every unit on each step's batches (`steps`: an iterator of (step, {seed: batch})), in the same order;
+    `parallel` > 1: the units that are not `exclusive` concurrently on that many threads."""
     timing = PassTiming()
     t_start = time.perf_counter()
     it = iter(steps)
-    with tqdm(total=total, unit="step", desc=desc, disable=not progress, dynamic_ncols=True, leave=False) as bar:
+    members = [m for u in units for m in u.members]
+    free = [u for u in units if not u.exclusive] if parallel > 1 else []
+    serial = [u for u in units if u not in free]
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=total, unit="step", desc=desc, disable=not progress, dynamic_ncols=True, leave=False))
+        pool = stack.enter_context(ThreadPoolExecutor(min(parallel, len(free)))) if len(free) > 1 else None
+        if pool is None:
+            serial, free = units, []
         while True:
             t = time.perf_counter()
             try:
-                _, batch = next(it)
+                _, batches = next(it)
             except StopIteration:
                 break
-            batch = prepare(batch)
+            batches = {seed: prepare(b) for seed, b in batches.items()}
             timing.read_s += time.perf_counter() - t
-            n = _size(batch)
-            for m in members:
-                t = time.perf_counter()
-                with m.rng.active():
-                    loss = m.train_step(batch)
-                m.stats.compute_s += time.perf_counter() - t
-                m.stats.steps += 1
-                m.stats.samples += n
-                m.stats.losses.append(float(loss))
+            running = [pool.submit(_train_unit, u, batches) for u in free] if pool is not None else []
+            for u in serial:
+                _train_unit(u, batches)
+            for f in running:
+                f.result()
             timing.steps += 1
             bar.update(1)
             if members:
@@ -119,9 +174,16 @@ def train_together(members: Sequence[Member], steps: Iterable[tuple[int, Any]], 
     return timing
 
 
-def evaluate_together(members: Sequence[Member], batches: Iterable[Any], total: int, *,
+def zip_seeds(steps: Mapping[int, Iterable[tuple[int, Any]]]) -> Iterator[tuple[int, dict[int, Any]]]:
+    """{seed: (step, batch) iterator} -> (step, {seed: batch}): one loader per seed, in step."""
+    seeds = list(steps)
+    for items in zip(*(steps[s] for s in seeds)):
+        yield items[0][0], {s: batch for s, (_, batch) in zip(seeds, items)}
+
+
+def evaluate_together(units: Sequence[Unit], batches: Iterable[Any], total: int, *,
                       prepare: Callable[[Any], Any] = lambda b: b, desc: str = "eval", progress: bool = True) -> PassTiming:
-    """Every member's `eval_step` on each evaluation batch (read once), under no_grad."""
+    """Every unit's `eval_step` on each evaluation batch (read once), under no_grad."""
     timing = PassTiming()
     t_start = time.perf_counter()
     it = iter(batches)
@@ -133,11 +195,12 @@ def evaluate_together(members: Sequence[Member], batches: Iterable[Any], total: 
             except StopIteration:
                 break
             timing.read_s += time.perf_counter() - t
-            for m in members:
+            for u in units:
                 t = time.perf_counter()
-                with m.rng.active():
-                    m.eval_step(batch)
-                m.stats.eval_s += time.perf_counter() - t
+                u.eval_step(batch)
+                share = (time.perf_counter() - t) / len(u.members)
+                for m in u.members:
+                    m.stats.eval_s += share
             timing.steps += 1
             bar.update(1)
     timing.wall_s = time.perf_counter() - t_start

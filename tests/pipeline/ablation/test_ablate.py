@@ -36,7 +36,7 @@ from layerfuse.pipeline.ablation.probe import (
 from layerfuse.pipeline.ablation.questions import UNKNOWN, question_set
 from layerfuse.pipeline.ablation.results import load_results
 from layerfuse.pipeline.ablation.run import AblateError, AblateOptions, run_ablation
-from layerfuse.pipeline.ablation.shared_pass import train_together
+from layerfuse.pipeline.ablation.shared_pass import Alone, train_together, zip_seeds
 from layerfuse.pipeline.ablation.sweep import (
     STUDY_LAYERS,
     LMSettings,
@@ -269,7 +269,8 @@ def _train(cache: FeatureCache, s: SweepSpec, qs, group, steps: int):
     union = sorted({i for v in group for i in v.required_layers})
     batches = ProbeBatches(cache, qs, layers=union, need_text=True, batch_size=s.batch_size, seed=group[0].seed, buffer_rows=16, workers=0)
     members = [ProbeVariant(v, VisionSpec.from_cache(cache), s, qs, union, torch.device("cpu"), steps) for v in group]
-    train_together(members, batches.steps(0, steps), steps, prepare=lambda b: prepare_batch(b, torch.device("cpu")), progress=False)
+    train_together([Alone(m) for m in members], zip_seeds({group[0].seed: batches.steps(0, steps)}), steps,
+                   prepare=lambda b: prepare_batch(b, torch.device("cpu")), progress=False)
     return {m.variant.id: m for m in members}
 
 
@@ -329,7 +330,7 @@ def test_lm_mode_shared_llm_with_internal_fuser_trains_like_separate_runs(train_
         batches = CacheBatches(cache, ts.rows, ConversationFormat(bundle.tokenizer, settings, False), layers=union,
                                shape=BatchShape(8, 4, 1), seed=0, buffer_rows=16, workers=0)
         ms = [LMVariant(v, vision, s, bundle, union, torch.device("cpu"), 3, cache.sample_ids(qs.eval_rows)) for v in members_of]
-        train_together(ms, batches.steps(0, 3), 3, progress=False)
+        train_together([Alone(m) for m in ms], zip_seeds({0: batches.steps(0, 3)}), 3, progress=False)
         return {m.variant.id: m for m in ms}
 
     shared = run(group)
@@ -349,7 +350,8 @@ def finished_sweep(train_cache, tmp_path_factory) -> Path:
     s = spec(train_cache, fusers=["single", "concat", "igva"], layers=["penultimate", "3-18-23", "former"], seeds=[0, 1], probe_layers=[0, 12, 24],
              steps=6)
     res = run_ablation(s, opts(out))
-    assert (res.variants, res.invalid, res.trained, res.reused) == (2 * (1 + 3 + 1) + 2 * 3, 2 * 4, 16, 0)
+    # concat x penultimate is single x penultimate (one layer, same init): trained once per seed
+    assert (res.variants, res.invalid, res.trained, res.reused, res.same) == (2 * (1 + 3 + 1) + 2 * 3, 2 * 4, 14, 0, 2)
     return out
 
 
@@ -386,7 +388,35 @@ def test_sweep_writes_tables_plots_and_igva_weights(finished_sweep):
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{name}.png" in md
     rec = json.loads((out / "variants" / "igva__3-18-23__s1.json").read_text())
-    assert rec["steps"] == 6 and rec["samples"] == 48 and len(rec["loss"]["curve"]) == 6 and rec["group"]["size"] == 8
+    assert rec["steps"] == 6 and rec["samples"] == 48 and len(rec["loss"]["curve"]) == 6 and rec["group"]["size"] == 14  # seeds share a pass
+
+
+def test_equivalent_variants_train_once_and_say_so(finished_sweep):
+    out = finished_sweep
+    for seed in (0, 1):
+        single = json.loads((out / "variants" / f"single__penultimate__s{seed}.json").read_text())
+        concat = json.loads((out / "variants" / f"concat__penultimate__s{seed}.json").read_text())
+        assert concat["same_as"] == f"single__penultimate__s{seed}" and "same_as" not in single
+        assert concat["eval"] == single["eval"] and concat["loss"] == single["loss"] and concat["variant"]["fuser"] == "concat"
+    md = (out / "results.md").read_text()
+    assert "## Equivalent variants (trained once)" in md and "| concat | `penultimate` | single penultimate |" in md
+    assert "| concat | `penultimate` (same as single penultimate) |" in md
+    arms = {(a["fuser"], a["layers"]): a for a in json.loads((out / "results.json").read_text())["arms"]}
+    assert arms[("concat", "penultimate")]["same_as"] == "single penultimate" and arms[("single", "penultimate")]["same_as"] is None
+
+
+def test_equivalence_needs_the_same_function_and_init():
+    from layerfuse.pipeline.ablation.equivalent import equivalents
+
+    s = SweepSpec(cache="c", fusers=["single", "concat", "igva"], layers=["penultimate", "23,", "3-18-23", "igva", "1:6,7:12,13:18,19:24,23"],
+                  seeds=[0, 1]).check()
+    variants = expand_sweep(s, VISION, LLMSpec(s.probe.width))
+    same = {k: v.id for k, v in equivalents(variants, VISION, LLMSpec(s.probe.width)).items()}
+    assert same == {f"{f}__{l}__s{i}": f"single__penultimate__s{i}" for i in (0, 1) for f, l in
+                    [("single", "23_"), ("concat", "penultimate"), ("concat", "23_")]} | {
+                        f"{f}__1-6_7-12_13-18_19-24_23__s{i}": f"{f}__igva__s{i}" for i in (0, 1) for f in ("concat", "igva")}  # the preset written out
+    other = SweepSpec(cache="c", fusers=["single", "concat"], layers=["penultimate"], fuser_options={"concat": {"projector_depth": 1}}).check()
+    assert not equivalents(expand_sweep(other, VISION, LLMSpec(128)), VISION, LLMSpec(128))  # another projector: another function
 
 
 def test_report_rebuilds_from_a_partial_sweep(finished_sweep, tmp_path):
@@ -420,7 +450,7 @@ def test_rerun_reuses_finished_variants_and_refuses_other_settings(train_cache, 
     again = run_ablation(spec(train_cache, fusers=["concat"], layers=["3-18-23"], steps=3), opts(out))
     assert (again.trained, again.reused) == (0, 1) and (out / "variants" / "concat__3-18-23__s0.json").read_text() == before
     more = run_ablation(spec(train_cache, fusers=["concat", "single"], layers=["3-18-23", "penultimate"], steps=3), opts(out))
-    assert (more.trained, more.reused, more.invalid) == (2, 1, 1)  # only the new variants train
+    assert (more.trained, more.reused, more.invalid, more.same) == (1, 1, 1, 1)  # only the new variants train (single = concat on penultimate)
     with pytest.raises(AblateError, match=r"other settings \(changed: steps\)"):
         run_ablation(spec(train_cache, fusers=["concat"], layers=["3-18-23"], steps=4), opts(out))
     fresh = run_ablation(spec(train_cache, fusers=["concat"], layers=["3-18-23"], steps=4), opts(out, overwrite=True))
