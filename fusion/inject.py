@@ -3,6 +3,8 @@
 Before decoder layer m(k), P_k(h_k) is added to the residual stream at the image-token positions, during
 the prefill only: decoding steps with a KV cache (whose tokens lie after the prompt) add nothing, the cached
 keys/values of the image positions already carry the injection. Samples without an image get nothing.
+Group presets `former` / `latter` / `all`: each layer of the group with its own P_k, into consecutive LLM layers
+(`group_mode`, internal.py / layers.internal_plan).
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 The input sequence carries the base layer as usual, `P(hs[base])`. Each extra term k (and the base too when the
 spec lists it: `3-18-23` fuses 3, 18 and 23, `3-18` only 3 and 18) gets its own projector P_k and enters the LLM
-just before decoder layer m(k) = int(k * L_llm / L_vit - 1). The LLM is never forked or rewritten: `attach`
+just before decoder layer m(k) = int(p * L_llm / 24 - 1), p = k's position in the 24-block preset space (explicit
+specs: int(k * L_llm / L_vit - 1)). Group presets `former` / `latter` / `all` are fused layer by layer by default
+(`group_mode`): each of the first / last 12 blocks with its own projector into consecutive LLM layers (the first /
+last 12); `group_mode="mean"` fuses each group's mean once instead. The plan is `layers.internal_plan`. The LLM is never forked or rewritten: `attach`
 registers forward pre-hooks on the decoder layers of any Hugging Face decoder-only model with a standard `layers`
 stack (Llama, Qwen2, Mistral, ...). Before each LLM call the model sets the batch's features and image span with
 `set_context`; the hooks read it. The context stays set until the next call (or `clear_context`), so
@@ -16,6 +19,7 @@ under whichever name the layer gets it (`cache` from transformers 5.24, `past_ke
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,7 +28,7 @@ from torch import nn
 
 from .base import Fuser, FuserBuildError, FuserConfig, FuserOutput, LLMSpec, VisionSpec
 from .kv_cache import cached_tokens, layer_cache
-from .layers import llm_layer_for
+from .layers import GROUP_MODES, LayerSpecError, internal_plan
 from .projector import Projector
 
 
@@ -85,6 +89,11 @@ class ImageSpan:
 @dataclass
 class InternalConfig(FuserConfig):
     layers: str = "3-18-23"
+    # how group terms are fused inside the LLM (docs/methods.md#internal-fusion): "per_layer" = each layer of the group
+    # with its own projector (MLVF's former / latter / all: the first / last 12 blocks into consecutive LLM layers),
+    # "mean" = the group's mean with one projector, where its last layer would enter; "auto" = per_layer for
+    # former / latter / all (inject, xattn), mean for any other group
+    group_mode: str = "auto"
 
 
 class InternalFuser(Fuser):
@@ -95,17 +104,36 @@ class InternalFuser(Fuser):
     internal = True
     fuses_listed_base: ClassVar[bool] = True  # a base written in the spec (3-18-23) is fused inside the LLM too
 
+    # fusers whose group_mode "auto" fuses MLVF's group presets layer by layer (the authors' I_D and I_M); a subclass
+    # under another name (deepstack) keeps group means unless told group_mode="per_layer"
+    per_layer_fusers: ClassVar[tuple[str, ...]] = ("inject", "xattn")
+
     def __init__(self, config: InternalConfig, vision: VisionSpec, llm: LLMSpec):
         super().__init__(config, vision, llm)
-        n = len(self.selection.terms)
-        # the extra terms, and the base when the spec lists it (3-18-23 -> three LLM layers; docs/methods.md)
-        self.fused_terms = list(range(n - 1)) + ([n - 1] if self.selection.base_listed and self.fuses_listed_base else [])
-        if not self.fused_terms:
-            raise FuserBuildError(f"{self.name} fuses extra layers inside the LLM; {self.selection.describe()} has none")
-        if len(self.selection.base) != 1:
-            raise FuserBuildError(f"{self.name}: the base term must be one layer, got a group in {self.selection.describe()}")
         if llm.num_layers < 1:
             raise FuserBuildError(f"{self.name} needs the LLM's number of decoder layers (LLMSpec.num_layers)")
+        if config.group_mode not in GROUP_MODES:
+            raise FuserBuildError(f"{self.name}: group_mode must be one of {', '.join(GROUP_MODES)}, got {config.group_mode!r}")
+        if len(self.selection.base) != 1:
+            raise FuserBuildError(f"{self.name}: the base term must be one layer, got a group in {self.selection.describe()}")
+        try:
+            plan = internal_plan(self.selection, llm.num_layers, config.group_mode,
+                                 per_layer_default=self.name in self.per_layer_fusers, fuse_listed_base=self.fuses_listed_base)
+        except LayerSpecError as e:
+            raise FuserBuildError(f"{self.name}: {e}") from e
+        # per_layer: the selection with each group split into its layers (what the fuser reads; no group means)
+        self.selection = plan.selection
+        self._inputs = list(self.selection.layers)
+        self._positions = self.selection.positions()
+        self.group_mode = plan.group_mode
+        # the resolved mode goes into the config, so a saved run's options say what it was built with ("auto" is
+        # not stored: a later default cannot change how its weights are read back)
+        self.config = dataclasses.replace(config, group_mode=plan.group_mode)
+        self._plan_layers = list(plan.llm_layers)
+        # the fused terms: the extra terms, and the base when the spec lists it (3-18-23 -> three LLM layers)
+        self.fused_terms = list(plan.fused_terms)
+        if not self.fused_terms:
+            raise FuserBuildError(f"{self.name} fuses extra layers inside the LLM; {self.selection.describe()} has none")
         d = llm.hidden_size
         self.projector = Projector(vision.hidden_size, d, config.projector_depth)
         self.layer_projectors = nn.ModuleList(self.layer_projector() for _ in self.fused_terms)
@@ -118,8 +146,10 @@ class InternalFuser(Fuser):
         return Projector(self.vision.hidden_size, self.llm.hidden_size, self.config.projector_depth)
 
     def injection_layers(self) -> list[int]:
-        """The decoder layer each fused term enters before: MLVF's m(k); a group term enters where its last layer would."""
-        return [llm_layer_for(self.selection.terms[t][-1], self.vision.num_layers, self.llm.num_layers) for t in self.fused_terms]
+        """The decoder layer each fused term enters before (fusion/layers.py internal_plan): MLVF's m(k) from the
+        term's 24-block preset position (int(k * L_llm / L - 1) for explicit specs); a group mean where its last layer
+        would; per-layer former / latter / all into consecutive LLM layers."""
+        return list(self._plan_layers)
 
     def fuse(self, layers: torch.Tensor, text: torch.Tensor | None) -> FuserOutput:
         n = len(self.selection.terms)

@@ -25,6 +25,10 @@ Presets are written for a 24-block encoder; for depth L each index i becomes rou
 keep their partition (a group a..b becomes round((a-1)*L/24)+1 .. round(b*L/24)), the base is the
 penultimate layer L-1, and a single layer that collides with an earlier one or the base moves to the free
 index nearest its unrounded position i*L/24 (the later one on a tie), so the indices stay distinct.
+
+Each preset term keeps its 24-block preset indices (`LayerSelection.preset`). The LLM-internal fusers map vision layers
+onto LLM layers from them (`llm_layer_for`, `internal_plan`: MLVF's m = int(p * L_llm / 24 - 1); the group presets
+former / latter / all layer by layer into consecutive LLM layers; docs/methods.md#internal-fusion).
 """
 
 from __future__ import annotations
@@ -78,6 +82,10 @@ class LayerSelection:
     # the base was written in the spec (`3-18-23`, explicit lists) rather than appended (`3-18`, named presets);
     # the internal fusers then fuse it inside the LLM too (`3-18-23` -> LLM layers {2, 17, 22}; docs/methods.md)
     base_listed: bool = False
+    # per term, its indices in the 24-block preset space (`3-18-23` on 27 blocks: terms (3,), (20,), (26,), preset
+    # (3,), (18,), (23,)); None for a spec that is not a preset (explicit lists, `tgif`). The internal fusers map a
+    # preset's layers onto LLM layers from these (llm_layer_for), as the MLVF authors' code does.
+    preset: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def base(self) -> tuple[int, ...]:
@@ -185,8 +193,10 @@ def parse_layers(spec: str | int | list[int], num_layers: int) -> LayerSelection
         ranges, with_base = NAMED_PRESETS[text]
         terms = [_scale_range(a, b, num_layers) for a, b in ranges]
         targets = [a * num_layers / PRESET_DEPTH if a == b else None for a, b in ranges]
+        preset = [tuple(range(a, b + 1)) for a, b in ranges]
         if with_base:
             terms.append(base)
+            preset.append((PRESET_BASE,))
     elif _DASH.match(text):
         listed = [int(x) for x in text.split("-")]
         for i in listed:
@@ -197,9 +207,11 @@ def parse_layers(spec: str | int | list[int], num_layers: int) -> LayerSelection
         if PRESET_BASE in listed[:-1]:
             raise LayerSpecError(f"layer spec {text!r}: the base layer {PRESET_BASE} comes last (it is the query / input-sequence layer)")
         terms = [base if i == PRESET_BASE else (scale_index(i, num_layers),) for i in listed]
+        preset = [(i,) for i in listed]
         base_listed = PRESET_BASE in listed
         if base not in terms:
             terms.append(base)
+            preset.append((PRESET_BASE,))
         targets = [i * num_layers / PRESET_DEPTH for i in listed if i != PRESET_BASE]
     elif "," in text or text.startswith("-"):
         terms = [_explicit_term(part, num_layers, text) for part in text.split(",") if part]
@@ -212,7 +224,7 @@ def parse_layers(spec: str | int | list[int], num_layers: int) -> LayerSelection
             "(those layers + the penultimate), or explicit indices like '4,12,20', '-2', '12,' or groups '1:6,7:12,23'"
         )
     terms = _distinct(terms, targets, num_layers, text)
-    return LayerSelection(text, num_layers, tuple(terms), base_listed=base_listed)
+    return LayerSelection(text, num_layers, tuple(terms), base_listed=base_listed, preset=tuple(preset))
 
 
 def _explicit_term(part: str, num_layers: int, spec: str) -> tuple[int, ...]:
@@ -237,7 +249,131 @@ def _explicit_term(part: str, num_layers: int, spec: str) -> tuple[int, ...]:
     return tuple(range(first, last + 1))
 
 
-def llm_layer_for(vision_layer: int, vision_depth: int, llm_depth: int) -> int:
-    """MLVF's injection point m(k) = int(k * L_llm / L_vit - 1), 0-based, clamped to the LLM
-    (docs/methods.md#internal-fusion)."""
-    return max(0, min(llm_depth - 1, int(vision_layer * llm_depth / vision_depth - 1)))
+def llm_layer_for(vision_layer: int, vision_depth: int, llm_depth: int, preset_position: int | None = None) -> int:
+    """MLVF's injection point, 0-based, clamped to the LLM (docs/methods.md#internal-fusion):
+
+    m = int(p * L_llm / 24 - 1) for a preset's layer at position p of the 24-block preset space (the authors' code
+    divides by 24 whatever the tower's depth: `3-18-23` -> 2, 17, 22 on a 24-layer LLM, on any tower);
+    m = int(k * L_llm / L - 1) for a layer k of an explicit spec on an L-block tower (no preset position).
+    The two agree on 24-block towers."""
+    if preset_position is not None:
+        raw = int(preset_position * llm_depth / PRESET_DEPTH - 1)
+    else:
+        raw = int(vision_layer * llm_depth / vision_depth - 1)
+    return max(0, min(llm_depth - 1, raw))
+
+
+# -- the internal fusers' plan: which vision layers enter which LLM layer ----------------------------------------------
+MLVF_GROUP_PRESETS = ("former", "latter", "all")  # fused layer by layer by default (group_mode "auto")
+GROUP_MODES = ("auto", "per_layer", "mean")
+MLVF_GROUP_SIZE = 12  # the authors' former / latter: 12 vision layers each, into 12 consecutive LLM layers
+
+
+@dataclass(frozen=True)
+class InternalPlan:
+    """What an LLM-internal fuser fuses (docs/methods.md#internal-fusion).
+
+    selection   the selection it reads: the parsed one, or with each group of a per-layer term replaced by its
+                single layers (the base stays last)
+    fused_terms indices into selection.terms of the terms fused inside the LLM, in order
+    llm_layers  the decoder layer each fused term enters before (same order)
+    group_mode  "per_layer" or "mean" ("auto" resolved)
+    """
+
+    selection: LayerSelection
+    fused_terms: tuple[int, ...]
+    llm_layers: tuple[int, ...]
+    group_mode: str
+
+
+def resolve_group_mode(group_mode: str, spec: str, per_layer_default: bool = True) -> str:
+    """'auto' -> 'per_layer' for MLVF's group presets (former, latter, all) when `per_layer_default`, else 'mean'."""
+    if group_mode not in GROUP_MODES:
+        raise LayerSpecError(f"group_mode must be one of {', '.join(GROUP_MODES)}, got {group_mode!r}")
+    if group_mode != "auto":
+        return group_mode
+    return "per_layer" if per_layer_default and spec in MLVF_GROUP_PRESETS else "mean"
+
+
+def _mlvf_groups(selection: LayerSelection) -> list[tuple[str, tuple[int, ...]]]:
+    """The per-layer groups of `former` / `latter` / `all`, each as ('former' | 'latter', its vision layers):
+    on a tower of 24 blocks or more the first 12 blocks hs[1..12] and the last 12 hs[L-11..L] (the authors' 12
+    projectors per group; on deeper towers the blocks between are not read), on a shallower one the parsed groups."""
+    names = {"former": ("former",), "latter": ("latter",), "all": ("former", "latter")}[selection.spec]
+    L = selection.num_layers
+    out = []
+    for name, term in zip(names, selection.extra):
+        if L >= PRESET_DEPTH:
+            term = tuple(range(1, MLVF_GROUP_SIZE + 1)) if name == "former" else tuple(range(L - MLVF_GROUP_SIZE + 1, L + 1))
+        out.append((name, term))
+    return out
+
+
+def _mlvf_llm_layers(groups: list[tuple[str, tuple[int, ...]]], llm_depth: int) -> list[int]:
+    """Consecutive LLM layers for the layers of `former` / `latter` / `all`, in order.
+
+    When the LLM has a layer for each (n <= L_llm, n = all the groups' layers): former's r-th layer -> LLM layer r
+    (0..11), latter's r-th of G -> L_llm - G + r (the last 12). Otherwise the run is spread over the whole LLM: the
+    r-th of the n layers -> floor(r * L_llm / n), so consecutive vision layers share an LLM layer."""
+    n = sum(len(t) for _, t in groups)
+    if n > llm_depth:
+        return [r * llm_depth // n for r in range(n)]
+    out = []
+    for name, term in groups:
+        first = 0 if name == "former" else llm_depth - len(term)
+        out += [first + r for r in range(len(term))]
+    return out
+
+
+def internal_plan(selection: LayerSelection, llm_depth: int, group_mode: str = "auto", *, per_layer_default: bool = True,
+                  fuse_listed_base: bool = True) -> InternalPlan:
+    """Which terms an internal fuser fuses and where (docs/methods.md#internal-fusion).
+
+    Fused: every extra term, and the base when the spec lists it and `fuse_listed_base`. Group terms:
+    * 'mean': the group's mean, with one projector, entering where its last layer would (its last preset position
+      for a preset, else its last layer);
+    * 'per_layer': each layer of the group is its own term with its own projector. `former` / `latter` / `all`
+      take the authors' layers and consecutive LLM layers (_mlvf_groups, _mlvf_llm_layers); any other group
+      (`igva`'s, explicit `a:b`) puts each layer k at int(k * L_llm / L - 1).
+    * 'auto' (default): 'per_layer' for former / latter / all when `per_layer_default`, else 'mean'.
+    Single-layer terms: llm_layer_for with the term's preset position (24-block space) when the spec is a preset.
+    """
+    if llm_depth < 1:
+        raise LayerSpecError("the LLM's number of decoder layers must be at least 1")
+    mode = resolve_group_mode(group_mode, selection.spec, per_layer_default)
+    n = len(selection.terms)
+    fused = list(range(n - 1)) + ([n - 1] if selection.base_listed and fuse_listed_base else [])
+    L = selection.num_layers
+    preset = selection.preset
+
+    def single(t: int, layer: int, j: int = -1) -> int:
+        return llm_layer_for(layer, L, llm_depth, preset[t][j] if preset is not None else None)
+
+    if mode == "mean" or not any(len(selection.terms[t]) > 1 for t in fused):
+        layers = [single(t, selection.terms[t][-1]) for t in fused]
+        return InternalPlan(selection, tuple(fused), tuple(layers), mode)
+
+    terms: list[tuple[int, ...]] = []
+    llm_layers: list[int] = []
+    new_preset: tuple[tuple[int, ...], ...] | None = None
+    if selection.spec in MLVF_GROUP_PRESETS:  # their base is appended, never listed
+        groups = _mlvf_groups(selection)
+        terms = [(k,) for _, g in groups for k in g]
+        llm_layers = _mlvf_llm_layers(groups, llm_depth)
+        # 24-block positions: former's r-th layer r + 1, latter's 13 + r (on a 24-block tower, the layers themselves)
+        new_preset = (*[((1 if name == "former" else MLVF_GROUP_SIZE + 1) + r,) for name, g in groups for r in range(len(g))],
+                      (PRESET_BASE,))
+    else:
+        for t in range(n - 1):
+            term = selection.terms[t]
+            if len(term) > 1:
+                terms += [(k,) for k in term]
+                llm_layers += [llm_layer_for(k, L, llm_depth) for k in term]
+            else:
+                terms.append(term)
+                llm_layers.append(single(t, term[0]))
+    k = len(terms)
+    expanded = LayerSelection(selection.spec, L, (*terms, selection.base), base_listed=selection.base_listed, preset=new_preset)
+    if selection.base_listed and fuse_listed_base:  # the listed base is fused too: it is the last term
+        return InternalPlan(expanded, tuple(range(k + 1)), (*llm_layers, single(n - 1, selection.base[0])), mode)
+    return InternalPlan(expanded, tuple(range(k)), tuple(llm_layers), mode)

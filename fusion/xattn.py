@@ -64,7 +64,8 @@ class GatedCrossAttentionBlock(nn.Module):
 
 @register_fuser
 class XAttnFuser(InternalFuser):
-    """One gated cross-attention block per fused term, run before decoder layer m(k)."""
+    """One gated cross-attention block per fused term, run before decoder layer m(k) (group presets `former` / `latter`
+    / `all`: one block per vision layer of the group, each at its own LLM layer, as in the MLVF authors' I_M)."""
 
     name = "xattn"
     config_class = XAttnConfig

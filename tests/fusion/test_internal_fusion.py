@@ -213,7 +213,6 @@ def test_layer_mapping_on_a_24_layer_llm(name: str) -> None:
         ("3-18-23", 32, (3, 18, 23), [3, 23, 29]),
         ("12-18", 24, (12, 18), [11, 17]),
         ("4,12,20", 24, (4, 12, 20), [3, 11, 19]),  # explicit lists: every listed layer is fused
-        ("former", 24, (12,), [11]),  # a group term (mean of 1..12) enters where its last layer would
     ],
 )
 def test_layer_mapping_scaling(spec: str, depth: int, fused: tuple[int, ...], expected: list[int]) -> None:
@@ -223,6 +222,10 @@ def test_layer_mapping_scaling(spec: str, depth: int, fused: tuple[int, ...], ex
         fuser = build_fuser(name, VISION, llm, layers=spec)
         assert fuser.llm_layer_of == expected
         assert len(fuser.layer_projectors) == len(expected)
+    # group means (group_mode="mean", the pre-issue-17 default for former / latter / all; tests/fusion/
+    # test_internal_groups.py has the per-layer default): a group enters where its last layer would
+    for name in INTERNAL:
+        assert build_fuser(name, VISION, llm, layers="former", group_mode="mean").llm_layer_of == [expected_llm_layer(12, depth)]
 
 
 def test_fuser_built_for_another_depth_refuses_to_attach(llama: nn.Module) -> None:
