@@ -5,23 +5,31 @@ states it concatenates on channels), drops CLS with `vision_feature_select_strat
 `linear_1 -> GELU -> linear_2`: exactly layerfuse's `single` and `concat` fusers
 (docs/methods.md#baseline-and-external-direct) when every term is one layer and the projector is the 2-layer MLP.
 Everything else (group means, STI, MMFuser, IGVA, the internal fusers, a 1-layer projector) has no LLaVA equivalent
-and is refused with the reason.
+and is refused with the reason; `export_run` writes those as a `layerfuse_vlm` checkpoint instead (hf_model.py).
 
     export_llava(vlm, vision_dir, out_dir, tokenizer=tok)
     LlavaForConditionalGeneration.from_pretrained(out_dir)   # same logits as vlm on the same image and ids
+    export_run(run_dir, out_dir)                             # `layerfuse export hf`: LLaVA where it can, else layerfuse_vlm
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import transformers
 
 from layerfuse.core.errors import ConfigError
+from layerfuse.core.config import check_choice
+from layerfuse.core.errors import StateError
 from layerfuse.fusion.vlm import VisionLanguageModel
 from layerfuse.pipeline.models.encoder import load_vision_encoder
+from layerfuse.pipeline.models.run import load_run
+
+from .hf_model import write_layerfuse_vlm
+
+HFFormat = Literal["auto", "llava", "layerfuse"]  # auto: llava where the model is expressible in it, else layerfuse
 
 
 class HFExportError(ConfigError):
@@ -131,3 +139,31 @@ def export_llava(
         ).save_pretrained(out)
     return out
 
+
+
+def llava_refusal(vlm: VisionLanguageModel) -> str | None:
+    """Why `vlm` cannot be a LLaVA checkpoint, or None when it can."""
+    try:
+        llava_feature_layer(vlm)
+    except HFExportError as e:
+        return str(e)
+    return None
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, format: HFFormat = "auto", dtype: torch.dtype | None = None) -> tuple[Path, str]:
+    """Write a trained run as a transformers checkpoint; returns (out_dir, the format written: "llava" | "layerfuse").
+
+    "llava": the stock `LlavaForConditionalGeneration` (single / concat of single layers, 2-layer projector; anything
+    else is refused). "layerfuse": the `layerfuse_vlm` class (any fuser; loading needs `import layerfuse.export`).
+    "auto": llava where it can, else layerfuse.
+    """
+    check_choice(format, HFFormat, "--format", HFExportError)
+    vlm, bundle, run = load_run(run_dir)
+    reason = llava_refusal(vlm)
+    if format == "llava" and reason is not None:
+        raise HFExportError(f"{reason}; export it with --format layerfuse")
+    if format == "layerfuse" or reason is not None:
+        return write_layerfuse_vlm(vlm, bundle, run, out_dir, dtype=dtype, source=str(run_dir)), "layerfuse"
+    if not run.encoder.get("path"):
+        raise StateError(f"run {run_dir} does not record its vision encoder (retrain with this layerfuse version)")
+    return export_llava(vlm, run.encoder["path"], out_dir, tokenizer=bundle.tokenizer, dtype=dtype), "llava"

@@ -203,7 +203,7 @@ def main() -> None:
     Fusion:     layerfuse fusers          (registered fusers, their options, layer-spec resolution)
     Phase two:  layerfuse train | eval | infer
     Ablations:  layerfuse ablate | report
-    Deploy:     layerfuse export onnx | engine,  layerfuse bench engine
+    Deploy:     layerfuse export hf | onnx | engine,  layerfuse bench engine
 
     \b
     Example (the embedded default, what `make extract` and `make train` run):
@@ -861,10 +861,11 @@ def report_cmd(out: str) -> None:
 # --- deployment -----------------------------------------------------------------------------------------------------
 @main.group("export")
 def export_group() -> None:
-    """Deploy a trained run's visual front end: ONNX graphs and TensorRT engines.
+    """Deploy a trained run: transformers checkpoints, ONNX graphs of the visual front end, TensorRT engines.
 
     \b
     Examples:
+      layerfuse export hf --run runs/default/stage2 --out hf-model
       layerfuse export onnx --run runs/default/stage2 --out front.onnx --msda hybrid
       layerfuse export engine --onnx front.onnx --precision fp16 --out front.plan --run runs/default/stage2
     """
@@ -909,6 +910,28 @@ def export_onnx_cmd(run_dir: str, out: str, msda: str, with_encoder: bool, opset
         click.echo(report.summary())
         if not report.ok:
             sys.exit(1)
+
+
+@export_group.command("hf")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "llava", "layerfuse"]), default="auto", show_default=True,
+              help="llava: transformers' LlavaForConditionalGeneration (single/concat only); layerfuse: the layerfuse_vlm "
+                   "class (any fuser); auto: llava where the model can be one, else layerfuse.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+def export_hf_cmd(run_dir: str, out: str, fmt: str, dtype: str) -> None:
+    """The whole run (vision tower, fuser, projector, LLM) as a transformers checkpoint with its processor.
+
+    A layerfuse_vlm checkpoint loads with transformers.AutoModelForImageTextToText / AutoProcessor after
+    `import layerfuse.export` (no trust_remote_code); a llava one with transformers alone.
+    """
+    import torch
+
+    from layerfuse.export.hf import export_run
+
+    path, written = export_run(run_dir, out, format=fmt, dtype=getattr(torch, dtype))  # type: ignore[arg-type]
+    load = "transformers.LlavaForConditionalGeneration" if written == "llava" else "import layerfuse.export; transformers.AutoModelForImageTextToText"
+    click.echo(f"wrote {path} ({written}; load with {load}.from_pretrained)")
 
 
 @export_group.command("engine")
