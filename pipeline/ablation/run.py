@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from layerfuse.core.errors import StateError
 from layerfuse.core.atomic import write_json
 from layerfuse.core.hub import load_pretrained
-from layerfuse.fusion import LLMSpec, VisionSpec, parse_layers
+from layerfuse.fusion import LLMSpec, VisionSpec, build_fuser, parse_layers
 from layerfuse.pipeline.cache.reader import FeatureCache
 from layerfuse.core.distributed import DistContext
 from layerfuse.pipeline.models.llm import DEFAULT_LLM, build_default_llm, load_llm
@@ -224,10 +224,14 @@ def _llm_spec(spec: SweepSpec, out: Path) -> LLMSpec:
     return LLMSpec.from_config(config)
 
 
-def variant_inputs(v: Variant, vision: VisionSpec, views: list[tuple[int, ...]]) -> list[int | tuple[int, ...]]:
-    """What a variant reads from a cache with these group-mean `views` (Fuser.use_views): its hidden states, with
-    each group term the cache stores as a view read as that view."""
-    return parse_layers(v.layers, vision.num_layers).inputs(views)
+def variant_inputs(v: Variant, vision: VisionSpec, llm: LLMSpec, views: list[tuple[int, ...]]) -> list[int | tuple[int, ...]]:
+    """What a variant reads from a cache with these group-mean `views`: the fuser's own `required_inputs` after
+    `use_views` (built on the meta device), so a fuser that splits a group into its layers (inject / xattn with
+    group_mode per_layer) reads the layers, and a group term the cache stores as a view is read as that view."""
+    with torch.device("meta"):
+        fuser = build_fuser(v.fuser, vision, llm, **v.build_options())
+    fuser.use_views(views)
+    return list(fuser.required_inputs)
 
 
 def input_order(inputs: set[int | tuple[int, ...]] | list[int | tuple[int, ...]]) -> list[int | tuple[int, ...]]:
@@ -246,9 +250,10 @@ def run_ablation(spec: SweepSpec, opts: AblateOptions) -> AblateResult:
         questions = question_set(cache, spec.categories, spec.train_split, spec.eval_split, spec.eval_limit)
     except ValueError as e:
         raise AblateError(str(e)) from None
-    variants = expand_sweep(spec, vision, _llm_spec(spec, out))
+    llm = _llm_spec(spec, out)
+    variants = expand_sweep(spec, vision, llm)
     for v in variants:  # a cache of a layer subset (extract --layers) cannot serve every variant
-        inputs = variant_inputs(v, vision, cache.views) if v.valid else []
+        inputs = variant_inputs(v, vision, llm, cache.views) if v.valid else []
         if missing := sorted(i for i in inputs if isinstance(i, int) and i not in cache.stored_layers):
             v.reason = cache.missing_layers_message(missing)
     write_json(out / SWEEP_FILE, indent=1, default=_json_default, data={
@@ -273,7 +278,7 @@ def run_ablation(spec: SweepSpec, opts: AblateOptions) -> AblateResult:
     try:
         if to_train:
             runner = _ProbeSweep if spec.mode == "probe" else _LMSweep
-            n_groups = runner(spec, opts, cache, vision, questions, out, device, workers).run(to_train, reused=len(valid) - len(pending),
+            n_groups = runner(spec, opts, cache, vision, llm, questions, out, device, workers).run(to_train, reused=len(valid) - len(pending),
                                                                                               invalid=invalid)
         elif pending:
             pass  # only variants that are the same as finished ones: their records are copied below
@@ -322,9 +327,9 @@ def cpu_threads(opts: AblateOptions, workers: int, units: int = 1) -> tuple[int,
 class _Sweep:
     """Shared by both budgets: grouping, the two passes per group, writing each variant's result."""
 
-    def __init__(self, spec: SweepSpec, opts: AblateOptions, cache: FeatureCache, vision: VisionSpec, questions: QuestionSet, out: Path,
-                 device: torch.device, workers: int):
-        self.spec, self.opts, self.cache, self.vision, self.questions = spec, opts, cache, vision, questions
+    def __init__(self, spec: SweepSpec, opts: AblateOptions, cache: FeatureCache, vision: VisionSpec, llm: LLMSpec, questions: QuestionSet,
+                 out: Path, device: torch.device, workers: int):
+        self.spec, self.opts, self.cache, self.vision, self.llm, self.questions = spec, opts, cache, vision, llm, questions
         self.out, self.device, self.workers = out, device, workers
 
     # per budget
@@ -366,7 +371,7 @@ class _Sweep:
 
     def union(self, group: list[Variant]) -> list[int | tuple[int, ...]]:
         """What the group's shared pass reads: every member's inputs (hidden states, then stored group means)."""
-        return input_order({i for v in group for i in variant_inputs(v, self.vision, self.cache.views)})
+        return input_order({i for v in group for i in variant_inputs(v, self.vision, self.llm, self.cache.views)})
 
     @staticmethod
     def seeds_text(group: list[Variant]) -> str:

@@ -13,6 +13,7 @@ A run folder holds (see README "Phase two"):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +27,7 @@ from layerfuse.core.atomic import fresh_temp_dir, publish_dir, read_json, replac
 from layerfuse.core.config import STRICT, read_config
 from layerfuse.core.errors import MissingError, StateError
 from layerfuse.core.hub import load_pretrained
-from layerfuse.fusion import Fuser, LLMSpec, VisionLanguageModel, VisionSpec, build_fuser, fuser_config
+from layerfuse.fusion import Fuser, FuserBuildError, LLMSpec, VisionLanguageModel, VisionSpec, build_fuser, fuser_class, fuser_config
 from layerfuse.pipeline.data.conversation import Template
 from layerfuse.pipeline.models.llm import LLMBundle, load_llm
 
@@ -103,7 +104,18 @@ def read_run_model(run_dir: str | Path) -> RunModel:
     path = Path(run_dir) / CONFIG
     missing = MissingError(f"'{run_dir}' is not a finished layerfuse run: {CONFIG} is missing (pass the --out folder of a finished `layerfuse train`)")
     saved = read_json(path, missing=missing, error=StateError)
-    return RunModel.from_dict(saved, where=str(path))
+    model = RunModel.from_dict(saved, where=str(path))
+    if "group_mode" in _option_names(model.fuser) and "group_mode" not in model.fuser_options:
+        # written before internal fusers had group_mode: they fused every layer group as its mean (one projector)
+        model.fuser_options = {**model.fuser_options, "group_mode": "mean"}
+    return model
+
+
+def _option_names(fuser: str) -> set[str]:
+    try:
+        return {f.name for f in dataclasses.fields(fuser_class(fuser).config_class)}
+    except FuserBuildError:
+        return set()  # an unknown fuser: building it names the problem
 
 
 def load_run_llm(run_dir: str | Path, model: RunModel, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

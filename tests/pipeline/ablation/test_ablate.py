@@ -35,7 +35,7 @@ from layerfuse.pipeline.ablation.probe import (
 )
 from layerfuse.pipeline.ablation.questions import UNKNOWN, question_set
 from layerfuse.pipeline.ablation.results import load_results
-from layerfuse.pipeline.ablation.run import AblateError, AblateOptions, run_ablation
+from layerfuse.pipeline.ablation.run import AblateError, AblateOptions, run_ablation, variant_inputs
 from layerfuse.pipeline.ablation.shared_pass import Alone, train_together, zip_seeds
 from layerfuse.pipeline.ablation.sweep import (
     STUDY_LAYERS,
@@ -103,6 +103,12 @@ def test_expansion_reports_invalid_combinations_with_the_registry_reason():
     lm_vs = {v.fuser: v for v in expand_sweep(lm, VISION, LLMSpec(128, 4, 4))}
     assert lm_vs["inject"].valid and lm_vs["xattn"].valid and lm_vs["inject"].internal
     assert lm_vs["igva"].options["mode"] == "uniform"  # stage 1, as `layerfuse train` does
+    # what a variant reads from a cache that stores group means: the fuser's own inputs (inject splits former into
+    # its layers: the stored mean is not what it needs; concat reads the stored mean)
+    lm2 = SweepSpec(cache="c", fusers=["inject", "concat"], layers=["former"], mode="lm").check()
+    former = tuple(range(1, 13))
+    reads = {v.fuser: variant_inputs(v, VISION, LLMSpec(128, 4, 4), [former]) for v in expand_sweep(lm2, VISION, LLMSpec(128, 4, 4))}
+    assert reads["inject"] == [*range(1, 13), 23] and reads["concat"] == [former]
     # the layer study adds one single-layer probe per hidden state
     study = SweepSpec(cache="c", probe_layers=[0, 12, 24], seeds=[3]).check()
     sv = expand_sweep(study, VISION, LLMSpec(128))

@@ -49,3 +49,14 @@ def test_a_missing_key_and_a_broken_file_are_errors_naming_the_file(tmp_path):
         read_run_model(str(tmp_path))
     with pytest.raises(StateError, match="run config: 'fuser' is missing"):
         RunModel.from_dict({})
+
+
+@pytest.mark.parametrize("fuser", ["inject", "xattn"])
+def test_an_internal_run_saved_before_group_mode_reads_as_group_means(tmp_path, fuser):
+    """Runs written before `group_mode` existed fused `former`/`latter`/`all` as one group mean: their record (no
+    group_mode) must rebuild that fuser, not the per-layer default with other parameters."""
+    old = {**RECORD, "fuser": fuser, "fuser_options": {"layers": "former"}}
+    assert read_run_model(write(tmp_path, old)).fuser_options == {"layers": "former", "group_mode": "mean"}
+    new = {**old, "fuser_options": {"layers": "former", "group_mode": "per_layer"}}
+    assert read_run_model(write(tmp_path, new)).fuser_options["group_mode"] == "per_layer"
+    assert "group_mode" not in read_run_model(write(tmp_path, RECORD)).fuser_options  # concat has no such option
