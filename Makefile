@@ -11,7 +11,8 @@
 #                TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 #   VENV_FLAGS   e.g. --system-site-packages to reuse a container's torch (NGC images): a torch that is
 #                already importable is always kept, never replaced.
-#   EXTRAS       extra pip extras, e.g. EXTRAS=dev,s3
+#   EXTRAS       extra pip extras, e.g. EXTRAS=dev,s3; EXTRAS=dev,eval adds lmms-eval (CI's .ci/run does), so that
+#                tests/pipeline/harness/test_lmms.py runs against it instead of skipping
 #   LOCK         the pip constraints file the install follows, default constraints.txt: the exact version of
 #                every dependency but torch, as tested and measured. LOCK= opts out (the newest versions
 #                pyproject allows).
@@ -47,19 +48,28 @@ QUESTIONS := colour,shape,count,position,glyph,detail
 help:
 	@sed -n '/^[^#]/q;2,$$p' Makefile
 
+# pip is held to the torch installed (torch-kept.txt): a requirement such as torchvision== never replaces it. PyPI's
+# torchvision (lmms-eval, the eval extra, requires it) is a CUDA build: next to a CPU torch it does not load, and
+# transformers, which imports an installed torchvision, then fails to import; such a torchvision is removed (lmms-eval
+# runs the layerfuse model without it; its other models want the torchvision build that matches your torch).
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 	   echo "layerfuse: keeping the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	 else echo "layerfuse: installing $(TORCH_SPEC)"; $(BIN)/pip install $(PIP_FLAGS) $(TORCH_SPEC); fi
-	$(BIN)/pip install $(PIP_FLAGS) $(if $(LOCK),-c $(LOCK)) -e ".[$(EXTRAS)]"
+	@$(PY) -W ignore -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-kept.txt
+	$(BIN)/pip install $(PIP_FLAGS) $(if $(LOCK),-c $(LOCK)) -c $(VENV)/torch-kept.txt -e ".[$(EXTRAS)]"
+	@if $(BIN)/pip show -q torchvision 2>/dev/null && ! $(PY) -c "import torchvision" 2>/dev/null; then \
+	   echo "layerfuse: removing torchvision $$($(BIN)/pip show torchvision 2>/dev/null | sed -n 's/^Version: //p'), which does not load with torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	   $(BIN)/pip uninstall -q -y torchvision; fi
 	@touch $@
 
 install: $(STAMP)
 
 # constraints.txt from this venv (issue #13: pin the versions behind quoted numbers): every installed distribution
-# but layerfuse itself, pip, setuptools/wheel, and torch with the CUDA wheels that follow its build (nvidia-*,
-# triton): TORCH_SPEC, or the torch already installed, governs those. Moving the lock: rm -rf .venv && make install
+# but layerfuse itself, pip, setuptools/wheel, and torch with the wheels that follow its build (torchvision, nvidia-*,
+# triton): TORCH_SPEC, or the torch already installed, governs those (make install holds pip to the installed torch:
+# $(VENV)/torch-kept.txt). Moving the lock: rm -rf .venv && make install
 # LOCK= && make lock, then re-run what the README quotes.
 LOCK_OUT := $(or $(LOCK),constraints.txt)
 lock:
@@ -68,7 +78,7 @@ lock:
 	   $(PY) -c "import platform, torch; print(f'# Python {platform.python_version()}, {platform.system()} {platform.machine()}, ' \
 	     f'torch {torch.__version__} (not pinned here: TORCH_SPEC or the installed torch governs it)')"; \
 	   $(BIN)/pip list --format=freeze --exclude-editable --disable-pip-version-check 2>/dev/null \
-	     | grep -viE '^(layerfuse|pip|setuptools|wheel|torch|triton|nvidia-[^=]*)=='; \
+	     | grep -viE '^(layerfuse|pip|setuptools|wheel|torch|torchvision|triton|nvidia-[^=]*)=='; \
 	 } > $(LOCK_OUT).tmp && mv $(LOCK_OUT).tmp $(LOCK_OUT)
 	@echo "make lock: $$(grep -vc '^#' $(LOCK_OUT)) pins in $(LOCK_OUT)"
 

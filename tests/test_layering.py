@@ -2,6 +2,7 @@
 
     core -> fusion -> plugins_trt
     core -> pipeline.data -> pipeline.models -> pipeline.cache -> pipeline.training -> pipeline.ablation -> pipeline.cli
+    pipeline.harness sits beside pipeline.ablation (above pipeline.training, below pipeline.cli)
     export sits above pipeline.models (core, fusion, plugins_trt, pipeline.data, pipeline.models)
 
 (a) no package imports one it may not (top-level and function-level imports, absolute and relative),
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "layerfuse"
 PACKAGES = ("core", "fusion", "plugins_trt", "export", "pipeline")  # folders installed as layerfuse.<name>
 
-_PIPELINE_BELOW_CLI = ("pipeline.data", "pipeline.models", "pipeline.cache", "pipeline.training", "pipeline.ablation")
+_PIPELINE_BELOW_CLI = ("pipeline.data", "pipeline.models", "pipeline.cache", "pipeline.training", "pipeline.ablation", "pipeline.harness")
 # layer -> the other layers it may import (its own is always allowed)
 ALLOWED: dict[str, frozenset[str]] = {
     "core": frozenset(),
@@ -34,6 +35,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "pipeline.cache": frozenset({"core", "fusion", "pipeline.data", "pipeline.models"}),
     "pipeline.training": frozenset({"core", "fusion", "pipeline.data", "pipeline.models", "pipeline.cache"}),
     "pipeline.ablation": frozenset({"core", "fusion", "pipeline.data", "pipeline.models", "pipeline.cache", "pipeline.training"}),
+    "pipeline.harness": frozenset({"core", "fusion", "pipeline.data", "pipeline.models", "pipeline.cache", "pipeline.training"}),
     "pipeline.cli": frozenset({"core", "fusion", "plugins_trt", "export", "pipeline", *_PIPELINE_BELOW_CLI}),
     "export": frozenset({"core", "fusion", "plugins_trt", "pipeline.data", "pipeline.models"}),
 }
