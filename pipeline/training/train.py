@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from layerfuse.core.config import check_choices
@@ -189,6 +190,10 @@ class TrainObjective(nn.Module):
         return loss_sum, aux
 
 
+# the named regions of one training step in a torch.profiler trace (bench/train_profile.py sums them)
+STEP_REGIONS = ("step.forward", "step.backward", "step.clip_grad", "step.optimizer")
+
+
 def supervised_tokens(batch: FeatureBatch) -> int:
     return int((batch.tokens.labels[:, 1:] != IGNORE_INDEX).sum())
 
@@ -204,19 +209,22 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     for i, mb in enumerate(micro):
         mb = mb.to(device)
         sync = i == len(micro) - 1 or not ddp
-        with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast, record_function(STEP_REGIONS[0]):
             loss_sum, aux = model(mb.tokens.input_ids, mb.tokens.attention_mask, mb.tokens.labels, mb.tokens.has_image,
                                   mb.layers.float(), None if mb.text is None else mb.text.float())
             share = len(mb) / global_batch
             loss = (loss_sum / n_tok + aux * share) * ctx.world
-        loss.backward()
+        with record_function(STEP_REGIONS[1]):
+            loss.backward()
         lm_sum += loss_sum.item() / n_tok
         aux_sum += aux.item() * share
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm) if max_grad_norm > 0 else None
+    with record_function(STEP_REGIONS[2]):
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm) if max_grad_norm > 0 else None
     lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    with record_function(STEP_REGIONS[3]):
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
     return lm_sum, aux_sum, grad_norm, lrs
 
 

@@ -417,3 +417,19 @@ def test_training_benchmark_script_writes_its_section(tmp_path):
     text = out.read_text()
     assert "keep me" in text and text.count("## Training from the cache (`bench/train.py`)") == 1
     assert "| tiny default CLIP (24 blocks, 65x64) | 8 |" in text
+
+
+def test_training_profile_benchmark_writes_its_section_and_restores_each_candidate(tmp_path):
+    """bench/train_profile.py --quick profiles both stages and times candidates from the same weights: the step run
+    again in the next round gives the same losses (each candidate's optimizer state is a copy, not shared tensors)."""
+    out = tmp_path / "BENCH.md"
+    script = REPO / "bench" / "train_profile.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--rounds", "2", "--candidates", "current,AdamW foreach", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, env=run_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert text.count("## Where make train's time goes (`bench/train_profile.py`)") == 1
+    assert "| forward | backward | clip_grad | optimizer | loader wait |" in text
+    for stage in (1, 2):
+        assert f"| {stage} | current |" in text and f"| {stage} | AdamW foreach |" in text
+    assert text.count("the same step again: 0.00e+00") == 2
