@@ -16,6 +16,13 @@ On the embedded default (the shipped pretrained default tower, built-in data, `m
 
     python bench/storage.py --out BENCHMARKS.md [--quick] [--work DIR] [--n 6000] [--seeds 3] [--epochs 5]
 
+With --shape vit-l14-336 it measures bytes only, at a real encoder's shape: a random-weight CLIP tower of that shape
+(core/benchmarks.py CLIP_SHAPES) over --shape-images built-in images (more than the 32 that calibrate the outlier
+channels), extracted as int8 with all layers and with MMFuser's layers, written to its own section. Random weights have
+no outlier channels and their codes compress differently from a trained tower's, which the section says.
+
+    python bench/storage.py --out BENCHMARKS.md --shape vit-l14-336 [--shape-images 64]
+
 With --work the caches and sweeps are kept there, and a rerun reuses them (extraction and `ablate` resume); without it
 they live in a temporary folder. Never touches runs/default.
 """
@@ -42,7 +49,7 @@ import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
 import layerfuse.pipeline.ablation.run as ablation_run  # noqa: E402
-from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
+from layerfuse.core.benchmarks import CLIP_SHAPES, command, machine, random_clip, write_section  # noqa: E402
 from layerfuse.core.timing import time_once  # noqa: E402
 from layerfuse.pipeline.ablation.run import AblateOptions, run_ablation  # noqa: E402
 from layerfuse.pipeline.ablation.sweep import SweepSpec  # noqa: E402
@@ -51,6 +58,7 @@ from layerfuse.pipeline.cache.reader import FeatureCache  # noqa: E402
 
 transformers.logging.disable_progress_bar()
 SECTION = "## Storage: quantised and layer-subset caches (`bench/storage.py`)"
+SHAPE_SECTION = "## Storage at a real encoder's shape (`bench/storage.py --shape`)"
 DOC_SECTION = "### Quantised and layer-subset caches"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "ablations.md"
 
@@ -76,13 +84,15 @@ READ_LAYERS = [3, 18, 23]
 
 
 # -- 1. extraction and bytes ------------------------------------------------------------------------------------------
-def extract(work: Path, name: str, n: int) -> tuple[str, float]:
+def extract(work: Path, name: str, n: int, vision: str | None = None) -> tuple[str, float]:
     """The cache `name` in work/cache-<name> (extracted, or the finished one there reused) and its extraction wall
-    time (the metadata's created -> completed, so a reused cache reports the time it took)."""
+    time (the metadata's created -> completed, so a reused cache reports the time it took). `vision`: a tower folder
+    instead of the shipped default."""
     dtype, layers, chunk_kib = CACHES[name]
     out = work / f"cache-{name}"
+    tower = {} if vision is None else {"vision": vision}
     run_extract(ExtractConfig(out=str(out), run_dir=str(work / "run"), builtin=n, seed=0, dtype=dtype, layers=layers, chunk_kib=chunk_kib,
-                              progress=False))
+                              progress=False, **tower))
     meta = FeatureCache(str(out)).meta
     took = datetime.datetime.fromisoformat(meta["completed"]) - datetime.datetime.fromisoformat(meta["created"])
     return str(out), took.total_seconds()
@@ -285,7 +295,8 @@ def render(cmd: str, args: argparse.Namespace, rows: list[dict], reads: dict | N
               (f"Goals (issue 15): int8 at most 0.5 of raw fp16: **{i8['feature_bytes'] / i8['raw_fp16_all']:.4f}** "
                f"({'met' if i8['feature_bytes'] / i8['raw_fp16_all'] <= 0.5 else 'NOT met'}); int8 with only MMFuser's layers at most 0.1 for "
                f"a 24-block tower: **{i8m['feature_bytes'] / i8m['raw_fp16_all']:.4f}** "
-               f"({'met' if i8m['feature_bytes'] / i8m['raw_fp16_all'] <= 0.1 else 'NOT met'}). Feature arrays = `features/` + `quant/` "
+               f"({'met' if i8m['feature_bytes'] / i8m['raw_fp16_all'] <= 0.1 else 'NOT met'} at this tower's width; at ViT-L/14-336's: "
+               f"\"{SHAPE_SECTION.removeprefix('## ')}\"). Feature arrays = `features/` + `quant/` "
                "(per-token fp16 scales, fp16 outlier channels) as zstd-1 compressed shards; the whole cache adds the text embeddings "
                "(384 float32 per turn and the mean), the sample tables and checksums, which do not shrink with the dtype."),
               "", mmfuser_budget(i8m),
@@ -407,6 +418,51 @@ def write_doc(section: str) -> None:
     DOC.write_text(text)
 
 
+# -- bytes at a real encoder's shape ------------------------------------------------------------------------------------
+SHAPE_CACHES = ("int8", "int8-mmfuser")
+
+
+def shape_rows(work: Path, shape: str, n: int) -> list[dict[str, Any]]:
+    """int8 caches (all layers, MMFuser's layers) of a random-weight tower of `shape` over n built-in images."""
+    tower = work / f"tower-{shape}"
+    if not (tower / "config.json").exists():
+        random_clip(tower, CLIP_SHAPES[shape])
+    rows = []
+    for name in SHAPE_CACHES:
+        url, s = extract(work, name, n, vision=str(tower))
+        rows.append(storage_row(name, url, s))
+        print(f"storage ({shape}): {name}: {rows[-1]['feature_bytes'] / rows[-1]['raw_fp16_all']:.4f} of raw fp16, extracted in {s:.0f} s", flush=True)
+    return rows
+
+
+def render_shape(cmd: str, shape: str, rows: list[dict], note: str) -> str:
+    f = lambda name: next(r for r in rows if r["name"] == name)
+    ref, i8m = f("int8"), f("int8-mmfuser")
+    cfg = CLIP_SHAPES[shape]
+    lines = [SHAPE_SECTION, "",
+             f"Command: `{cmd}`  ", f"Date: {datetime.date.today().isoformat()}  ", f"Machine: {machine()}  ",
+             (f"Data: a random-weight CLIP tower of the {shape} shape ({cfg['num_hidden_layers']} blocks, width {cfg['hidden_size']}, "
+              f"{ref['raw_fp16_all'] // (2 * cfg['hidden_size'] * (cfg['num_hidden_layers'] + 1))} tokens) over {ref['rows']} built-in images, "
+              "extracted with `run_extract`; the first 32 calibrate the outlier channels. Random weights lack the strong outlier channels "
+              f"of a trained ViT-L (the 2x-median rule picked {len(ref['outliers'][0]) if ref['outliers'] else 0} per layer here; at most 16 "
+              "are kept) and their codes are closer to Gaussian than a trained tower's heavy-tailed ones: a trained tower's cache can "
+              "hold up to 15 more fp16 channels per layer (+0.003 of raw fp16 for MMFuser's layers) and compresses its codes better."
+              + (f" {note}" if note else "")),
+             "", f"Raw fp16 of all hidden states per sample: {ref['raw_fp16_all'] / 2**20:.2f} MiB.", "",
+             "| cache | extract options | stored layers | outlier channels per layer | feature arrays on disk / sample | / raw fp16 (all L+1) | extraction |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dtype, layers, _ = CACHES[r["name"]]
+        opts = f"`--dtype {dtype}`" + (f" `--layers '{layers}'`" if layers != "all" else "")
+        n_out = len(r["outliers"][0]) if r["outliers"] else 0
+        lines.append(f"| {r['name']} | {opts} | {len(r['layers'])} | {n_out} | {_kib(r['feature_bytes'])} | **{r['feature_bytes'] / r['raw_fp16_all']:.4f}** | "
+                     f"{r['extract_s']:.0f} s |")
+    ratio = i8m["feature_bytes"] / i8m["raw_fp16_all"]
+    lines += ["", (f"Goal (issue 15): int8 with only MMFuser's layers at most 0.1 of raw fp16 for a 24-block tower: **{ratio:.4f}** "
+                   f"({'met' if ratio <= 0.1 else 'NOT met'}) at this shape."), "", mmfuser_budget(i8m), ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="markdown file; only this benchmark's section is replaced")
@@ -419,6 +475,9 @@ def main() -> None:
     ap.add_argument("--read-rows", type=int, default=256)
     ap.add_argument("--read-repeats", type=int, default=None, help="[9; 3 with --quick]")
     ap.add_argument("--no-doc", action="store_true", help="do not update docs/ablations.md")
+    ap.add_argument("--shape", choices=sorted(CLIP_SHAPES), default=None,
+                    help="bytes only, at this encoder shape with random weights (its own section); skips everything else")
+    ap.add_argument("--shape-images", type=int, default=64, help="built-in images for --shape [64]")
     ap.add_argument("--note", default="", help="a sentence on how this run was made, added to the section (e.g. resumed, shared machine)")
     args = ap.parse_args()
     n = args.n or (400 if args.quick else 6000)
@@ -429,6 +488,11 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-storage-")))
         work.mkdir(parents=True, exist_ok=True)
+        if args.shape:
+            section = render_shape(command(), args.shape, shape_rows(work, args.shape, args.shape_images), args.note)
+            write_section(args.out, SHAPE_SECTION, section)
+            print(section)
+            return
         rows, urls = [], {}
         for name in CACHES:
             url, s = extract(work, name, n)
