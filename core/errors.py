@@ -13,7 +13,7 @@ classes derived from before this hierarchy existed, so `except ValueError` / `ex
     │   ├── pipeline.data.conversation.TemplateError
     │   ├── pipeline.ablation.sweep.SweepError
     │   ├── export.frontend.OnnxExportError
-    │   └── export.hf.HFExportError
+    │   └── export.hf_model.HFExportError
     ├── InputError(ValueError)             input data that cannot be used: a sample, an image, a dataset file
     │   ├── pipeline.data.records.SampleError
     │   └── pipeline.cache.quantize.QuantizeError

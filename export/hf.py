@@ -20,20 +20,15 @@ from typing import Any, Literal
 import torch
 import transformers
 
-from layerfuse.core.errors import ConfigError
 from layerfuse.core.config import check_choice
 from layerfuse.core.errors import StateError
 from layerfuse.fusion.vlm import VisionLanguageModel
 from layerfuse.pipeline.models.encoder import load_vision_encoder
 from layerfuse.pipeline.models.run import load_run
 
-from .hf_model import write_layerfuse_vlm
+from .hf_model import HFExportError, assign_weights, write_layerfuse_vlm
 
 HFFormat = Literal["auto", "llava", "layerfuse"]  # auto: llava where the model is expressible in it, else layerfuse
-
-
-class HFExportError(ConfigError):
-    """The model cannot be written as a transformers LLaVA checkpoint."""
 
 
 def llava_feature_layer(vlm: VisionLanguageModel) -> int | list[int]:
@@ -113,13 +108,7 @@ def export_llava(
     with torch.device("meta"):
         hf = transformers.LlavaForConditionalGeneration(config)
     state = llava_state_dict(vlm, vision_tower)
-    expected = set(hf.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if config.tie_word_embeddings:
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise HFExportError(f"weights do not map onto LlavaForConditionalGeneration: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    hf.load_state_dict(state, strict=False, assign=True)  # non-persistent buffers stay on meta: never saved
+    assign_weights(hf, state, tied_head="lm_head.weight" if config.tie_word_embeddings else None, target="LlavaForConditionalGeneration")
     if dtype is not None:
         hf = hf.to(dtype)
     out = Path(out_dir)

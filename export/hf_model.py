@@ -291,8 +291,19 @@ class LayerfuseVLMProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
 
-class HFModelExportError(ConfigError):
-    """The run cannot be written as a layerfuse_vlm checkpoint."""
+class HFExportError(ConfigError):
+    """The run cannot be written as a transformers checkpoint (stock LLaVA or layerfuse_vlm)."""
+
+
+def assign_weights(hf: torch.nn.Module, state: dict[str, torch.Tensor], *, tied_head: str | None, target: str) -> None:
+    """Put `state` into `hf` (built on the meta device) by assignment; every key of both must match, except the LM head
+    `tied_head` when the model ties it to the input embeddings. Non-persistent buffers stay on meta: never saved."""
+    expected = set(hf.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    missing = [k for k in missing if k != tied_head]
+    if missing or unexpected:
+        raise HFExportError(f"weights do not map onto {target}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    hf.load_state_dict({k: v.detach() for k, v in state.items()}, strict=False, assign=True)
 
 
 def export_layerfuse_vlm(run_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> Path:
@@ -317,7 +328,7 @@ def write_layerfuse_vlm(vlm: VisionLanguageModel, bundle: LLMBundle, run: RunMod
     info, spec = encoder.info, run.vision_spec()
     got, want = (info.num_layers, info.hidden_size, tuple(info.grid), info.has_cls), (spec.num_layers, spec.hidden_size, tuple(spec.grid), spec.has_cls)
     if got != want:
-        raise HFModelExportError(
+        raise HFExportError(
             f"the vision tower at {enc['path']} gives (layers, hidden, grid, CLS) = {got}, the run was trained on {want}"
         )
     fuser = vlm.fuser
@@ -331,13 +342,7 @@ def write_layerfuse_vlm(vlm: VisionLanguageModel, bundle: LLMBundle, run: RunMod
         hf = LayerfuseVLMForConditionalGeneration(config)
     state = {f"vision_tower.{k}": v for k, v in encoder.model.state_dict().items()}
     state.update({f"vlm.{k}": v for k, v in vlm.state_dict().items()})
-    expected = set(hf.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if config.tie_word_embeddings:
-        missing = [k for k in missing if k != "vlm.llm.lm_head.weight"]
-    if missing or unexpected:
-        raise HFModelExportError(f"weights do not map onto {MODEL_TYPE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    hf.load_state_dict({k: v.detach() for k, v in state.items()}, strict=False, assign=True)  # non-persistent buffers stay on meta: never saved
+    assign_weights(hf, state, tied_head="vlm.llm.lm_head.weight" if config.tie_word_embeddings else None, target=MODEL_TYPE)
     if dtype is not None:
         hf = hf.to(dtype)
     out = Path(out_dir)

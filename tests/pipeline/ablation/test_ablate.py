@@ -59,15 +59,6 @@ CATEGORIES = ["colour", "count", "detail", "glyph", "position", "shape"]  # the 
 VISION = VisionSpec(num_layers=24, hidden_size=64, grid=(8, 8), has_cls=True, text_dim=384)  # the embedded default's features
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """What `layerfuse ablate` does next to a reader process on a 2-core machine (2 threads + a worker thrash)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def spec(cache: str, **kw) -> SweepSpec:
     base = {"cache": cache, "fusers": ["concat"], "layers": ["3-18-23"], "seeds": [0], "steps": 4, "batch_size": 8, "buffer_rows": 16,
             "categories": CATEGORIES}

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
 from layerfuse.fusion import LLMSpec, VisionSpec
 from layerfuse.pipeline.ablation.run import AblateOptions, run_ablation
 from layerfuse.pipeline.ablation.sweep import SweepSpec, expand_sweep, spec_from_dict
@@ -15,14 +13,6 @@ CATEGORIES = ["colour", "count", "detail", "glyph", "position", "shape"]
 VISION = VisionSpec(num_layers=24, hidden_size=64, grid=(8, 8), has_cls=True, text_dim=384)  # the embedded default's features
 FUSERS = ["tgif", "tokenpacker", "deepstack", "concat"]
 LAYERS = ["tgif", "tokenpacker", "deepstack", "shallow-middle-deep"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_probe_expansion_accepts_them_and_refuses_what_needs_an_llm():

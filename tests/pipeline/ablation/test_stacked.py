@@ -18,14 +18,6 @@ CATEGORIES = ["colour", "count", "detail", "glyph", "position", "shape"]
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _spec(cache: str, **kw) -> SweepSpec:
     base = {"cache": cache, "fusers": ["concat"], "layers": ["3-18-23"], "seeds": [0], "steps": 4, "batch_size": 8, "buffer_rows": 16,
             "categories": CATEGORIES}
