@@ -42,6 +42,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
 from layerfuse.core.distributed import DistContext  # noqa: E402
 from layerfuse.pipeline.cache.extract import ExtractConfig, run_extract  # noqa: E402
+from layerfuse.pipeline.cache.reader import FeatureCache  # noqa: E402
 from layerfuse.pipeline.training.train import STEP_REGIONS, TrainConfig, TrainingSetup, prepare_training, train, train_step  # noqa: E402
 
 SECTION = "## Where make train's time goes (`bench/train_profile.py`)"
@@ -166,10 +167,10 @@ def compare_candidates(setup: TrainingSetup, cfg: TrainConfig, held: list[list],
 
 
 # -- report -------------------------------------------------------------------------------------------------------------
-def render(cmd: str, stages: dict[int, dict[str, Any]], n: int, rounds: int, steps: int) -> str:
+def render(cmd: str, stages: dict[int, dict[str, Any]], data: str, rounds: int, steps: int) -> str:
     lines = [SECTION, "", f"Command: `{cmd}`  ", f"Date: {datetime.date.today().isoformat()}  ", f"Machine: {machine()}  ",
              (f"Settings: make train's (concat 3-18-23, the embedded default LLM, batch 32, fp32 on CPU; stage 1 LLM frozen, "
-              f"stage 2 everything trained at 1e-3) on a {n}-sample built-in cache; profile over steps read from the cache after "
+              f"stage 2 everything trained at 1e-3) on {data}; profile over steps read from the cache after "
               f"warm-up; candidates on {steps} held steps, {rounds} interleaved rounds from the same weights, median steps/s."),
              "", "### Where a step's time goes", "",
              "| stage | steps/s (from the cache, profiled) | " + " | ".join(r.split(".", 1)[-1] for r in STEP_REGIONS) + f" | {LOADER_WAIT} | top ops (self CPU share, calls per step) |",
@@ -231,7 +232,8 @@ def main() -> None:
             held = [micro for _, micro in setup.batches.steps(0, steps)]
             stages[stage] = {"profile": prof, "candidates": compare_candidates(setup, cfg, held, rounds, names)}
             print(f"train_profile: stage {stage}: {stages[stage]['candidates']['steps_per_s']}", flush=True)
-        section = render(command(), stages, n if args.cache is None else -1, rounds, steps)
+        data = f"a {n}-sample built-in cache" if args.cache is None else f"the cache {args.cache} ({FeatureCache(cache).status.size} samples)"
+        section = render(command(), stages, data, rounds, steps)
     write_section(args.out, SECTION, section)
     print(section)
 

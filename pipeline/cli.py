@@ -632,6 +632,7 @@ def _fuser_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 @config_option(TRAIN, "--precision", help="auto = bf16 autocast on CUDA, fp32 on CPU.")
 @config_option(TRAIN, "--gradient-checkpointing", is_flag=True, help="Recompute LLM activations in the backward pass.")
 @config_option(TRAIN, "--fsdp", is_flag=True, help="Shard the model over torchrun ranks (FSDP2) instead of DDP.")
+@config_option(TRAIN, "--compile", is_flag=True, help="torch.compile the LLM's forward (~10 s once; 1.24x faster steps on the CPU default; last bits differ from eager).")
 @config_option(TRAIN, "--attn-implementation", help="auto (flash_attention_2 when installed on CUDA, else sdpa) | sdpa | eager | ...")
 @config_option(TRAIN, "--seed")
 @config_option(TRAIN, "--buffer-rows", type=click.IntRange(min=1), help="Shuffle buffer in samples (whole global batches).")

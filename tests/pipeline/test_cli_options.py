@@ -108,7 +108,7 @@ def test_make_train_builds_the_config_it_always_did(monkeypatch):
                   warmup_ratio=0.03, max_grad_norm=1.0, precision="auto", gradient_checkpointing=False, fsdp=False,
                   attn_implementation="auto", seed=0, buffer_rows=1024, workers=2, prefetch=2, log_every=10, save_every=200,
                   device="auto", progress=True, tensorboard=True)
-    assert asdict(seen[0]) == {**before, "on_corrupt": "stop"}  # runtime fields added since keep their defaults
+    assert asdict(seen[0]) == {**before, "on_corrupt": "stop", "compile": False}  # runtime fields added since keep their defaults
     r = CliRunner().invoke(main, ["train", "--cache", "c", "--out", "o", "--stage", "2", "--no-tensorboard", "--llm-mode", "lora", "--fsdp"])
     assert r.exit_code == 0, r.output
     assert (seen[1].stage, seen[1].tensorboard, seen[1].llm_mode, seen[1].fsdp) == (2, False, "lora", True)

@@ -6,6 +6,7 @@ DDP and FSDP under torchrun) run the installed `layerfuse` command with DataLoad
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -125,6 +126,24 @@ def test_gradient_accumulation_does_not_change_the_optimisation(train_cache, tin
     a, b = load_file(str(runs[8] / "fuser.safetensors")), load_file(str(runs[2] / "fuser.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_compile_trains_the_same_model_up_to_rounding_and_saves_it_under_the_same_names(train_cache, tiny_llm_dir, stage1, tmp_path):
+    """--compile (torch.compile of the LLM's forward, in place): the same losses up to kernel rounding, a run that loads
+    like an eager one (the state dict keeps its names) and the same weights up to rounding."""
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile{compiled}"
+        train(dataclasses.replace(config(train_cache, tiny_llm_dir, out, stage=2, init_from=str(stage1), max_steps=4, lr_llm=1e-3),
+                                  compile=compiled))
+        runs[compiled] = out
+    np.testing.assert_allclose(losses(runs[True]), losses(runs[False]), rtol=1e-4)
+    eager, _, _ = load_run(runs[False])
+    comp, _, _ = load_run(runs[True])
+    a, b = eager.state_dict(), comp.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
 
 
 def test_lr_schedule_warmup_then_cosine():
