@@ -222,7 +222,10 @@ def render(cmd: str, rows: list[dict]) -> str:
               "columns switch that off (in this benchmark only) to show what it costs: the loader-efficiency columns side by "
               "side, and one window's `features` read (the layers above, the rows of one shuffle window) timed checked and "
               "unchecked, interleaved, median of 7. On a shared 2-core machine single runs of a mode differ by up to about "
-              "0.1 in cache / memory; the min-max shows this run's spread. Loader alone includes starting the workers (each opens the cache and checks its manifest)."]
+              "0.1 in cache / memory; the min-max shows this run's spread. Loader alone includes starting the workers (each opens the cache and checks its manifest). "
+              "Tried on the way (2026-12-01, quiet Xeon, 7 rounds): the reader workers at nice +10, so that the training threads win the "
+              "cores: ViT-B cache / memory fell from 0.941 to 0.816 [0.787-0.828]: starved readers make the step wait, which costs more "
+              "than sharing the cores."]
     return "\n".join(lines) + "\n"
 
 
