@@ -99,7 +99,7 @@ def test_expansion_reports_invalid_combinations_with_the_registry_reason():
     lm2 = SweepSpec(cache="c", fusers=["inject", "concat"], layers=["former"], mode="lm").check()
     former = tuple(range(1, 13))
     reads = {v.fuser: variant_inputs(v, VISION, LLMSpec(128, 4, 4), [former]) for v in expand_sweep(lm2, VISION, LLMSpec(128, 4, 4))}
-    assert reads["inject"] == [*range(1, 13), 23] and reads["concat"] == [former]
+    assert reads["inject"] == [*range(1, 13), 23] and reads["concat"] == [23, former]
     # the layer study adds one single-layer probe per hidden state
     study = SweepSpec(cache="c", probe_layers=[0, 12, 24], seeds=[3]).check()
     sv = expand_sweep(study, VISION, LLMSpec(128))
