@@ -29,7 +29,7 @@ def test_train_fingerprints_keep_their_values():
     stage2 = TrainConfig(cache="c", out="o", stage=2, template="v1", categories=["a"], fuser_options={"projector_depth": 1}).resolved()
     assert stage2.hash() == "09a9715114f27ea8"  # computed by the code before the rule moved
     runtime = dict(out="x", workers=0, prefetch=9, progress=False, log_every=1, save_every=0, device="cpu", tensorboard=False,
-                   on_corrupt="skip")
+                   on_corrupt="skip", compile=True)
     assert TrainConfig(cache="c", **runtime).hash() == "e3b0ec9148e2e9a6"
     assert sorted(f.name for f in fields(TrainConfig) if not enters_fingerprint(f, stage2)) == sorted(runtime)
 
