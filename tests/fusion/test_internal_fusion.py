@@ -241,9 +241,11 @@ def test_internal_fuser_needs_extra_layers(name: str) -> None:
 
 
 # -- 2. inject: exact against a hand-written reference -------------------------------------------------------
-def inject_reference(llm: nn.Module, fuser: InternalFuser, batch: Batch, vision_layers: tuple[int, ...] = (3, 18, 23)) -> torch.Tensor:
+def inject_reference(llm: nn.Module, fuser: InternalFuser, batch: Batch, vision_layers: tuple[int, ...] = (3, 18, 23),
+                     llm_layers: list[int] | None = None) -> torch.Tensor:
     """docs/methods.md#internal-fusion written out: inputs_embeds carry P(hs[23] patches) at the image positions; a
-    pre-hook on decoder layer m(k) adds P_k(hs[k] patches) there. The fuser's hooks must be idle (context cleared)."""
+    pre-hook on decoder layer m(k) (`llm_layers[k]`, by default MLVF's rule for the layer) adds P_k(hs[k] patches)
+    there, in order. The fuser's hooks must be idle (context cleared)."""
     d, depth = llm.config.hidden_size, llm.config.num_hidden_layers
     where = {layer: i for i, layer in enumerate(fuser.required_layers)}
     patches = batch.layers[:, :, 1:] if fuser.vision.has_cls else batch.layers  # CLS dropped where there is one
@@ -259,7 +261,8 @@ def inject_reference(llm: nn.Module, fuser: InternalFuser, batch: Batch, vision_
             h[mask] = h[mask] + delta
             return (h, *args[1:]), kwargs
 
-        handles.append(llm.model.layers[expected_llm_layer(layer, depth)].register_forward_pre_hook(add, with_kwargs=True))
+        m = expected_llm_layer(layer, depth) if llm_layers is None else llm_layers[k]
+        handles.append(llm.model.layers[m].register_forward_pre_hook(add, with_kwargs=True))
     try:
         return llm(inputs_embeds=embeds).logits
     finally:

@@ -21,6 +21,7 @@ from tests.fusion.test_internal_fusion import (
     IMAGE_TOKEN,
     INTERNAL,
     STARTS,
+    inject_reference,
     VISION,
     Batch,
     layer_io,
@@ -234,26 +235,7 @@ def test_inject_per_layer_matches_a_hand_written_reference() -> None:
     batch = make_batch(fuser)
     got = run(vlm, batch)
     fuser.clear_context()
-    d = llm.config.hidden_size
-    where = {layer: i for i, layer in enumerate(fuser.required_layers)}
-    patches, mask, img = batch.layers[:, :, 1:], batch.mask, batch.has_image
-    embeds = llm.get_input_embeddings()(batch.input_ids.masked_fill(mask, 0))
-    embeds[mask] = mlp(fuser.projector, patches[:, where[23]])[img].reshape(-1, d)
-    handles = []
-    for r, layer in enumerate(FORMER):
-        delta = mlp(fuser.layer_projectors[r], patches[:, where[layer]])[img].reshape(-1, d)
-
-        def add(module: nn.Module, args: tuple, kwargs: dict, delta: torch.Tensor = delta) -> tuple[tuple, dict]:
-            h = args[0].clone()
-            h[mask] = h[mask] + delta
-            return (h, *args[1:]), kwargs
-
-        handles.append(llm.model.layers[r // 3].register_forward_pre_hook(add, with_kwargs=True))
-    try:
-        ref = llm(inputs_embeds=embeds).logits
-    finally:
-        for h in handles:
-            h.remove()
+    ref = inject_reference(llm, fuser, batch, FORMER, llm_layers=[r // 3 for r in range(len(FORMER))])
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
     plain = plain_logits(vlm, batch)
     assert torch.equal(got[2], plain[2])  # the text-only sample is untouched
