@@ -252,9 +252,9 @@ def run_ablation(spec: SweepSpec, opts: AblateOptions) -> AblateResult:
         raise AblateError(str(e)) from None
     llm = _llm_spec(spec, out)
     variants = expand_sweep(spec, vision, llm)
+    reads = {v.id: variant_inputs(v, vision, llm, cache.views) for v in variants if v.valid}  # each fuser built once, on meta
     for v in variants:  # a cache of a layer subset (extract --layers) cannot serve every variant
-        inputs = variant_inputs(v, vision, llm, cache.views) if v.valid else []
-        if missing := sorted(i for i in inputs if isinstance(i, int) and i not in cache.stored_layers):
+        if missing := sorted(i for i in reads.get(v.id, []) if isinstance(i, int) and i not in cache.stored_layers):
             v.reason = cache.missing_layers_message(missing)
     write_json(out / SWEEP_FILE, indent=1, default=_json_default, data={
         "settings_hash": spec.settings_hash(), "settings": spec.settings(), "spec": asdict(spec),
@@ -278,7 +278,7 @@ def run_ablation(spec: SweepSpec, opts: AblateOptions) -> AblateResult:
     try:
         if to_train:
             runner = _ProbeSweep if spec.mode == "probe" else _LMSweep
-            n_groups = runner(spec, opts, cache, vision, llm, questions, out, device, workers).run(to_train, reused=len(valid) - len(pending),
+            n_groups = runner(spec, opts, cache, vision, reads, questions, out, device, workers).run(to_train, reused=len(valid) - len(pending),
                                                                                               invalid=invalid)
         elif pending:
             pass  # only variants that are the same as finished ones: their records are copied below
@@ -327,9 +327,10 @@ def cpu_threads(opts: AblateOptions, workers: int, units: int = 1) -> tuple[int,
 class _Sweep:
     """Shared by both budgets: grouping, the two passes per group, writing each variant's result."""
 
-    def __init__(self, spec: SweepSpec, opts: AblateOptions, cache: FeatureCache, vision: VisionSpec, llm: LLMSpec, questions: QuestionSet,
-                 out: Path, device: torch.device, workers: int):
-        self.spec, self.opts, self.cache, self.vision, self.llm, self.questions = spec, opts, cache, vision, llm, questions
+    def __init__(self, spec: SweepSpec, opts: AblateOptions, cache: FeatureCache, vision: VisionSpec,
+                 reads: dict[str, list[int | tuple[int, ...]]], questions: QuestionSet, out: Path, device: torch.device, workers: int):
+        # reads: variant id -> what it reads from this cache (variant_inputs)
+        self.spec, self.opts, self.cache, self.vision, self.reads, self.questions = spec, opts, cache, vision, reads, questions
         self.out, self.device, self.workers = out, device, workers
 
     # per budget
@@ -371,7 +372,7 @@ class _Sweep:
 
     def union(self, group: list[Variant]) -> list[int | tuple[int, ...]]:
         """What the group's shared pass reads: every member's inputs (hidden states, then stored group means)."""
-        return input_order({i for v in group for i in variant_inputs(v, self.vision, self.llm, self.cache.views)})
+        return input_order({i for v in group for i in self.reads[v.id]})
 
     @staticmethod
     def seeds_text(group: list[Variant]) -> str:
