@@ -498,7 +498,11 @@ def test_gradients(llm: nn.Module, name: str) -> None:
 @pytest.mark.parametrize("name", INTERNAL)
 @torch.no_grad()
 def test_batch_independence(llm: nn.Module, name: str) -> None:
-    fuser = make_fuser(name, llm)
+    assert_batch_independent(make_fuser(name, llm), llm)
+
+
+def assert_batch_independent(fuser: InternalFuser, llm: nn.Module) -> None:
+    """With the gates open, each sample's logits in the batch equal its logits alone."""
     open_gates(fuser)
     vlm = VisionLanguageModel(fuser, llm, IMAGE_TOKEN)
     batch = make_batch(fuser)

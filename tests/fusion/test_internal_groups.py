@@ -21,6 +21,7 @@ from tests.fusion.test_internal_fusion import (
     IMAGE_TOKEN,
     INTERNAL,
     STARTS,
+    assert_batch_independent,
     inject_reference,
     VISION,
     Batch,
@@ -289,13 +290,7 @@ def test_xattn_per_layer_starts_as_the_plain_llm() -> None:
 @torch.no_grad()
 def test_per_layer_batch_independence(name: str) -> None:
     llm = tiny_llm(4)
-    fuser = make(name, llm, "all")
-    open_gates(fuser)
-    vlm = VisionLanguageModel(fuser, llm, IMAGE_TOKEN)
-    batch = make_batch(fuser)
-    together = vlm(batch.input_ids, batch.layers, has_image=batch.has_image, attention_mask=torch.ones_like(batch.input_ids)).logits
-    for i in range(3):
-        torch.testing.assert_close(together[i : i + 1], run(vlm, batch.row(i)), atol=1e-5, rtol=1e-5)
+    assert_batch_independent(make(name, llm, "all"), llm)
 
 
 def test_per_layer_inject_trains_every_projector() -> None:
