@@ -255,13 +255,7 @@ def accuracy_markdown(tables: dict[str, dict], verdict: dict, runs: dict[str, di
                 lines.append(f"| {fuser} ({layers}) | not run |" + " |" * (len(cats) + 1))
                 continue
             m = table[fuser]
-            if cache == "float16":
-                v = "reference"
-            else:
-                vd = verdict[cache, fuser]
-                v = (f"overall {'inside' if vd['overall'] else '**outside**'} the range ({vd['diff']:+.3f}, {vd['diff_std']:+.1f} std); "
-                     f"{vd['categories_inside']}/{vd['categories']} categories inside"
-                     + (f" (not: {', '.join(vd['outside'])})" if vd["outside"] else ""))
+            v = verdict_text(None if cache == "float16" else verdict[cache, fuser], detailed=True)
             lines.append(f"| {fuser} ({layers}) | {_acc(m['overall'])} | " + " | ".join(_acc(m[c]) if c in m else "-" for c in cats) + f" | {v} |")
         lines.append("")
     if same is not None:
@@ -340,6 +334,19 @@ def render(cmd: str, args: argparse.Namespace, rows: list[dict], reads: dict | N
     return "\n".join(lines) + "\n"
 
 
+def verdict_text(vd: dict[str, Any] | None, *, detailed: bool) -> str:
+    """A cache x fuser row's verdict against float16's seed range (None: the float16 reference itself); detailed for
+    BENCHMARKS.md, short for docs/ablations.md."""
+    if vd is None:
+        return "reference"
+    numbers = f"{vd['diff']:+.3f}, {vd['diff_std']:+.1f} std"
+    inside = f"{vd['categories_inside']}/{vd['categories']} categories inside"
+    if detailed:
+        return (f"overall {'inside' if vd['overall'] else '**outside**'} the range ({numbers}); {inside}"
+                + (f" (not: {', '.join(vd['outside'])})" if vd["outside"] else ""))
+    return f"{'yes' if vd['overall'] else '**no**'} ({numbers}; {inside})"
+
+
 def paired_lines(tables: dict[str, dict], eval_n: int, ref: str = "float16") -> list[str]:
     """Per-seed overall differences from float16 of the quantised caches, which see float16's data order seed for seed."""
     return [line for cache in PAIRED if cache in tables for line in _paired(tables, cache, eval_n, ref)]
@@ -388,12 +395,7 @@ def doc_section(cmd: str, rows: list[dict], runs: dict, tables: dict, verdict: d
             if fuser not in table:
                 continue
             m = table[fuser]
-            if cache == "float16":
-                v = "reference"
-            else:
-                vd = verdict[cache, fuser]
-                v = (f"{'yes' if vd['overall'] else '**no**'} ({vd['diff']:+.3f}, {vd['diff_std']:+.1f} std; "
-                     f"{vd['categories_inside']}/{vd['categories']} categories inside)")
+            v = verdict_text(None if cache == "float16" else verdict[cache, fuser], detailed=False)
             lines.append(f"| {cache} | {fuser} ({layers}) | {_acc(m['overall'])} | " + " | ".join(f"{np.mean(m[c]):.3f}" if c in m else "-" for c in cats)
                          + f" | {v} |")
     lines.append("")
