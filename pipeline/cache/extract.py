@@ -337,8 +337,9 @@ class _ShardWriterThread:
     compute. Memory is bounded: at most `depth` full shards wait and `threads` are being written; `submit` blocks
     beyond that. The first error stops writing and is raised in the main thread by `submit` or `close`."""
 
-    def __init__(self, writer: CacheWriter, depth: int = 2, threads: int = 1):
-        self.writer = writer
+    def __init__(self, writer: CacheWriter, depth: int = 2, threads: int = 1,
+                 done: Callable[[dict[str, np.ndarray]], None] | None = None):
+        self.writer, self.done = writer, done  # done(parts): a written shard's feature parts, free to be reused
         self.q: queue.Queue[ShardResult | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.written = 0
@@ -352,6 +353,8 @@ class _ShardWriterThread:
             if self.error is None:
                 try:
                     self.writer.write_shard(res)
+                    if self.done is not None:
+                        self.done(res.parts())
                     with self._lock:
                         self.written += 1
                 except BaseException as e:  # surfaced in the main thread by submit/close
@@ -440,15 +443,47 @@ class _TextStage:
             self.thread.join()
 
 
+class _FeaturePool:
+    """Recycled feature buffers of whole output shards (pinned host memory when the encoder runs on CUDA).
+
+    A shard of a ViT-L/14-336 cache is about 0.5 GB; writing into fresh memory costs the kernel's page faults (measured
+    70 ms per image here, with transparent huge pages compacting), more than the image's forward on a GPU. Buffers come
+    back after their shard is written, so a run allocates only as many as are ever alive at once (the writer queue's
+    depth + the writer threads + the shard being filled)."""
+
+    def __init__(self, encoding: FeatureEncoding, feat_shape: tuple[int, int, int], pin: bool):
+        self.encoding, self.feat_shape, self.pin = encoding, feat_shape, pin
+        self._free: list[dict[str, np.ndarray]] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> dict[str, np.ndarray]:
+        """Parts of n rows [n, K+V, ...]; their values are whatever the last shard left (every row gets written)."""
+        with self._lock:
+            for i, parts in enumerate(self._free):
+                if len(parts[FEATURES]) == n:
+                    return self._free.pop(i)
+        k, t, d = self.feat_shape
+        dt = self.encoding.part_dtypes()
+        return {p: torch.empty((n, k, *shape), dtype=_TORCH_OF[np.dtype(dt[p])], pin_memory=self.pin).numpy()
+                for p, shape in self.encoding.part_shapes(t, d).items()}
+
+    def give(self, parts: dict[str, np.ndarray]) -> None:
+        with self._lock:
+            self._free.append(parts)
+
+
+_TORCH_OF = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32, np.dtype(np.uint16): torch.uint16,
+             np.dtype(np.int8): torch.int8, np.dtype(np.uint8): torch.uint8}  # the pool's host dtypes (part_dtypes)
+
+
 class _ShardBuffer:
     """Accumulates one output shard's rows until all are filled."""
 
-    def __init__(self, index: int, start: int, stop: int, encoding: FeatureEncoding, feat_shape: tuple[int, int, int], max_turns: int,
-                 text_dim: int):
+    def __init__(self, index: int, start: int, stop: int, pool: _FeaturePool, max_turns: int, text_dim: int):
         n = stop - start
         self.index, self.start, self.stop, self.filled = index, start, stop, 0
-        self.parts = encoding.zeros(n, *feat_shape)  # features [n, K+V, T, D] (+ quant/scale, quant/outliers)
-        self.stats = ErrorStats(feat_shape[0]) if encoding.scheme is not None else None  # this shard's quantisation error
+        self.parts = pool.take(n)  # features [n, K+V, T, D] (+ quant/scale, quant/outliers), recycled: rows written below
+        self.stats = ErrorStats(pool.feat_shape[0]) if pool.encoding.scheme is not None else None  # this shard's quantisation error
         self.turns = np.zeros((n, max_turns, text_dim), np.float32)
         self.mean = np.zeros((n, text_dim), np.float32)
         self.num_turns = np.zeros(n, np.int16)
@@ -461,6 +496,8 @@ class _ShardBuffer:
         return self.filled == self.stop - self.start
 
     def result(self) -> ShardResult:
+        for values in self.parts.values():  # rows without an image are stored as zeros
+            values[self.status != OK] = 0
         parts = dict(self.parts)
         return ShardResult(self.index, self.start, self.stop, parts.pop(FEATURES), self.turns, self.mean, self.num_turns, self.status,
                            self.size, self.errors, parts, self.stats)
@@ -486,21 +523,15 @@ class _Storer:
         kept = hs if self.select is None else hs.index_select(1, self.select)  # [B, K, T, D]
         return torch.cat([kept.float(), *means], dim=1) if means else kept
 
-    def parts(self, hs: torch.Tensor, shards: np.ndarray, stats: dict[int, ErrorStats | None]) -> dict[str, np.ndarray]:
-        """The stored parts [B, K+V, ...] on the host of hs [B, L+1, T, D], image b belonging to output shard shards[b];
-        each shard's quantisation error is added to stats[shard]."""
+    def write(self, hs: torch.Tensor, buf: _ShardBuffer, rows: np.ndarray) -> None:
+        """The stored parts of hs [B, L+1, T, D] (images of one output shard) written into buf's rows `rows` [B]
+        (shard-relative, ascending), one converting copy from the device per run of consecutive rows; the
+        quantisation error of each run is added to buf.stats."""
         x = self.block(hs)
-        groups = np.unique(shards)
-        if len(groups) == 1:  # the usual case: a batch inside one output shard
-            return self.encoding.encode(x, stats[int(groups[0])])
-        out: dict[str, np.ndarray] = {}
-        for k in groups:
-            idx = np.flatnonzero(shards == k)
-            for part, values in self.encoding.encode(x[torch.from_numpy(idx).to(x.device)], stats[int(k)]).items():
-                if part not in out:
-                    out[part] = np.empty((len(shards), *values.shape[1:]), values.dtype)
-                out[part][idx] = values
-        return out
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows)]):
+            r0, r1 = int(rows[a]), int(rows[b - 1]) + 1
+            self.encoding.encode_into(x[a:b], {p: v[r0:r1] for p, v in buf.parts.items()}, buf.stats)
 
 
 def _calibrate(cfg: ExtractConfig, enc: VisionEncoder, storage: dict[str, Any], records: Sequence[SampleRecord],
@@ -721,7 +752,8 @@ def _process(
     # Fork the DataLoader workers now, before the text thread runs torch code: a worker forked while another thread holds
     # a libc lock (e.g. glibc's atexit lock, taken when torch first registers a static destructor) hangs for ever.
     loaded = iter(loader)
-    sink = _ShardWriterThread(writer, threads=WRITER_THREADS.get(device.type, CUDA_WRITER_THREADS))
+    pool = _FeaturePool(storer.encoding, feat_shape, pin=device.type == "cuda")
+    sink = _ShardWriterThread(writer, threads=WRITER_THREADS.get(device.type, CUDA_WRITER_THREADS), done=pool.give)
     texts = _TextStage(text, records, batches, max_turns, background=TEXT_THREAD.get(device.type, True), device=device)
     buffers: dict[int, _ShardBuffer] = {}
     n_images = n_skipped = 0
@@ -749,10 +781,11 @@ def _process(
             emb = texts.get([it["row"] for it in items], [s == OK for s in status])  # computed ahead, in its own thread
             for it in items:
                 if (k := it["row"] // writer.shard_samples) not in buffers:
-                    buffers[k] = _ShardBuffer(k, *writer.shard_rows(k), storer.encoding, feat_shape, max_turns, text.dim)
-            image_shards = np.asarray([it["row"] // writer.shard_samples for it, st in zip(items, status) if st == OK], np.int64)
-            feats = storer.parts(hs, image_shards, {k: buffers[k].stats for k in set(image_shards.tolist())}) if hs is not None else {}
-            j = 0
+                    buffers[k] = _ShardBuffer(k, *writer.shard_rows(k), pool, max_turns, text.dim)
+            image_rows = np.asarray([it["row"] for it, st in zip(items, status) if st == OK], np.int64)
+            if hs is not None and len(image_rows):  # a batch never straddles an output shard (shard_batches)
+                buf = buffers[int(image_rows[0]) // writer.shard_samples]
+                storer.write(hs, buf, image_rows - buf.start)
             for i, (it, st) in enumerate(zip(items, status)):
                 row = it["row"]
                 k = row // writer.shard_samples
@@ -760,18 +793,14 @@ def _process(
                 r = row - buf.start
                 buf.status[r], buf.size[r] = st, it["size"]
                 buf.turns[r], buf.mean[r], buf.num_turns[r] = emb.turns[i], emb.mean[i], emb.num_turns[i]
-                if st == OK:
-                    for part, values in feats.items():
-                        buf.parts[part][r] = values[j]
-                    j += 1
-                elif st == SKIPPED:
+                if st == SKIPPED:
                     rec = records[row]
                     buf.errors.append({"row": row, "id": rec.id, "stage": "image", "reason": it["error"], "where": rec.image_ref})
                     n_skipped += 1
                 buf.filled += 1
                 if buf.full:
                     sink.submit(buffers.pop(k).result())
-            n_images += j
+            n_images += len(image_rows)
             bar.update(len(items))
             if n_skipped:
                 bar.set_postfix(skipped=n_skipped, refresh=False)

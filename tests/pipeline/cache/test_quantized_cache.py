@@ -11,11 +11,12 @@ import transformers
 import zarr
 
 from layerfuse.pipeline.cache.derive import derive_cache
-from layerfuse.pipeline.cache.encoding import OUTLIERS, SCALE, FeatureEncoding, running_absmax
-from layerfuse.pipeline.cache.extract import _Storer, run_extract, storage_layout
+from layerfuse.core.dtypes import StorageDtype
+from layerfuse.pipeline.cache.encoding import FEATURES, OUTLIERS, SCALE, FeatureEncoding, running_absmax
+from layerfuse.pipeline.cache.extract import _FeaturePool, _ShardBuffer, _Storer, run_extract, storage_layout
 from layerfuse.pipeline.cache.plan import encoder_shape, plan_cache
 from layerfuse.pipeline.cache.quantize import ErrorStats
-from layerfuse.pipeline.cache.reader import CorruptRowsError, FeatureCache
+from layerfuse.pipeline.cache.reader import OK, SKIPPED, TEXT_ONLY, CorruptRowsError, FeatureCache
 from layerfuse.pipeline.cache.verify import cache_info, format_info, verify_cache
 from layerfuse.pipeline.cache.writer import CacheWriter
 from tests.support import extract_config
@@ -117,23 +118,33 @@ def test_checksums_cover_scales_and_outliers(tmp_path, caches):
         assert not verify_cache(str(copy), progress=False).ok
 
 
-def test_batches_across_shards_encode_each_shard_alone():
-    """_Storer.parts on a batch that straddles output shards equals encoding each shard's images on their own, and
-    each shard's error goes to that shard's stats."""
-    storage = {"dtype": "int8", "layers": [0, 2], "views": [[1, 2]]}
-    enc = FeatureEncoding.calibrate("int8", None, 3)
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn", "float16", "bfloat16"])
+def test_storer_writes_runs_of_rows_into_a_recycled_shard_buffer(dtype):
+    """_Storer.write puts a batch's images into their shard rows (a skipped image between them: two runs) equal to
+    encoding the images alone, adds the same error to the shard's stats, and `result` zeroes the rows without an image
+    that a recycled buffer still holds values in."""
+    storage = {"dtype": dtype, "layers": [0, 2], "views": [[1, 2]]}
+    enc = FeatureEncoding.calibrate(dtype, None, 3) if dtype == "int8" else FeatureEncoding(StorageDtype(dtype))
     storer = _Storer(storage, 2, torch.device("cpu"), enc)
-    hs = torch.randn(5, 3, 7, 16)
-    shards = np.array([0, 0, 1, 1, 1])
-    stats = {0: ErrorStats(3), 1: ErrorStats(3)}
-    parts = storer.parts(hs, shards, stats)
-    for k, rows in ((0, [0, 1]), (1, [2, 3, 4])):
-        alone = ErrorStats(3)
-        want = enc.encode(storer.block(hs[rows]), alone)
-        for name, values in want.items():
-            assert np.array_equal(parts[name][rows], values)
-        assert stats[k].to_json() == alone.to_json()
-    assert storer.block(hs).shape == (5, 3, 7, 16)
+    pool = _FeaturePool(enc, (3, 7, 16), pin=False)
+    stale = pool.take(6)
+    for v in stale.values():
+        v[...] = 1  # what a previous shard left
+    pool.give(stale)
+    buf = _ShardBuffer(0, 0, 6, pool, 1, 4)
+    assert buf.parts[FEATURES] is stale[FEATURES]  # recycled, not allocated again
+    hs = torch.randn(4, 3, 7, 16)
+    rows = np.array([0, 1, 3, 4])  # row 2: a skipped image; row 5: text only
+    storer.write(hs, buf, rows)
+    buf.status[:] = [OK, OK, SKIPPED, OK, OK, TEXT_ONLY]
+    res = buf.result()
+    alone = ErrorStats(3) if enc.scheme is not None else None
+    want = enc.encode(storer.block(hs), alone)
+    for name, values in res.parts().items():
+        assert np.array_equal(values[rows], want[name]), name
+        assert not values[[2, 5]].any(), name
+    if alone is not None:
+        assert res.quant_error.to_json() == alone.to_json()
     assert torch.allclose(storer.block(hs)[:, 2], hs[:, 1:3].mean(1))
 
 
