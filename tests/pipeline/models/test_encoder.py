@@ -9,7 +9,7 @@ import transformers
 from layerfuse.core.hub import CheckpointError
 from layerfuse.pipeline.cache.extract import run_extract
 from layerfuse.pipeline.cache.reader import FeatureCache
-from layerfuse.pipeline.models.encoder import ImagePreprocessor, load_vision_encoder
+from layerfuse.pipeline.models.encoder import ImagePreprocessor, VisionEncoder, _output_shape, load_vision_encoder
 from layerfuse.pipeline.models.text import InstructionEmbedder
 from PIL import Image
 
@@ -43,6 +43,25 @@ def test_siglip_has_no_cls_and_keeps_every_token(siglip_dir, tmp_path):
     with torch.no_grad():
         hs = ref_model(pixel_values=pix, output_hidden_states=True).hidden_states
     assert torch.equal(cache.features(slice(None), [0, 3]), torch.stack([hs[0], hs[3]], 1))
+
+
+def test_output_shape_on_meta_equals_a_real_forward_and_falls_back(siglip_dir, monkeypatch):
+    """load_vision_encoder reads the tower's output shape without arithmetic (meta device), the shape of a real forward;
+    a tower whose code fails on meta tensors is measured with a real forward instead."""
+    model = transformers.SiglipVisionModel.from_pretrained(siglip_dir).eval()
+    real = tuple(VisionEncoder(model, None, None)(torch.zeros(1, 3, 32, 32)).shape)
+    assert _output_shape(model, 32) == real == (1, 4, 16, 32)
+    calls = []
+    real_forward = VisionEncoder.forward
+
+    def forward(self, x):
+        calls.append(x.device.type)
+        if x.is_meta:
+            raise NotImplementedError("this op has no meta kernel")
+        return real_forward(self, x)
+
+    monkeypatch.setattr(VisionEncoder, "forward", forward)
+    assert _output_shape(model, 32) == real and calls == ["meta", "cpu"]
 
 
 def test_full_clip_checkpoint_loads_its_vision_tower(tmp_path):
