@@ -24,6 +24,7 @@ size`.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -150,6 +151,10 @@ def train_together(units: Sequence[Unit], steps: Iterable[tuple[int, Mapping[int
     serial = [u for u in units if u not in free]
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(total=total, unit="step", desc=desc, disable=not progress, dynamic_ncols=True, leave=False))
+        if len(free) > 1 and not serial:  # every unit concurrent: each at its own pace (no step barrier)
+            _train_unbarriered(free, it, prepare, min(parallel, len(free)), timing, bar, members)
+            timing.wall_s = time.perf_counter() - t_start
+            return timing
         pool = stack.enter_context(ThreadPoolExecutor(min(parallel, len(free)))) if len(free) > 1 else None
         if pool is None:
             serial, free = units, []
@@ -172,6 +177,91 @@ def train_together(units: Sequence[Unit], steps: Iterable[tuple[int, Mapping[int
                 bar.set_postfix(loss=f"{sum(m.stats.losses[-1] for m in members) / len(members):.3f}")
     timing.wall_s = time.perf_counter() - t_start
     return timing
+
+
+LEAD_STEPS = 4  # how many steps the fastest unit of an unbarriered pass may run ahead of the slowest (batches held)
+
+
+def _train_unbarriered(units: Sequence[Unit], it: Iterator[tuple[int, Mapping[int, Any]]], prepare: Callable[[Any], Any],
+                       threads: int, timing: PassTiming, bar: Any, members: Sequence[Member]) -> None:
+    """`train_together` for units that may all run concurrently, without a barrier at every step: `threads` workers
+    take whichever unit is free and has its next step's batches (the unit furthest behind first), so 3 units on 2
+    threads keep both busy instead of one thread idling while the other runs a second unit. Each unit still trains on
+    every step's batches in order, and units share nothing, so each ends as it would alone. The batches of the last
+    LEAD_STEPS steps are held until every unit is past them; the main thread reads and prepares them."""
+    cond = threading.Condition()
+    window: dict[int, Mapping[int, Any]] = {}  # step -> prepared batches, until every unit has trained on it
+    done = {id(u): 0 for u in units}  # steps each unit has finished
+    busy: set[int] = set()
+    state: dict[str, Any] = {"read": 0, "exhausted": False, "error": None}
+
+    def next_task() -> tuple[Unit, Mapping[int, Any]] | None:
+        with cond:
+            while True:
+                if state["error"] is not None:
+                    return None
+                ready = [u for u in units if id(u) not in busy and done[id(u)] < state["read"]]
+                if ready:
+                    u = min(ready, key=lambda u: done[id(u)])
+                    busy.add(id(u))
+                    return u, window[done[id(u)]]
+                if state["exhausted"] and all(d == state["read"] for d in done.values()):
+                    return None
+                cond.wait()
+
+    def work() -> None:
+        while (task := next_task()) is not None:
+            u, batches = task
+            try:
+                _train_unit(u, batches)
+            except BaseException as e:  # raised in the calling thread below
+                with cond:
+                    state["error"] = e
+                    cond.notify_all()
+                return
+            with cond:
+                busy.discard(id(u))
+                done[id(u)] += 1
+                for step in [k for k in window if k < min(done.values())]:
+                    del window[step]
+                cond.notify_all()
+
+    workers = [threading.Thread(target=work, name=f"layerfuse-unit-{i}", daemon=True) for i in range(threads)]
+    for w in workers:
+        w.start()
+    shown = 0
+    try:
+        while True:
+            with cond:
+                cond.wait_for(lambda: state["error"] is not None or state["read"] - min(done.values()) < LEAD_STEPS)
+                slowest = min(done.values())
+                if state["error"] is not None:
+                    break
+            bar.update(slowest - shown)
+            shown = slowest
+            if members:
+                bar.set_postfix(loss=f"{sum(m.stats.losses[-1] for m in members if m.stats.losses) / len(members):.3f}")
+            t = time.perf_counter()
+            try:
+                _, batches = next(it)
+            except StopIteration:
+                break
+            batches = {seed: prepare(b) for seed, b in batches.items()}
+            timing.read_s += time.perf_counter() - t
+            with cond:
+                window[state["read"]] = batches
+                state["read"] += 1
+                timing.steps += 1
+                cond.notify_all()
+    finally:
+        with cond:
+            state["exhausted"] = True
+            cond.notify_all()
+        for w in workers:
+            w.join()
+    bar.update(min(done.values()) - shown)
+    if state["error"] is not None:
+        raise state["error"]
 
 
 def zip_seeds(steps: Mapping[int, Iterable[tuple[int, Any]]]) -> Iterator[tuple[int, dict[int, Any]]]:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,7 +37,8 @@ from layerfuse.pipeline.ablation.probe import (
 from layerfuse.pipeline.ablation.questions import UNKNOWN, question_set
 from layerfuse.pipeline.ablation.results import load_results
 from layerfuse.pipeline.ablation.run import AblateError, AblateOptions, run_ablation, variant_inputs
-from layerfuse.pipeline.ablation.shared_pass import Alone, train_together, zip_seeds
+from layerfuse.pipeline.ablation import shared_pass
+from layerfuse.pipeline.ablation.shared_pass import Alone, MemberStats, train_together, zip_seeds
 from layerfuse.pipeline.ablation.sweep import (
     STUDY_LAYERS,
     LMSettings,
@@ -297,6 +299,70 @@ def test_shared_pass_reads_once_and_trains_like_separate_runs(train_cache, monke
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{v.id} {k}")
         assert shared[v.id].stats.losses == pytest.approx(alone.stats.losses, abs=1e-6)
     assert len(reads) == len(group) * shared_reads  # one after another: every variant reads the cache itself
+
+
+def test_concurrent_seeds_without_a_step_barrier_train_like_separate_runs(train_cache):
+    """Units of three seeds on 2 threads (no barrier at each step: each unit at its own pace) end exactly as each
+    seed's variant trained alone."""
+    cache = FeatureCache(train_cache)
+    s = spec(train_cache, fusers=["concat"], layers=["3-18-23"], seeds=[0, 1, 2])
+    qs = question_set(cache, CATEGORIES)
+    vision = VisionSpec.from_cache(cache)
+    group = [v for v in expand_sweep(s, vision, LLMSpec(128)) if v.valid]
+    assert sorted(v.seed for v in group) == [0, 1, 2]
+
+    def run(variants, parallel):
+        loaders = {v.seed: ProbeBatches(cache, qs, layers=[3, 18, 23], need_text=True, batch_size=8, seed=v.seed, buffer_rows=16, workers=0)
+                   for v in variants}
+        members = [ProbeVariant(v, vision, s, qs, [3, 18, 23], torch.device("cpu"), 6) for v in variants]
+        train_together([Alone(m) for m in members], zip_seeds({seed: ld.steps(0, 6) for seed, ld in loaders.items()}), 6,
+                       prepare=lambda b: prepare_batch(b, torch.device("cpu")), progress=False, parallel=parallel)
+        return {m.variant.id: m for m in members}
+
+    together = run(group, parallel=2)
+    for v in group:
+        alone = run([v], parallel=1)[v.id]
+        assert together[v.id].stats.steps == 6 and together[v.id].stats.losses == alone.stats.losses
+        a, b = together[v.id].model.state_dict(), alone.model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), v.id
+
+
+class _Uneven:
+    """A unit whose steps take `cost` seconds; it records the steps it ran and the furthest lead over the others."""
+
+    exclusive = False
+
+    def __init__(self, name: str, cost: float, log: dict, fail_at: int | None = None):
+        self.name, self.cost, self.log, self.fail_at = name, cost, log, fail_at
+        self.members = [SimpleNamespace(variant=SimpleNamespace(seed=0), stats=MemberStats())]
+
+    def train_step(self, batches):
+        step = batches[0]
+        if step == self.fail_at:
+            raise RuntimeError(f"{self.name} fails at step {step}")
+        time.sleep(self.cost)
+        self.log[self.name].append(step)
+        return [0.0]
+
+
+def test_unbarriered_pass_keeps_each_units_order_bounds_the_lead_and_raises_errors(monkeypatch):
+    monkeypatch.setattr(shared_pass, "_size", lambda batch: 1)
+    log = {"slow": [], "fast1": [], "fast2": []}
+    units = [_Uneven("slow", 0.02, log), _Uneven("fast1", 0.001, log), _Uneven("fast2", 0.001, log)]
+    lead = []
+    steps = ((i, {0: i}) for i in range(20))
+
+    def watched():
+        for item in steps:
+            lead.append(item[0] - len(log["slow"]))  # how far reading is ahead of the slowest unit
+            yield item
+
+    timing = train_together(units, watched(), 20, progress=False, parallel=2)
+    assert all(v == list(range(20)) for v in log.values()) and timing.steps == 20
+    assert 1 < max(lead) <= shared_pass.LEAD_STEPS  # no barrier at each step; the batches held are bounded
+    broken = [_Uneven("ok", 0.001, {"ok": []}), _Uneven("bad", 0.001, {"bad": []}, fail_at=3)]
+    with pytest.raises(RuntimeError, match="bad fails at step 3"):
+        train_together(broken, ((i, {0: i}) for i in range(20)), 20, progress=False, parallel=2)
 
 
 def test_lm_mode_shared_llm_with_internal_fuser_trains_like_separate_runs(train_cache, tiny_llm_dir):
