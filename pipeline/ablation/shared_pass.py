@@ -13,8 +13,9 @@ trained in a group ends with the same weights as the same variant trained alone 
 
 `parallel` > 1 runs the units that draw no random numbers and share no modules (`Unit.exclusive` False) concurrently
 on that many Python threads (torch releases the GIL inside its ops; the caller sets torch's own threads); the other
-units run one at a time, each on its own RNG stream. A unit's work does not depend on the others, so the
-result is the same as one after another (with the same torch thread count per op).
+units run one at a time, each on its own RNG stream. When every unit may run concurrently there is no barrier at
+each step (`_train_unbarriered`: each unit at its own pace, at most LEAD_STEPS ahead of the slowest). A unit's work
+does not depend on the others, so the result is the same as one after another (with the same torch thread count per op).
 
 Time: `compute_s` per member is its unit's own work (wall time, split evenly among a stack's members); the wait for the
 next batches (`read_s`) is paid once per pass and shared, so a variant's train time is `compute_s + read_s / group
