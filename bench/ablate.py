@@ -88,6 +88,7 @@ def render(cmd: str, cache: str, spec: SweepSpec, shared: dict, sequential: dict
                  f"{r['cpu_s']:.1f} s | {r['cpu_s'] / one['cpu_s']:.2f}x | {max(r['cpu_s'] / cores, one['wall_s']) / one['wall_s']:.2f}x |"
                  for name, r in seeds.items()]
     three = seeds["3 seeds"]
+    seed0 = {name: next(a for vid, a in r["accuracy"].items() if vid.endswith("__s0")) for name, r in seeds.items()}  # in every run
     row = lambda name, r: (f"| {name} | {r['passes']} | {r['train_s']:.1f} s | {r['read_s']:.1f} s | {r['compute_s']:.1f} s | "
                            f"{r['wall_s']:.1f} s |")
     return "\n".join([
@@ -120,6 +121,10 @@ def render(cmd: str, cache: str, spec: SweepSpec, shared: dict, sequential: dict
          f"{three['wall_s'] / one['wall_s']:.2f}x ({three['cpu_s'] / three['wall_s']:.1f} cores busy on average). The 1.5x goal needs arithmetic shared between seeds, which only a stacked "
          "model gives, and on CPU stacking (`--stack`, vmap) costs more than it saves (its row above). On a GPU, where a small "
          "probe's step is bound by kernel launches rather than arithmetic, the stacked path is the default; it has not been run."), "",
+        ("Seed 0's overall accuracy in each run: " + ", ".join(f"{name} {a:.4f}" for name, a in seed0.items())
+         + (": the same in every run." if len(set(seed0.values())) == 1 else
+            ": a stacked model equals training alone to about 1e-5 in the weights, not bit for bit (vmap reduces some gradients "
+            "in another order; docs/ablations.md), so an answer whose two best logits are that close can flip.")), "",
     ])
 
 

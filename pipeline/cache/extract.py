@@ -464,16 +464,12 @@ class _FeaturePool:
                     return self._free.pop(i)
         k, t, d = self.feat_shape
         dt = self.encoding.part_dtypes()
-        return {p: torch.empty((n, k, *shape), dtype=_TORCH_OF[np.dtype(dt[p])], pin_memory=self.pin).numpy()
+        return {p: torch.empty((n, k, *shape), dtype=torch.from_numpy(np.empty(0, dt[p])).dtype, pin_memory=self.pin).numpy()
                 for p, shape in self.encoding.part_shapes(t, d).items()}
 
     def give(self, parts: dict[str, np.ndarray]) -> None:
         with self._lock:
             self._free.append(parts)
-
-
-_TORCH_OF = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32, np.dtype(np.uint16): torch.uint16,
-             np.dtype(np.int8): torch.int8, np.dtype(np.uint8): torch.uint8}  # the pool's host dtypes (part_dtypes)
 
 
 class _ShardBuffer:
