@@ -140,6 +140,18 @@ def _train_unit(unit: Unit, batches: Mapping[int, Any]) -> None:
         m.stats.losses.append(float(loss))
 
 
+def _next_batches(it: Iterator[tuple[int, Mapping[int, Any]]], prepare: Callable[[Any], Any], timing: PassTiming) -> dict[int, Any] | None:
+    """The next step's prepared {seed: batch} (None at the end); the wait is added to timing.read_s."""
+    t = time.perf_counter()
+    try:
+        _, batches = next(it)
+    except StopIteration:
+        return None
+    out = {seed: prepare(b) for seed, b in batches.items()}
+    timing.read_s += time.perf_counter() - t
+    return out
+
+
 def train_together(units: Sequence[Unit], steps: Iterable[tuple[int, Mapping[int, Any]]], total: int, *,
                    prepare: Callable[[Any], Any] = lambda b: b, desc: str = "train", progress: bool = True, parallel: int = 1) -> PassTiming:
     """Train every unit on each step's batches (`steps`: an iterator of (step, {seed: batch})), in the same order;
@@ -159,14 +171,7 @@ def train_together(units: Sequence[Unit], steps: Iterable[tuple[int, Mapping[int
         pool = stack.enter_context(ThreadPoolExecutor(min(parallel, len(free)))) if len(free) > 1 else None
         if pool is None:
             serial, free = units, []
-        while True:
-            t = time.perf_counter()
-            try:
-                _, batches = next(it)
-            except StopIteration:
-                break
-            batches = {seed: prepare(b) for seed, b in batches.items()}
-            timing.read_s += time.perf_counter() - t
+        while (batches := _next_batches(it, prepare, timing)) is not None:
             running = [pool.submit(_train_unit, u, batches) for u in free] if pool is not None else []
             for u in serial:
                 _train_unit(u, batches)
@@ -242,13 +247,8 @@ def _train_unbarriered(units: Sequence[Unit], it: Iterator[tuple[int, Mapping[in
             shown = slowest
             if members:
                 bar.set_postfix(loss=f"{sum(m.stats.losses[-1] for m in members if m.stats.losses) / len(members):.3f}")
-            t = time.perf_counter()
-            try:
-                _, batches = next(it)
-            except StopIteration:
+            if (batches := _next_batches(it, prepare, timing)) is None:
                 break
-            batches = {seed: prepare(b) for seed, b in batches.items()}
-            timing.read_s += time.perf_counter() - t
             with cond:
                 window[state["read"]] = batches
                 state["read"] += 1
