@@ -17,11 +17,16 @@ softmax and output_proj stay ordinary ops) to the torch custom op `layerfuse_exp
 (`torch.onnx.export(..., dynamo=True, custom_translation_table=...)`) translates that op with `translate_msda`
 into one custom node, the two index inputs cast to int32. The exporter resolves ops through onnx's schema
 registry, so `register_onnx_schema` registers the node's schema (with type and shape inference) first.
-The three modes are then packagings of that one graph:
+The three node modes are then packagings of that one graph:
 
     custom  the node as exported (runtimes need the plugin; onnx.reference runs it with `layerfuse.export.msda_numpy`)
     hybrid  the node + `gather_function()`, the gather graph as an ONNX local function of the same domain/name
     gather  `hybrid` with the function inlined: plain ONNX ops only, no custom domain, no GridSample
+
+A fourth mode exports no node: `grid_sample` traces MSDeformAttn's grid_sample formulation (pipeline of
+fusion/msda/grid_sample.py), one standard `GridSample` (opset >= 16) per level, the level sizes fixed at export
+(a fuser's are). Plain ONNX as well; onnxruntime's CPU GridSample kernel runs it faster than the gather graph's
+Gather + MatMul chain on small models (BENCHMARKS.md, ONNX export); TensorRT >= 8.6 has a GridSample layer.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from layerfuse.core.config import check_choice
 from layerfuse.fusion.msda import MSDeformAttn, ms_deform_attn_gather, register_impl, unregister_impl
 from layerfuse.plugins_trt.info import ONNX_DOMAIN, ONNX_DOMAIN_VERSION, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
-MsdaMode = Literal["gather", "custom", "hybrid"]  # how MSDeformAttn is written (module docstring)
+MsdaMode = Literal["gather", "custom", "hybrid", "grid_sample"]  # how MSDeformAttn is written (module docstring)
 FUNCTION_OPSET = 18  # opset of the standard ops inside the gather function
 EXPORT_IMPL = "onnx_export"  # the `impl` name MSDeformAttn modules are switched to while exporting
 INPUT_NAMES = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
@@ -136,20 +141,35 @@ def translation_table() -> dict:
 
 
 @contextlib.contextmanager
+def msda_routed(model: nn.Module, impl: str) -> Iterator[int]:
+    """Run the core call of every MSDeformAttn in `model` with `impl`; yields how many modules. Restores each
+    module's own `impl` on exit."""
+    modules = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
+    saved = [m.impl for m in modules]
+    try:
+        for m in modules:
+            m.impl = impl
+        yield len(modules)
+    finally:
+        for m, own in zip(modules, saved):
+            m.impl = own
+
+
+@contextlib.contextmanager
 def msda_as_export_op(model: nn.Module) -> Iterator[int]:
     """Route the core call of every MSDeformAttn in `model` to the export op; yields how many modules.
     Restores each module's `impl` and unregisters the export impl on exit."""
-    modules = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
-    saved = [m.impl for m in modules]
     register_impl(EXPORT_IMPL, msda_export_op)
     try:
-        for m in modules:
-            m.impl = EXPORT_IMPL
-        yield len(modules)
+        with msda_routed(model, EXPORT_IMPL) as n:
+            yield n
     finally:
-        for m, impl in zip(modules, saved):
-            m.impl = impl
         unregister_impl(EXPORT_IMPL)
+
+
+def msda_for_export(model: nn.Module, mode: MsdaMode) -> contextlib.AbstractContextManager[int]:
+    """How `mode` exports MSDeformAttn: the traced grid_sample formulation, or the export op (the node modes)."""
+    return msda_routed(model, "grid_sample") if mode == "grid_sample" else msda_as_export_op(model)
 
 
 # -- the gather body: bilinear sampling by index gathering, shape-generic ------------------------------------

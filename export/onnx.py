@@ -10,10 +10,11 @@
              internal_<k>_llm_layer_<m>  [B, N, d]   internal fusers: projector P_k's features, fed to LLM layer m
 
 Batch is dynamic; everything else is fixed by the fuser. fp32 graph (precision is chosen when a TensorRT engine is
-built from it). MSDeformAttn (mmfuser) is exported in one of three modes, see `layerfuse.export.msda_onnx`:
+built from it). MSDeformAttn (mmfuser) is exported in one of four modes, see `layerfuse.export.msda_onnx`:
 `gather` (default, plain ONNX ops), `custom` (one `layerfuse::MSDeformAttn` node per call, for the TensorRT plugin),
-`hybrid` (that node carrying its gather graph as a local function). Fusers without MSDeformAttn give the same
-graph in every mode.
+`hybrid` (that node carrying its gather graph as a local function), `grid_sample` (plain ONNX with one GridSample per
+level: the fastest in onnxruntime's CPU EP for small models). Fusers without MSDeformAttn give the same graph in
+every mode.
 
 Mechanism: torch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`) with a custom translation table for the
 MSDeformAttn core op; the mode is applied to the exported graph afterwards. Every file written passes
@@ -45,7 +46,7 @@ from layerfuse.plugins_trt.info import ONNX_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPAC
 
 from .frontend import FrontEnd, OnnxExportError, eval_mode
 from .graph_opt import broadcast_friendly, fold_constants
-from .msda_onnx import MsdaMode, msda_as_export_op, msda_nodes, package, register_onnx_schema, translation_table
+from .msda_onnx import MsdaMode, msda_for_export, msda_nodes, package, register_onnx_schema, translation_table
 from .verify import verify_onnx
 
 DEFAULT_OPSET = 18  # LayerNormalization needs >= 17; TensorRT 10 parses up to opset 20+
@@ -83,7 +84,7 @@ def export_onnx(
 ) -> Path:
     """Export `fuser`'s front end (with `encoder` in front when given) to `out_path`; returns the path.
 
-    msda: "gather" | "custom" | "hybrid" (see module docstring). The written file is checked with
+    msda: "gather" | "custom" | "hybrid" | "grid_sample" (see module docstring). The written file is checked with
     `onnx.checker` (full_check) and strict shape inference. `check_batch_sizes`, when given, also runs
     `layerfuse.export.verify.verify_onnx` on it and raises if an output is off by more than its tolerance.
     """
@@ -99,7 +100,7 @@ def export_onnx(
     sig = front.signature
     args = tuple(x.to(front.device) for x in front.example_inputs(EXAMPLE_BATCH))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    with eval_mode(front), torch.no_grad(), msda_as_export_op(front), _quiet_exporter():
+    with eval_mode(front), torch.no_grad(), msda_for_export(front, msda), _quiet_exporter():
         program = torch.onnx.export(
             front, args, dynamo=True, opset_version=opset,
             input_names=list(sig.inputs), output_names=list(sig.outputs),
@@ -135,7 +136,7 @@ def ort_session(path: str | Path, threads: int | None = None) -> Any:
 
 def _describe(model: onnx.ModelProto, fuser: Fuser, msda: str, encoder: Any | None) -> None:
     """Metadata a runtime (or `layerfuse export engine`) can read back without the run."""
-    n_msda = len(msda_nodes(model)) if msda != "gather" else 0
+    n_msda = len(msda_nodes(model)) if msda in ("custom", "hybrid") else 0
     meta = {
         "layerfuse.fuser": fuser.name,
         "layerfuse.layers": fuser.selection.describe(),

@@ -885,8 +885,9 @@ def _encoder_of(run_dir: str):
 @export_group.command("onnx")
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run folder.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
-@click.option("--msda", type=click.Choice(["gather", "custom", "hybrid"]), default="gather", show_default=True,
-              help="MSDeformAttn as plain ops, as one custom node (TensorRT plugin), or the node carrying its gather graph.")
+@click.option("--msda", type=click.Choice(["gather", "custom", "hybrid", "grid_sample"]), default="gather", show_default=True,
+              help="MSDeformAttn as plain ops, as one custom node (TensorRT plugin), the node carrying its gather graph, or "
+                   "one standard GridSample per level (fastest in onnxruntime on CPU for small models).")
 @click.option("--with-encoder", is_flag=True, help="Put the vision encoder in front (input: pixel_values).")
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True)
 @click.option("--check-batches", default="1,3", show_default=True, help="Batch sizes to compare with PyTorch after export ('' to skip).")

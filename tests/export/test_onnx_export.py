@@ -331,12 +331,29 @@ def test_with_encoder_pixel_values_and_text(vision_dir, tmp_path):
         FrontEnd(make_fuser("single"), encoder)
 
 
+def test_grid_sample_mode_is_plain_onnx_with_one_gridsample_per_level(fusers, exported):
+    """--msda grid_sample: no custom node or domain, a standard GridSample per level and MSDeformAttn call, the same
+    outputs as eager at several batch sizes (batch stays dynamic), and the modules' own impl restored afterwards."""
+    fuser = fusers["mmfuser"]
+    modules = [m for m in fuser.modules() if isinstance(m, MSDeformAttn)]
+    own = [m.impl for m in modules]
+    path = exported("mmfuser", "grid_sample")
+    model = onnx.load(str(path))
+    assert not msda_nodes(model) and not model.functions and {d for d, _ in ops(model)} <= {"", "ai.onnx"}
+    assert sum(t == "GridSample" for _, t in ops(model)) == sum(m.n_levels for m in modules) > 0
+    assert metadata(path)["layerfuse.msda"] == "grid_sample" and metadata(path)["layerfuse.msda_nodes"] == "0"
+    # onnxruntime only: onnx.reference's GridSample knows opset 20's mode names ("linear"), not opset 16-19's "bilinear"
+    report = verify_onnx(path, fuser, batch_sizes=(*BATCHES, 5), runtimes=["onnxruntime-cpu"])
+    assert report.ok, report.summary()
+    assert [m.impl for m in modules] == own
+
+
 # -- refusals ------------------------------------------------------------------------------------------------------
 
 
 def test_export_refuses_bad_arguments(fusers, tmp_path):
-    with pytest.raises(OnnxExportError, match="gather, custom, hybrid"):
-        export_onnx(fusers["single"], tmp_path / "x.onnx", msda="grid_sample")
+    with pytest.raises(OnnxExportError, match="gather, custom, hybrid, grid_sample"):
+        export_onnx(fusers["single"], tmp_path / "x.onnx", msda="bilinear")
     with pytest.raises(OnnxExportError, match="opset"):
         export_onnx(fusers["single"], tmp_path / "x.onnx", opset=16)
     half = make_fuser("single").half()
