@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnxruntime as ort
@@ -31,7 +31,7 @@ import torch
 
 from layerfuse.export.onnx import FrontEnd, export_onnx, ort_session
 from layerfuse.fusion import LLMSpec, VisionSpec, build_fuser
-from layerfuse.fusion.msda import auto_choices, reset_auto
+from layerfuse.fusion.msda import MSDeformAttn, auto_choices, reset_auto
 from layerfuse.core.benchmarks import command, machine, write_section
 from layerfuse.core.timing import time_once
 
@@ -70,6 +70,7 @@ class Row:
     export_s: float
     threads: int
     eager_msda: str  # what MMFuser's impl="auto" ran eagerly ("-" without MSDeformAttn)
+    grid: list[float] = field(default_factory=list)  # onnxruntime on the `--msda grid_sample` export (MSDeformAttn fusers)
 
 
 def measure(case: Case, batches: list[int], repeats: int, workdir: Path, threads: int) -> list[Row]:
@@ -81,6 +82,8 @@ def measure(case: Case, batches: list[int], repeats: int, workdir: Path, threads
     path = export_onnx(fuser, workdir / f"{case.fuser}-{case.vision.hidden_size}.onnx")
     export_s = time.perf_counter() - t
     session = ort_session(path, threads)
+    has_msda = any(isinstance(m, MSDeformAttn) for m in fuser.modules())
+    grid = ort_session(export_onnx(fuser, workdir / f"{case.fuser}-{case.vision.hidden_size}-grid.onnx", msda="grid_sample"), threads) if has_msda else None
     front = FrontEnd(fuser).eval()
     rows = []
     for batch in batches:
@@ -95,11 +98,17 @@ def measure(case: Case, batches: list[int], repeats: int, workdir: Path, threads
         def onnx() -> None:
             session.run(None, feeds)
 
+        def onnx_grid() -> None:
+            grid.run(None, feeds)
+
         eager(), onnx()  # warm-up (and impl="auto"'s measurement)
         picks = sorted({choice for choice, _ in auto_choices().values()})
         row = Row(case, batch, [], [], export_s, threads, "/".join(picks) or "-")
+        timed = [(eager, row.eager), (onnx, row.onnx)] + ([(onnx_grid, row.grid)] if grid is not None else [])
+        if grid is not None:
+            onnx_grid()  # warm-up
         for _ in range(repeats):
-            for fn, times in ((eager, row.eager), (onnx, row.onnx)):
+            for fn, times in timed:
                 times.append(time_once(fn))
         rows.append(row)
     return rows
@@ -113,8 +122,10 @@ def render(cmd: str, rows: list[Row]) -> str:
         v = r.case.vision
         e, o = statistics.median(r.eager), statistics.median(r.onnx)
         shape = f"{r.case.shape}: D={v.hidden_size}, {v.grid[0]}x{v.grid[1]}+CLS, d={r.case.llm_width}"
+        g = statistics.median(r.grid) if r.grid else None
+        grid = f"{ms(g)} ({rng(r.grid)}) | **{g / e:.2f}**" if g is not None else "- | -"
         lines.append(f"| {r.case.fuser} | {shape} | {r.batch} | {r.threads} | {ms(e)} ({rng(r.eager)}) | {r.eager_msda} "
-                     f"| {ms(o)} ({rng(r.onnx)}) | **{o / e:.2f}** | {len(r.eager)} | {r.export_s:.1f} s |")
+                     f"| {ms(o)} ({rng(r.onnx)}) | **{o / e:.2f}** | {grid} | {len(r.eager)} | {r.export_s:.1f} s |")
     return "\n".join([
         SECTION, "",
         f"Command: `{cmd}`  ",
@@ -124,13 +135,14 @@ def render(cmd: str, rows: list[Row]) -> str:
         "Front end: fuser + projector from `layers` [B, k, T, D] (random weights, each fuser's default options), "
         "fp32, exported with `--msda gather`; median of the runs after a warm-up (range in brackets)", "",
         "| Fuser | Shape | Batch | Threads | PyTorch eager | Eager MSDeformAttn | onnxruntime | onnxruntime / eager time "
-        "| Runs | Export time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| onnxruntime, `--msda grid_sample` | its / eager time | Runs | Export time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *lines, "",
         "Ratios below 1 mean onnxruntime is faster than PyTorch eager on the same number of CPU threads. MMFuser's "
         "onnxruntime graph samples with one Gather per MSDeformAttn call (the ONNX-portable path); eager runs what "
         "`impl=\"auto\"` measured faster for that row (column Eager MSDeformAttn: grid_sample, or the sparse CSR "
-        "`gather`).", "",
+        "`gather`). The `--msda grid_sample` column is the same front end exported with one standard GridSample per "
+        "level instead of the Gather body (MSDeformAttn fusers only).", "",
         "Threads: on a machine shared with other jobs, torch's OpenMP threads wait at every parallel region for a "
         "descheduled partner, so eager rows with more than 1 thread swing by 10-100x with the load (load average in "
         "the header); onnxruntime's non-spinning pool does not. The 1-thread rows are the comparison that holds on a "
