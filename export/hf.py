@@ -21,7 +21,6 @@ import torch
 import transformers
 
 from layerfuse.core.config import check_choice
-from layerfuse.core.errors import StateError
 from layerfuse.fusion.vlm import VisionLanguageModel
 from layerfuse.pipeline.models.encoder import load_vision_encoder
 from layerfuse.pipeline.models.run import load_run
@@ -129,7 +128,6 @@ def export_llava(
     return out
 
 
-
 def llava_refusal(vlm: VisionLanguageModel) -> str | None:
     """Why `vlm` cannot be a LLaVA checkpoint, or None when it can."""
     try:
@@ -153,6 +151,4 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, format: HFFormat = "
         raise HFExportError(f"{reason}; export it with --format layerfuse")
     if format == "layerfuse" or reason is not None:
         return write_layerfuse_vlm(vlm, bundle, run, out_dir, dtype=dtype, source=str(run_dir)), "layerfuse"
-    if not run.encoder.get("path"):
-        raise StateError(f"run {run_dir} does not record its vision encoder (retrain with this layerfuse version)")
-    return export_llava(vlm, run.encoder["path"], out_dir, tokenizer=bundle.tokenizer, dtype=dtype), "llava"
+    return export_llava(vlm, run.encoder_path(str(run_dir)), out_dir, tokenizer=bundle.tokenizer, dtype=dtype), "llava"

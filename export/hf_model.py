@@ -40,15 +40,15 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel, Pro
 from transformers.feature_extraction_utils import BatchFeature
 
 from layerfuse.core.dtypes import StorageDtype
-from layerfuse.core.errors import ConfigError, StateError
+from layerfuse.core.errors import ConfigError
 from layerfuse.fusion import LLMSpec, VisionLanguageModel, VisionSpec, build_fuser, fuser_config
 from layerfuse.fusion.internal import InternalFuser
 from layerfuse.fusion.kv_cache import cached_tokens, layer_cache
 from layerfuse.pipeline.data.conversation import prompt_for_generation
-from layerfuse.pipeline.models.encoder import ImagePreprocessor, load_vision_encoder
+from layerfuse.pipeline.models.encoder import ImagePreprocessor
 from layerfuse.pipeline.models.generate import left_pad
 from layerfuse.pipeline.models.llm import LLMBundle
-from layerfuse.pipeline.models.run import RunModel, load_run
+from layerfuse.pipeline.models.run import RunModel, load_run, load_run_encoder
 from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, InstructionEmbedder
 
 MODEL_TYPE = "layerfuse_vlm"
@@ -322,15 +322,7 @@ def write_layerfuse_vlm(vlm: VisionLanguageModel, bundle: LLMBundle, run: RunMod
                         dtype: torch.dtype | None = None, source: str = "the run") -> Path:
     """`export_layerfuse_vlm` for a run already loaded with `load_run` (`source` names it in errors)."""
     enc = run.encoder
-    if not enc.get("path"):
-        raise StateError(f"run {source} does not record its vision encoder (retrain with this layerfuse version)")
-    encoder = load_vision_encoder(enc["path"], revision=enc.get("revision"))
-    info, spec = encoder.info, run.vision_spec()
-    got, want = (info.num_layers, info.hidden_size, tuple(info.grid), info.has_cls), (spec.num_layers, spec.hidden_size, tuple(spec.grid), spec.has_cls)
-    if got != want:
-        raise HFExportError(
-            f"the vision tower at {enc['path']} gives (layers, hidden, grid, CLS) = {got}, the run was trained on {want}"
-        )
+    encoder = load_run_encoder(run, source)
     fuser = vlm.fuser
     text_model = {"path": run.text_model.get("path"), "suffixes": list(run.text_model.get("suffixes") or [])}
     config = LayerfuseVLMConfig(

@@ -29,6 +29,7 @@ from layerfuse.core.errors import MissingError, StateError
 from layerfuse.core.hub import load_pretrained
 from layerfuse.fusion import Fuser, FuserBuildError, LLMSpec, VisionLanguageModel, VisionSpec, build_fuser, fuser_class, fuser_config
 from layerfuse.pipeline.data.conversation import Template
+from layerfuse.pipeline.models.encoder import VisionEncoder, load_vision_encoder
 from layerfuse.pipeline.models.llm import LLMBundle, load_llm
 
 CONFIG = "config.json"
@@ -63,10 +64,29 @@ class RunModel:
         v["grid"] = tuple(v["grid"])
         return VisionSpec(**v)
 
+    def encoder_path(self, source: str) -> str:
+        """The vision tower the run recorded (for live inference and exports); `source` names the run in the error."""
+        if not self.encoder.get("path"):
+            raise StateError(f"run {source} does not record its vision encoder (retrain with this layerfuse version)")
+        return str(self.encoder["path"])
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, where: str = "run config") -> "RunModel":
         """A run's saved model record; an unknown or missing key, a wrong type or mode is a StateError naming `where`."""
         return read_config(cls, d, where=where, error=StateError)
+
+
+def load_run_encoder(model: RunModel, source: str, *, device: str | torch.device = "cpu") -> VisionEncoder:
+    """The run's recorded vision tower, loaded and checked against the features the run was trained on
+    ((layers, hidden size, grid, CLS) of its cache); `source` names the run in errors."""
+    path = model.encoder_path(source)
+    encoder = load_vision_encoder(path, revision=model.encoder.get("revision"), device=device)
+    info, spec = encoder.info, model.vision_spec()
+    got = (info.num_layers, info.hidden_size, tuple(info.grid), info.has_cls)
+    want = (spec.num_layers, spec.hidden_size, tuple(spec.grid), spec.has_cls)
+    if got != want:
+        raise StateError(f"the vision tower at {path} gives (layers, hidden, grid, CLS) = {got}; run {source} was trained on {want}")
+    return encoder
 
 
 def build_vlm(model: RunModel, bundle: LLMBundle) -> VisionLanguageModel:

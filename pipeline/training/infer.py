@@ -19,14 +19,12 @@ import torch
 from PIL import Image
 
 from layerfuse.core.dtypes import StorageDtype
-from layerfuse.core.errors import StateError
 from layerfuse.fusion import VisionLanguageModel
 from layerfuse.pipeline.data.conversation import TokenizedSample, prompt_for_generation
-from layerfuse.pipeline.models.encoder import load_vision_encoder
 from layerfuse.pipeline.models.generate import greedy_generate
 from layerfuse.pipeline.data.images import decode_image
 from layerfuse.pipeline.models.llm import LLMBundle
-from layerfuse.pipeline.models.run import RunModel, load_run
+from layerfuse.pipeline.models.run import RunModel, load_run, load_run_encoder
 from layerfuse.pipeline.models.text import InstructionEmbedder
 
 
@@ -47,13 +45,8 @@ class LivePipeline:
         self.vlm: VisionLanguageModel
         self.bundle: LLMBundle
         self.model: RunModel
-        enc = self.model.encoder
-        if not enc.get("path"):
-            raise StateError(f"run {run} does not record its vision encoder (retrain with this layerfuse version)")
-        self.encoder = load_vision_encoder(enc["path"], revision=enc.get("revision"), device=device)
-        if self.encoder.info.num_layers != self.model.vision["num_layers"] or self.encoder.info.hidden_size != self.model.vision["hidden_size"]:
-            raise ValueError(f"the encoder at {enc['path']} is not the one run {run} was trained on")
-        self.preprocess = self.encoder.preprocessor(bool(enc.get("pad_to_square")))
+        self.encoder = load_run_encoder(self.model, str(run), device=device)
+        self.preprocess = self.encoder.preprocessor(bool(self.model.encoder.get("pad_to_square")))
         self.suffixes = tuple(self.model.text_model.get("suffixes") or ())
         self.embedder = None
         if self.vlm.fuser.needs_text:

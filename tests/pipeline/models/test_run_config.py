@@ -60,3 +60,24 @@ def test_an_internal_run_saved_before_group_mode_reads_as_group_means(tmp_path, 
     new = {**old, "fuser_options": {"layers": "former", "group_mode": "per_layer"}}
     assert read_run_model(write(tmp_path, new)).fuser_options["group_mode"] == "per_layer"
     assert "group_mode" not in read_run_model(write(tmp_path, RECORD)).fuser_options  # concat has no such option
+
+
+def test_the_recorded_encoder_loads_only_when_it_matches_the_trained_features(tmp_path):
+    """load_run_encoder: the one home of the run's vision tower for live inference and exports (a run without one,
+    or a tower whose (layers, hidden, grid, CLS) differ from the cache the run trained on, is a StateError)."""
+    import transformers
+
+    from layerfuse.pipeline.models.run import load_run_encoder
+
+    tower = tmp_path / "tower"
+    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16)
+    transformers.CLIPVisionModel(cfg).save_pretrained(tower)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tower)
+    vision = {"num_layers": 2, "hidden_size": 32, "grid": [2, 2], "has_cls": True, "text_dim": 0}
+    model = RunModel.from_dict({**RECORD, "vision": vision, "encoder": {"path": str(tower)}})
+    assert load_run_encoder(model, "runs/x").info.grid == (2, 2)
+    with pytest.raises(StateError, match=r"gives \(layers, hidden, grid, CLS\) = \(2, 32, \(2, 2\), True\); run runs/x was trained on "
+                                         r"\(24, 64, \(8, 8\), True\)"):
+        load_run_encoder(RunModel.from_dict({**RECORD, "encoder": {"path": str(tower)}}), "runs/x")
+    with pytest.raises(StateError, match="run runs/x does not record its vision encoder"):
+        load_run_encoder(RunModel.from_dict({**RECORD, "encoder": {}}), "runs/x")
