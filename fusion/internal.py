@@ -28,7 +28,7 @@ from torch import nn
 
 from .base import Fuser, FuserBuildError, FuserConfig, FuserOutput, LLMSpec, VisionSpec
 from .kv_cache import cached_tokens, layer_cache
-from .layers import GROUP_MODES, LayerSpecError, internal_plan
+from .layers import LayerSpecError, internal_plan
 from .projector import Projector
 
 
@@ -112,8 +112,6 @@ class InternalFuser(Fuser):
         super().__init__(config, vision, llm)
         if llm.num_layers < 1:
             raise FuserBuildError(f"{self.name} needs the LLM's number of decoder layers (LLMSpec.num_layers)")
-        if config.group_mode not in GROUP_MODES:
-            raise FuserBuildError(f"{self.name}: group_mode must be one of {', '.join(GROUP_MODES)}, got {config.group_mode!r}")
         if len(self.selection.base) != 1:
             raise FuserBuildError(f"{self.name}: the base term must be one layer, got a group in {self.selection.describe()}")
         try:
