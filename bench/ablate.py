@@ -22,7 +22,6 @@ import dataclasses
 import datetime
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ import transformers  # noqa: E402
 
 from layerfuse.pipeline.ablation.run import AblateOptions, run_ablation  # noqa: E402
 from layerfuse.pipeline.ablation.sweep import SweepSpec  # noqa: E402
-from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
+from layerfuse.core.benchmarks import cpu_seconds, command, machine, write_section  # noqa: E402
 
 transformers.logging.disable_progress_bar()
 SECTION = "## Ablations: shared pass (`bench/ablate.py`)"
@@ -53,12 +52,6 @@ def build_cache(folder: Path, n: int) -> str:
     out = folder / "cache"
     run_extract(ExtractConfig(out=str(out), vision=str(vision), builtin=n, seed=0, workers=1, progress=False))
     return str(out)
-
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its reaped children (the loader workers) so far."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run(spec: SweepSpec, out: Path, group_size: int | None, workers: int, **opts: object) -> dict:

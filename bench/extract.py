@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import datetime
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -52,7 +51,7 @@ from layerfuse.pipeline.cache.extract import TEXT_THREAD, ExtractConfig, run_ext
 from layerfuse.pipeline.data.access import load_image  # noqa: E402
 from layerfuse.pipeline.data.synthetic import synthetic_plan  # noqa: E402
 from layerfuse.pipeline.models.text import InstructionEmbedder  # noqa: E402
-from layerfuse.core.benchmarks import CLIP_SHAPES, command, machine, random_clip, write_section  # noqa: E402
+from layerfuse.core.benchmarks import CLIP_SHAPES, command, cpu_seconds, machine, random_clip, write_section  # noqa: E402
 from layerfuse.core.timing import median_time  # noqa: E402
 
 SECTION = "## Extraction (`bench/extract.py`)"
@@ -75,12 +74,6 @@ def build_vitl(out: Path) -> Path:
 def extract_config(out: Path, n: int, vision: str, run_dir: Path) -> ExtractConfig:
     # throughput does not depend on the weights: the default tower's architecture, unpretrained
     return ExtractConfig(out=str(out), builtin=n, vision=vision, run_dir=str(run_dir), vision_pretrain_steps=0, progress=False)
-
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its reaped children (the DataLoader workers) so far."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def timed_extract(out: Path, n: int, vision: str, run_dir: Path, cpu: list[float] | None = None) -> float:
