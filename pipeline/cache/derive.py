@@ -134,8 +134,7 @@ def _shard(source: FeatureCache, writer: CacheWriter, k: int, keep: list[int], e
     stats = ErrorStats(x.shape[1]) if encoding.scheme is not None else None
     parts = encoding.zeros(b - a, *x.shape[1:])
     if (images := np.flatnonzero(status == OK)).size:  # rows without an image stay zeros, as extraction leaves them
-        for part, values in encoding.encode(x[torch.from_numpy(images)], stats).items():
-            parts[part][images] = values
+        encoding.encode_rows(x[torch.from_numpy(images)], parts, images, stats)
     data = parts.pop("features")
     turns = np.asarray(source.checked_rows("text/turns", rows))
     mean = np.asarray(source.checked_rows("text/mean", rows))

@@ -155,6 +155,14 @@ class FeatureEncoding:
         self.encode_into(x, out, stats)
         return out
 
+    def encode_rows(self, x: Tensor, out: Mapping[str, np.ndarray], rows: np.ndarray, stats: ErrorStats | None = None) -> None:
+        """`encode_into` of x [B, ...] into rows `rows` [B] of out[part] ([N, ...] each, e.g. a shard buffer): one
+        converting copy per run of consecutive rows."""
+        breaks = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist()
+        for a, b in zip([0, *breaks], [*breaks, len(rows)]):
+            r0, r1 = int(rows[a]), int(rows[b - 1]) + 1
+            self.encode_into(x[a:b], {p: v[r0:r1] for p, v in out.items()}, stats)
+
     def encode_into(self, x: Tensor, out: Mapping[str, np.ndarray], stats: ErrorStats | None = None) -> None:
         """`encode`, written into out[part] ([B, K, ...] host arrays, e.g. rows of an extraction shard buffer): one
         converting copy per part from x's device straight into place (no intermediate host array: at ViT-L/14-336 a

@@ -521,13 +521,9 @@ class _Storer:
 
     def write(self, hs: torch.Tensor, buf: _ShardBuffer, rows: np.ndarray) -> None:
         """The stored parts of hs [B, L+1, T, D] (images of one output shard) written into buf's rows `rows` [B]
-        (shard-relative, ascending), one converting copy from the device per run of consecutive rows; the
-        quantisation error of each run is added to buf.stats."""
-        x = self.block(hs)
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows)]):
-            r0, r1 = int(rows[a]), int(rows[b - 1]) + 1
-            self.encoding.encode_into(x[a:b], {p: v[r0:r1] for p, v in buf.parts.items()}, buf.stats)
+        (shard-relative), one converting copy from the device per run of consecutive rows; the quantisation error is
+        added to buf.stats."""
+        self.encoding.encode_rows(self.block(hs), buf.parts, rows, buf.stats)
 
 
 def _calibrate(cfg: ExtractConfig, enc: VisionEncoder, storage: dict[str, Any], records: Sequence[SampleRecord],
