@@ -262,10 +262,11 @@ class CacheWriter:
         if (res.start, res.stop) != self.shard_rows(res.index):
             raise ValueError(f"shard {res.index} covers rows {self.shard_rows(res.index)}, got {res.start, res.stop}")
         sl = slice(res.start, res.stop)
-        for path, data in res.parts().items():
-            self.group[path][sl] = data
-        self.group["text/turns"][sl] = res.text_turns
-        self.group["text/mean"][sl] = res.text_mean
+        arrays = {**res.parts(), "text/turns": res.text_turns, "text/mean": res.text_mean}
+        for path, data in arrays.items():
+            # every chunk is stored, zeros too: zarr's default compares each chunk with the fill value first, an extra
+            # pass over the data (measured: 13 ms of 76 per image of CPU for a ViT-L/14-336 shard, zstd-1, on tmpfs)
+            self.group[path].with_config({"write_empty_chunks": True})[sl] = data
         put_file(self.fs, self._marker_path(res.index), json.dumps(res.marker()).encode())
 
     # --- finalisation ---------------------------------------------------------------------------------------
