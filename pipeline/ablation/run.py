@@ -280,11 +280,9 @@ def run_ablation(spec: SweepSpec, opts: AblateOptions) -> AblateResult:
             runner = _ProbeSweep if spec.mode == "probe" else _LMSweep
             n_groups = runner(spec, opts, cache, vision, reads, questions, out, device, workers).run(to_train, reused=len(valid) - len(pending),
                                                                                               invalid=invalid)
-        elif pending:
-            pass  # only variants that are the same as finished ones: their records are copied below
         elif opts.progress and not valid:
             tqdm.write(f"ablate: none of the {invalid} variants is valid (the reasons are in {out / 'results.md'})")
-        elif opts.progress:
+        elif opts.progress and not pending:  # (pending but none to train: the same as finished ones, copied below)
             tqdm.write(f"ablate: all {len(valid)} valid variants of {out} are finished ({invalid} invalid); rebuilding the report")
     finally:
         torch.set_num_threads(threads_before)
