@@ -133,7 +133,7 @@ def test_storer_writes_runs_of_rows_into_a_recycled_shard_buffer(dtype):
     pool.give(stale)
     buf = _ShardBuffer(0, 0, 6, pool, 1, 4)
     assert buf.parts[FEATURES] is stale[FEATURES]  # recycled, not allocated again
-    hs = torch.randn(4, 3, 7, 16)
+    hs = torch.randn(4, 3, 7, 16, generator=torch.Generator().manual_seed(0))
     rows = np.array([0, 1, 3, 4])  # row 2: a skipped image; row 5: text only
     storer.write(hs, buf, rows)
     buf.status[:] = [OK, OK, SKIPPED, OK, OK, TEXT_ONLY]
@@ -143,8 +143,10 @@ def test_storer_writes_runs_of_rows_into_a_recycled_shard_buffer(dtype):
     for name, values in res.parts().items():
         assert np.array_equal(values[rows], want[name]), name
         assert not values[[2, 5]].any(), name
-    if alone is not None:
-        assert res.quant_error.to_json() == alone.to_json()
+    if alone is not None:  # two runs' float64 sums against one sum over the batch: equal up to their rounding
+        got = res.quant_error.to_json()
+        for name, v in alone.to_json().items():
+            np.testing.assert_allclose(got[name], v, rtol=1e-12, err_msg=name)
     assert torch.allclose(storer.block(hs)[:, 2], hs[:, 1:3].mean(1))
 
 
