@@ -18,6 +18,11 @@ def layerfuse_cmd(*args: str) -> list[str]:
     return [str(BIN / "layerfuse"), *args]
 
 
+def torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:
+    """`layerfuse ARGS` under torchrun with `nproc` local processes (gloo on a CPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "layerfuse.pipeline.cli", *args]
+
+
 def extract_config(out: str, vision_dir: Path, **kw):
     from layerfuse.pipeline.cache.extract import ExtractConfig
 

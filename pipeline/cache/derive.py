@@ -3,6 +3,9 @@
     SRC (finished, every read checked) --shard by shard: the kept layers, converted--> DST (the writing protocol of
     docs/cache-format.md section 5: markers per shard, so a killed derive resumes where it stopped) --> finalize
 
+Shard k+1 is read and converted while a writer thread compresses and writes shard k (at most one converted shard
+waits). Under torchrun rank r takes DST's shards k = r (mod world), as extraction does; rank 0 plans and finalizes.
+
 DST keeps SRC's samples, rows, shards, conversations, embeddings, group-mean views and issue records; only the stored
 layers and the data type change. To int8, the outlier channels are calibrated on SRC's first images as extraction does
 (on SRC's stored values: a float16 SRC gives what extraction in float16 compute would), and DST records its own
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from layerfuse.core.distributed import DistContext
 from layerfuse.core.dtypes import StorageDtype
 from layerfuse.core.errors import StateError
 from layerfuse.core.fingerprint import fingerprint
@@ -27,7 +31,7 @@ from layerfuse.pipeline.cache.encoding import CALIBRATION_IMAGES, FeatureEncodin
 from layerfuse.pipeline.cache.quantize import ErrorStats
 from layerfuse.pipeline.cache.reader import ATTRS_KEY, OK, FeatureCache, open_group
 from layerfuse.pipeline.cache.selection import stored_layers
-from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult
+from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult, ShardWriterPool
 from layerfuse.pipeline.data.records import SampleIssue, SampleRecord
 
 PROVENANCE_KEY = "derived_from"
@@ -47,7 +51,16 @@ class DeriveResult:
 
 def derive_cache(src: str, out: str, *, layers: str | None = None, dtype: str | None = None, overwrite: bool = False,
                  progress: bool = True) -> DeriveResult:
-    """Write (or resume writing) DST = SRC restricted to `layers` (a --layers spec; None: SRC's) in `dtype` (None: SRC's)."""
+    """Write (or resume writing) DST = SRC restricted to `layers` (a --layers spec; None: SRC's) in `dtype` (None: SRC's).
+    Under torchrun every rank calls this with the same arguments and writes its own shards."""
+    ctx = DistContext.from_env()
+    try:
+        return _derive(src, out, layers, dtype, overwrite, progress, ctx)
+    finally:
+        ctx.close()
+
+
+def _derive(src: str, out: str, layers: str | None, dtype: str | None, overwrite: bool, progress: bool, ctx: DistContext) -> DeriveResult:
     source = FeatureCache(src)
     smeta = source.meta
     depth = source.num_layers - 1
@@ -61,23 +74,33 @@ def derive_cache(src: str, out: str, *, layers: str | None = None, dtype: str | 
         config["layers"] = keep
     chash = fingerprint(config)
 
-    old = _existing_meta(out)
-    if old and not overwrite and old.get("planned"):
-        if old.get("config_hash") != chash:
-            raise DeriveError(f"'{out}' holds a cache made with other settings; pass --overwrite to replace it, or choose another --out")
-    else:
-        _plan(source, out, config, chash, keep, new_dtype)
+    if ctx.is_main:
+        old = _existing_meta(out)
+        if old and not overwrite and old.get("planned"):
+            if old.get("config_hash") != chash:
+                raise DeriveError(f"'{out}' holds a cache made with other settings; pass --overwrite to replace it, or choose another --out")
+        else:
+            _plan(source, out, config, chash, keep, new_dtype)
+    ctx.barrier()
     writer = CacheWriter(out)
     if writer.meta.get("complete"):
         return DeriveResult(out, 0, True, writer.meta.get("summary", {}))
-    pending = writer.pending_shards()
+    pending = writer.pending_shards(ctx.rank, ctx.world)
     errors = _image_errors(source)
     encoding = FeatureEncoding.from_storage(writer.meta["storage"])
-    with tqdm(total=len(pending), unit="shard", desc="derive", disable=not progress) as bar:
-        for k in pending:
-            writer.write_shard(_shard(source, writer, k, keep, encoding, errors))
-            bar.update(1)
-    return DeriveResult(out, len(pending), False, writer.finalize())
+    sink = ShardWriterPool(writer, depth=1)
+    desc = "derive" if ctx.world == 1 else f"derive[rank {ctx.rank}]"
+    try:
+        with tqdm(total=len(pending), unit="shard", desc=desc, disable=not progress, position=ctx.rank if ctx.world > 1 else None) as bar:
+            for k in pending:
+                sink.submit(_shard(source, writer, k, keep, encoding, errors))
+                bar.update(1)
+    finally:
+        sink.close()
+    ctx.barrier()
+    summary = writer.finalize() if ctx.is_main else {}
+    ctx.barrier()
+    return DeriveResult(out, len(pending), False, summary)
 
 
 def _existing_meta(url: str) -> dict[str, Any] | None:

@@ -41,7 +41,7 @@ from layerfuse.pipeline.cache.selection import ALL as ALL_LAYERS, stored_layers,
 from layerfuse.pipeline.cache.encoding import CALIBRATION_IMAGES, FEATURES, FeatureEncoding, running_absmax
 from layerfuse.pipeline.cache.quantize import ErrorStats
 from layerfuse.pipeline.cache.reader import ATTRS_KEY, FORMAT_VERSION, OK, SKIPPED, TEXT_ONLY, open_group
-from layerfuse.pipeline.cache.writer import DEFAULT_CODEC, LEGACY_CODEC, CacheWriter, Codec, ShardResult, compressor_name
+from layerfuse.pipeline.cache.writer import DEFAULT_CODEC, LEGACY_CODEC, CacheWriter, Codec, ShardResult, ShardWriterPool, compressor_name
 from layerfuse.core.distributed import DistContext
 from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_default_vision, describe
 from layerfuse.pipeline.models.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, load_vision_encoder
@@ -330,48 +330,6 @@ WRITER_THREADS = {"cpu": 1}  # writer threads by device type (others: CUDA_WRITE
 CUDA_WRITER_THREADS = 4  # on an accelerator the host's cores encode and write while the device computes
 TEXT_AHEAD = 4  # extraction batches whose instruction embeddings may wait, computed, for the image path
 TEXT_THREAD = {"cpu": True}  # whether the text stage has its own thread, by device type (others: True)
-
-
-class _ShardWriterThread:
-    """Writes whole shards (zarr compression, I/O, then the marker) in `threads` background threads, overlapped with
-    compute. Memory is bounded: at most `depth` full shards wait and `threads` are being written; `submit` blocks
-    beyond that. The first error stops writing and is raised in the main thread by `submit` or `close`."""
-
-    def __init__(self, writer: CacheWriter, depth: int = 2, threads: int = 1,
-                 done: Callable[[dict[str, np.ndarray]], None] | None = None):
-        self.writer, self.done = writer, done  # done(parts): a written shard's feature parts, free to be reused
-        self.q: queue.Queue[ShardResult | None] = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.written = 0
-        self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, name=f"layerfuse-cache-writer-{i}", daemon=True) for i in range(max(1, threads))]
-        for t in self.threads:
-            t.start()
-
-    def _run(self) -> None:
-        while (res := self.q.get()) is not None:
-            if self.error is None:
-                try:
-                    self.writer.write_shard(res)
-                    if self.done is not None:
-                        self.done(res.parts())
-                    with self._lock:
-                        self.written += 1
-                except BaseException as e:  # surfaced in the main thread by submit/close
-                    self.error = e
-
-    def submit(self, res: ShardResult) -> None:
-        if self.error:
-            raise self.error
-        self.q.put(res)
-
-    def close(self) -> None:
-        for _ in self.threads:
-            self.q.put(None)
-        for t in self.threads:
-            t.join()
-        if self.error:
-            raise self.error
 
 
 class _TextStage:
@@ -745,7 +703,7 @@ def _process(
     # a libc lock (e.g. glibc's atexit lock, taken when torch first registers a static destructor) hangs for ever.
     loaded = iter(loader)
     pool = _FeaturePool(storer.encoding, feat_shape, pin=device.type == "cuda")
-    sink = _ShardWriterThread(writer, threads=WRITER_THREADS.get(device.type, CUDA_WRITER_THREADS), done=pool.give)
+    sink = ShardWriterPool(writer, threads=WRITER_THREADS.get(device.type, CUDA_WRITER_THREADS), done=pool.give)
     texts = _TextStage(text, records, batches, max_turns, background=TEXT_THREAD.get(device.type, True), device=device)
     buffers: dict[int, _ShardBuffer] = {}
     n_images = n_skipped = 0

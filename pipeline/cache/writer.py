@@ -11,12 +11,13 @@ Every step is idempotent, so a process killed at any moment is resumed by runnin
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
-import zarr
 from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, ZstdCodec
 
@@ -341,3 +342,46 @@ class CacheWriter:
         g.attrs[ATTRS_KEY] = meta
         self.meta = meta
         return summary
+
+
+class ShardWriterPool:
+    """Writes whole shards (zarr compression, I/O, then the marker) in `threads` background threads, overlapped with the
+    caller's work (extraction's forward, derive's reading of the next shard). Memory is bounded: at most `depth` full
+    shards wait and `threads` are being written; `submit` blocks beyond that. The first error stops writing and is
+    raised in the calling thread by `submit` or `close`."""
+
+    def __init__(self, writer: CacheWriter, depth: int = 2, threads: int = 1,
+                 done: Callable[[dict[str, np.ndarray]], None] | None = None):
+        self.writer, self.done = writer, done  # done(parts): a written shard's feature parts, free to be reused
+        self.q: queue.Queue[ShardResult | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.written = 0
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, name=f"layerfuse-cache-writer-{i}", daemon=True) for i in range(max(1, threads))]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        while (res := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write_shard(res)
+                    if self.done is not None:
+                        self.done(res.parts())
+                    with self._lock:
+                        self.written += 1
+                except BaseException as e:  # surfaced in the main thread by submit/close
+                    self.error = e
+
+    def submit(self, res: ShardResult) -> None:
+        if self.error:
+            raise self.error
+        self.q.put(res)
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.q.put(None)
+        for t in self.threads:
+            t.join()
+        if self.error:
+            raise self.error

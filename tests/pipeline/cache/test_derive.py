@@ -6,16 +6,14 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from layerfuse.pipeline.cache.derive import DeriveError, derive_cache
 from layerfuse.pipeline.cache.reader import FeatureCache
 from layerfuse.pipeline.cache.verify import verify_cache
-from tests.support import layerfuse_cmd
+from tests.support import layerfuse_cmd, torchrun_cmd
 
 
 def test_derive_a_layer_subset_in_another_dtype(fp32_cache, tmp_path):
@@ -75,3 +73,18 @@ def test_an_interrupted_derive_redoes_only_the_missing_shards(fp32_cache, tmp_pa
     res = derive_cache(fp32_cache, out, layers="18,", progress=False)
     assert res.shards_written == 2 and verify_cache(out, progress=False).ok
     assert torch.equal(FeatureCache(out).features(slice(None), [18]), FeatureCache(fp32_cache).features(slice(None), [18]))
+
+
+def test_torchrun_two_ranks_derive_what_one_process_derives(fp32_cache, tmp_path):
+    """Each rank writes the shards k = rank (mod 2) of the same plan; rank 0 finalizes: the same cache as one process."""
+    one, two = str(tmp_path / "one"), tmp_path / "two"
+    derive_cache(fp32_cache, one, layers="mmfuser", dtype="int8", progress=False)
+    r = subprocess.run(torchrun_cmd("cache", "derive", fp32_cache, "--out", str(two), "--layers", "mmfuser", "--dtype", "int8", "--quiet"),
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = FeatureCache(one), FeatureCache(str(two))
+    assert b.complete and verify_cache(str(two), progress=False).ok
+    assert len(list((two / "progress").glob("shard-*.json"))) == 3
+    assert torch.equal(b.features(slice(None), None), a.features(slice(None), None))
+    assert b.meta["storage"]["quant"] == a.meta["storage"]["quant"]  # calibration (rank 0) and the error sums of every shard
+    assert b.meta["config_hash"] == a.meta["config_hash"] and b.meta["summary"] == a.meta["summary"]

@@ -7,7 +7,8 @@ import threading
 
 import numpy as np
 import pytest
-from layerfuse.pipeline.cache.extract import _ShardWriterThread, _TextStage
+from layerfuse.pipeline.cache.extract import _TextStage
+from layerfuse.pipeline.cache.writer import ShardWriterPool
 from layerfuse.pipeline.data.synthetic import synthetic_plan
 from layerfuse.pipeline.models.text import TextBatch, max_human_turns
 
@@ -80,7 +81,7 @@ class _FakeWriter:
 
 def test_writer_pool_writes_every_shard():
     fake = _FakeWriter()
-    sink = _ShardWriterThread(fake, depth=2, threads=3)  # type: ignore[arg-type]
+    sink = ShardWriterPool(fake, depth=2, threads=3)  # type: ignore[arg-type]
     for k in range(10):
         sink.submit(k)  # type: ignore[arg-type]
     sink.close()
@@ -88,7 +89,7 @@ def test_writer_pool_writes_every_shard():
 
 
 def test_writer_pool_raises_the_first_error():
-    sink = _ShardWriterThread(_FakeWriter(fail_at=3), depth=1, threads=2)  # type: ignore[arg-type]
+    sink = ShardWriterPool(_FakeWriter(fail_at=3), depth=1, threads=2)  # type: ignore[arg-type]
     with pytest.raises(OSError, match="disk full at shard 3"):
         for k in range(10):
             sink.submit(k)  # type: ignore[arg-type]

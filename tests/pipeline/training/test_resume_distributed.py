@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from layerfuse.pipeline.cache.reader import ARRAYS, FeatureCache
 from layerfuse.pipeline.cache.verify import verify_cache
 
-from tests.support import layerfuse_cmd
+from tests.support import layerfuse_cmd, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -90,8 +89,7 @@ def test_sigkill_then_resume(tmp_path, vision_dir, reference, kill_after):
 
 def test_torchrun_two_ranks_equals_single_process(tmp_path, vision_dir, reference):
     out = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "layerfuse.pipeline.cli", "extract", "--vision", str(vision_dir), "--out", str(out), *ARGS]
+    cmd = torchrun_cmd("extract", "--vision", str(vision_dir), "--out", str(out), *ARGS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

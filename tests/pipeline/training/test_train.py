@@ -46,7 +46,7 @@ from layerfuse.pipeline.training.train import (
 )
 from safetensors.torch import load_file
 
-from tests.support import REPO, layerfuse_cmd
+from tests.support import REPO, layerfuse_cmd, torchrun_cmd
 
 
 def config(cache: str, llm_dir: Path, out: Path, **kw) -> TrainConfig:
@@ -400,10 +400,6 @@ def test_sigkill_mid_run_then_resume_continues_exactly(train_cache, tiny_llm_dir
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "layerfuse.pipeline.cli", *args]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_follow_the_single_process_loss_curve(train_cache, tiny_llm_dir, stage1, tmp_path, mode):
@@ -412,7 +408,7 @@ def test_two_processes_follow_the_single_process_loss_curve(train_cache, tiny_ll
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(layerfuse_cmd(*cli_args(train_cache, tiny_llm_dir, one, *common)), check=True, env=run_env(), capture_output=True, timeout=300)
     extra = ["--fsdp"] if mode == "fsdp" else []
-    res = subprocess.run(torchrun(*cli_args(train_cache, tiny_llm_dir, two, *common, *extra)), env=run_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(torchrun_cmd(*cli_args(train_cache, tiny_llm_dir, two, *common, *extra)), env=run_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-4)
     a, b = load_file(str(one / "fuser.safetensors")), load_file(str(two / "fuser.safetensors"))
