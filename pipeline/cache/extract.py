@@ -61,6 +61,14 @@ class ExtractError(StateError):
     """Extraction cannot proceed (bad arguments, a config clash with an existing cache, --strict failure)."""
 
 
+ACCELERATOR_BATCH = 32  # images per forward on a GPU (--batch-size)
+# On a CPU a forward of 18 ViT-L/14-336 images (10k tokens) beside the writer thread ran at 0.74-0.82 of its speed
+# alone (its large temporaries fault in millions of fresh pages per forward, and the writer's work lands between them);
+# 6 images per forward (3.5k tokens) ran at its speed alone, and alone they are as fast per image (BENCHMARKS.md
+# "Extraction").
+CPU_BATCH_TOKENS = 4096
+
+
 @dataclass
 class ExtractConfig:
     """Everything `layerfuse extract` takes. The fingerprinted fields (all but the `runtime` ones) define the cache:
@@ -91,7 +99,7 @@ class ExtractConfig:
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # the largest image file or tar member read
     run_dir: str = "runs/default"  # the default tower is built in RUN_DIR/vision: that path is in the cache record
     # runtime only: does not change the cache
-    batch_size: int = runtime(default=32)
+    batch_size: int | None = runtime(default=None)  # images per forward; None: `forward_batch` chooses
     workers: int = runtime(default=2)
     device: str = runtime(default="auto")
     compute_dtype: str = runtime(default="auto")  # auto (bf16 on CUDA, fp32 on CPU) or a StorageDtype name
@@ -102,6 +110,15 @@ class ExtractConfig:
     force: bool = runtime(default=False)  # extract even when the target has less free space than the estimate
     progress: bool = runtime(default=True)
     storage_options: dict[str, Any] = runtime(default_factory=dict)
+
+    def forward_batch(self, device: torch.device, num_tokens: int) -> int:
+        """Images per encoder forward: --batch-size, else ACCELERATOR_BATCH on an accelerator and, on a CPU, as many
+        as hold CPU_BATCH_TOKENS tokens (at most ACCELERATOR_BATCH; 32 for the embedded default, 7 for ViT-L/14-336)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        if device.type != "cpu":
+            return ACCELERATOR_BATCH
+        return max(1, min(ACCELERATOR_BATCH, CPU_BATCH_TOKENS // max(1, num_tokens)))
 
     def source_spec(self) -> dict[str, Any]:
         given = [k for k in ("llava", "wds", "builtin") if getattr(self, k) is not None]
@@ -498,7 +515,8 @@ def _calibrate(cfg: ExtractConfig, enc: VisionEncoder, storage: dict[str, Any], 
         while seen < CALIBRATION_IMAGES and start < len(rows):  # the next rows, as many as images are still wanted
             window = rows[start:start + CALIBRATION_IMAGES - seen]
             start += len(window)
-            batches = [window[i:i + cfg.batch_size] for i in range(0, len(window), cfg.batch_size)]
+            bs = cfg.forward_batch(device, enc.info.num_tokens)
+            batches = [window[i:i + bs] for i in range(0, len(window), bs)]
             for batch in _loader(serial, records, batches, pre, device):  # the extraction's own reading path
                 if batch["pixels"] is not None:  # bad images are recorded when their shard is extracted
                     absmax = running_absmax(absmax, storer.block(enc(batch["pixels"].to(device))))  # [b, K+V, T, D]
@@ -696,7 +714,7 @@ def _process(
     storer = _Storer(writer.meta["storage"], info.num_layers, device)
     feat_shape = (storer.inputs, info.num_tokens, info.hidden_size)
     max_turns = int(writer.meta["text"]["max_turns"])
-    batches = list(shard_batches(writer, shards, cfg.batch_size))
+    batches = list(shard_batches(writer, shards, cfg.forward_batch(device, info.num_tokens)))
     rows = [r for b in batches for r in b]
     loader = _loader(cfg, records, batches, enc.preprocessor(cfg.pad_to_square), device)
     # Fork the DataLoader workers now, before the text thread runs torch code: a worker forked while another thread holds

@@ -89,7 +89,7 @@ def test_make_extract_builds_the_config_it_always_did(monkeypatch):
                   vision_revision=None, vision_pretrain_steps=None, pad_to_square=False, dtype="float16",
                   text_model="all-MiniLM-L6-v2", shard_samples=None, shard_mib=512, chunk_kib=256,
                   codec="zstd", clevel=1,  # was blosc zstd-3 until BENCHMARKS.md "Codecs" chose zstd-1
-                  max_pixels=89_478_485, run_dir="runs/default", batch_size=32, workers=2, device="auto", compute_dtype="auto",
+                  max_pixels=89_478_485, run_dir="runs/default", batch_size=None, workers=2, device="auto", compute_dtype="auto",
                   strict=False, overwrite=False, progress=True)
     got = asdict(seen[0])
     assert {k: got[k] for k in before} == before

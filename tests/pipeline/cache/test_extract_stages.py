@@ -6,8 +6,9 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import torch
 import pytest
-from layerfuse.pipeline.cache.extract import _TextStage
+from layerfuse.pipeline.cache.extract import CPU_BATCH_TOKENS, ExtractConfig, _TextStage
 from layerfuse.pipeline.cache.writer import ShardWriterPool
 from layerfuse.pipeline.data.synthetic import synthetic_plan
 from layerfuse.pipeline.models.text import TextBatch, max_human_turns
@@ -115,3 +116,13 @@ def test_text_stage_thread_uses_the_callers_torch_threads(embedder):
             stage.close()
     finally:
         torch.set_num_threads(before)
+
+
+def test_images_per_forward_default_by_device_and_tokens():
+    """--batch-size wins; by default 32 on an accelerator, and on a CPU as many images as hold CPU_BATCH_TOKENS tokens."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = ExtractConfig()
+    assert auto.batch_size is None and CPU_BATCH_TOKENS == 4096
+    assert [auto.forward_batch(cpu, t) for t in (65, 197, 577, 5000)] == [32, 20, 7, 1]  # default tower, ViT-B/16, ViT-L/14-336
+    assert auto.forward_batch(cuda, 577) == 32
+    assert ExtractConfig(batch_size=12).forward_batch(cpu, 577) == 12
