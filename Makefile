@@ -110,6 +110,7 @@ default-tower: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/extract.py --out BENCHMARKS.md
+	$(PY) bench/derive.py --out BENCHMARKS.md
 	$(PY) bench/wds.py --out BENCHMARKS.md
 	$(PY) bench/compression.py --out BENCHMARKS.md
 	$(PY) bench/quantize.py --out BENCHMARKS.md
