@@ -511,11 +511,11 @@ def _calibrate(cfg: ExtractConfig, enc: VisionEncoder, storage: dict[str, Any], 
     rows = [i for i, r in enumerate(records) if r.has_image]
     pre, serial = enc.preprocessor(cfg.pad_to_square), replace(cfg, workers=0)
     absmax, start, seen = None, 0, 0
+    bs = cfg.forward_batch(device, enc.info.num_tokens)
     with tqdm(total=CALIBRATION_IMAGES, unit="img", desc="calibrate int8", disable=not cfg.progress, leave=False) as bar:
         while seen < CALIBRATION_IMAGES and start < len(rows):  # the next rows, as many as images are still wanted
             window = rows[start:start + CALIBRATION_IMAGES - seen]
             start += len(window)
-            bs = cfg.forward_batch(device, enc.info.num_tokens)
             batches = [window[i:i + bs] for i in range(0, len(window), bs)]
             for batch in _loader(serial, records, batches, pre, device):  # the extraction's own reading path
                 if batch["pixels"] is not None:  # bad images are recorded when their shard is extracted

@@ -2,10 +2,11 @@
 
 zarr-python writes a shard through its asyncio pipeline: an event-loop thread hands every inner chunk (450 per
 ViT-L/14-336 shard) to a pool of executor threads. Beside a PyTorch forward on the same cores those short bursts of
-many threads keep preempting the forward's OpenMP team, which then waits at its barriers: measured on 2 cores, one
-ViT-L/14-336 shard written by zarr took 3.1-3.9 s and slowed a concurrent forward by 190-290 ms per image, where the
-same compression and file write in one thread took 0.9 s and slowed it by 10-40 ms per image (BENCHMARKS.md
-"Extraction"). So the writer threads encode the shard objects of the feature arrays themselves:
+many threads keep preempting the forward's OpenMP team, which then waits at its barriers. Measured on 2 cores with a
+thread writing one 18-row ViT-L/14-336 shard beside a 6-image forward: through zarr the forward ran at 1662-1861 ms
+per image (1400-1531 alone) and the write took 3.0-3.9 s; encoded and written (fsync'd) in one thread, as here,
+1461-1584 ms per image and 1.1-1.4 s (BENCHMARKS.md "Extraction"). So the writer threads encode the shard objects of
+the feature arrays themselves:
 
     shard object = the encoded inner chunks (C order of the chunk grid) + index [*chunks_per_shard, 2] uint64
                    (offset, nbytes; 2**64-1 twice for a chunk that is not stored) little endian + its CRC-32C
