@@ -17,7 +17,6 @@ Goals (issue 16): the 6-variant group's training wall at most 0.4 of one after a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -34,7 +33,7 @@ import transformers  # noqa: E402
 
 from layerfuse.pipeline.ablation.run import AblateOptions, run_ablation  # noqa: E402
 from layerfuse.pipeline.ablation.sweep import SweepSpec  # noqa: E402
-from layerfuse.core.benchmarks import cpu_seconds, command, machine, write_section  # noqa: E402
+from layerfuse.core.benchmarks import bench_parser, command, cpu_seconds, machine, write_section  # noqa: E402
 
 transformers.logging.disable_progress_bar()
 SECTION = "## Ablations: shared pass (`bench/ablate.py`)"
@@ -122,9 +121,7 @@ def render(cmd: str, cache: str, spec: SweepSpec, shared: dict, sequential: dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="markdown file; only this benchmark's section is replaced")
-    ap.add_argument("--quick", action="store_true", help="a tiny cache, 3 variants, few steps: a smoke run (numbers are not meaningful)")
+    ap = bench_parser(__doc__, quick="a tiny cache, 3 variants, few steps: a smoke run (numbers are not meaningful)")
     ap.add_argument("--cache", default=None, help=f"cache to use [{DEFAULT_CACHE} when it exists, else a new built-in one]")
     ap.add_argument("--variants", type=int, default=6, help=f"N, at most {len(LAYER_SETS)}")
     ap.add_argument("--steps", type=int, default=100)

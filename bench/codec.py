@@ -26,7 +26,6 @@ the input.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import statistics
@@ -46,7 +45,7 @@ import torch  # noqa: E402
 from numcodecs import Blosc, Zstd  # noqa: E402
 from numcodecs.abc import Codec  # noqa: E402
 
-from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
+from layerfuse.core.benchmarks import bench_parser, command, machine, write_section  # noqa: E402
 from layerfuse.pipeline.cache.quantize import calibrate  # noqa: E402
 from layerfuse.pipeline.models.default_vision import SHIPPED_TOWER  # noqa: E402
 
@@ -220,9 +219,7 @@ def render(cmd: str, sets: list[DataSet], repeats: int, seconds: float) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="markdown file; only the codec section is replaced")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (numbers are not meaningful)")
+    ap = bench_parser(__doc__)
     args = ap.parse_args()
     n_img, n_text, n_vitb, max_chunks, repeats = (96, 10, 4, 8, 1) if args.quick else (160, 40, 12, 100, 5)
     numcodecs.blosc.use_threads = False

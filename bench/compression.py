@@ -20,7 +20,6 @@ and ViT-L/14-336 shapes. No real pretrained CLIP/SigLIP is measured (the benchma
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
@@ -37,7 +36,7 @@ import transformers  # noqa: E402
 import zarr  # noqa: E402
 from zarr.storage import MemoryStore  # noqa: E402
 
-from layerfuse.core.benchmarks import CLIP_SHAPES, command, machine, random_clip, write_section  # noqa: E402
+from layerfuse.core.benchmarks import bench_parser, CLIP_SHAPES, command, machine, random_clip, write_section  # noqa: E402
 from layerfuse.pipeline.cache.encoding import FeatureEncoding, from_torch, running_absmax  # noqa: E402
 from layerfuse.core.dtypes import StorageDtype  # noqa: E402
 from layerfuse.pipeline.cache.extract import ExtractConfig  # noqa: E402
@@ -122,9 +121,7 @@ def render(cmd: str, rows: list[tuple[Tower, tuple[int, ...], dict[str, float]]]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=None, help="BENCHMARKS.md to update (prints only when omitted)")
-    ap.add_argument("--quick", action="store_true", help="the tiny towers only, few images (a smoke test)")
+    ap = bench_parser(__doc__, quick="the tiny towers only, few images (a smoke test)", out_required=False)
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,6 @@ Reported: MB of SRC features per second, derive / read-only and overlapped / inl
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import os
@@ -35,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from layerfuse.core.benchmarks import CLIP_SHAPES, command, machine, random_clip, write_section  # noqa: E402
+from layerfuse.core.benchmarks import bench_parser, CLIP_SHAPES, command, machine, random_clip, write_section  # noqa: E402
 from layerfuse.pipeline.cache import derive as derive_module  # noqa: E402
 from layerfuse.pipeline.cache.derive import derive_cache  # noqa: E402
 from layerfuse.pipeline.cache.extract import ExtractConfig, run_extract  # noqa: E402
@@ -149,9 +148,7 @@ def render(cmd: str, r: dict, repeats: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="markdown file; only the derive section is replaced")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (numbers are not meaningful)")
+    ap = bench_parser(__doc__)
     args = ap.parse_args()
     n, repeats = (8, 1) if args.quick else (96, 3)
     cmd = command()

@@ -16,7 +16,6 @@ a shared machine hits both alike.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import statistics
@@ -32,7 +31,7 @@ import torch
 from layerfuse.export.onnx import FrontEnd, export_onnx, ort_session
 from layerfuse.fusion import LLMSpec, VisionSpec, build_fuser
 from layerfuse.fusion.msda import MSDeformAttn, auto_choices, reset_auto
-from layerfuse.core.benchmarks import command, machine, write_section
+from layerfuse.core.benchmarks import bench_parser, command, machine, write_section
 from layerfuse.core.timing import time_once
 
 SECTION = "## ONNX export (bench/export.py)"
@@ -151,9 +150,7 @@ def render(cmd: str, rows: list[Row]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="markdown file; only this benchmark's section is replaced")
-    ap.add_argument("--quick", action="store_true", help="tiny single + mmfuser, batch 1 and 2, one run (numbers are not meaningful)")
+    ap = bench_parser(__doc__, quick="tiny single + mmfuser, batch 1 and 2, one run (numbers are not meaningful)")
     ap.add_argument("--repeats", type=int, default=20, help="runs per row (a quarter, at least 3, for the ViT-L shape)")
     ap.add_argument("--threads", default=str(torch.get_num_threads()),
                     help="comma-separated intra-op thread counts, each for torch and onnxruntime alike (default torch's)")

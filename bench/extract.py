@@ -26,7 +26,6 @@ Timings use core/timing.py (time.perf_counter on the CPU) after a warm-up; timin
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import os
@@ -54,7 +53,7 @@ from layerfuse.pipeline.cache.extract import TEXT_THREAD, ExtractConfig, run_ext
 from layerfuse.pipeline.data.access import load_image  # noqa: E402
 from layerfuse.pipeline.data.synthetic import synthetic_plan  # noqa: E402
 from layerfuse.pipeline.models.text import InstructionEmbedder  # noqa: E402
-from layerfuse.core.benchmarks import CLIP_SHAPES, command, cpu_seconds, machine, random_clip, write_section  # noqa: E402
+from layerfuse.core.benchmarks import bench_parser, CLIP_SHAPES, command, cpu_seconds, machine, random_clip, write_section  # noqa: E402
 from layerfuse.core.timing import median_time  # noqa: E402
 
 SECTION = "## Extraction (`bench/extract.py`)"
@@ -398,9 +397,7 @@ HISTORY = (  # measured by hand around the change it describes; not re-measured 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="markdown file; only the extraction section is replaced")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (numbers are not meaningful)")
+    ap = bench_parser(__doc__)
     args = ap.parse_args()
     # every pipeline run spans at least two output shards, for the steady state: the tiny default's and ViT-L's own shard
     # sizes (256 and 18 rows), 32-row shards for ViT-B (its own, 136 rows, would need 272 images)

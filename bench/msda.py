@@ -11,18 +11,16 @@ impl="auto" call per dtype and pass, whose one-time measurement (on the same inp
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
 from layerfuse.fusion.msda import ms_deform_attn
 from layerfuse.fusion.msda.function import auto_choices, reset_auto
-from layerfuse.core.benchmarks import command, machine, write_section
+from layerfuse.core.benchmarks import bench_parser, command, machine, write_section
 from layerfuse.core.timing import time_once
 
 SECTION = "## MSDeformAttn (`bench/msda.py`)"
@@ -109,9 +107,7 @@ def render(cmd: str, shape: str, device: str, results: dict, repeats: int) -> st
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="markdown file; only this benchmark's section is replaced")
-    ap.add_argument("--quick", action="store_true", help="a small shape for a smoke run (numbers are not meaningful)")
+    ap = bench_parser(__doc__, quick="a small shape for a smoke run (numbers are not meaningful)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtypes", default="float32,bfloat16,float16", help="value dtypes, comma-separated")

@@ -23,7 +23,6 @@ apart. The int8 recommendation is computed from the MiniLM numbers by the rule p
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import re
@@ -40,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
+from layerfuse.core.benchmarks import bench_parser, command, machine, write_section  # noqa: E402
 from layerfuse.pipeline.cache.quantize import (  # noqa: E402
     ChannelInt8,
     ErrorStats,
@@ -360,9 +359,7 @@ def paragraphs(sentences: list[str]) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="markdown file; only the quantisation section is replaced")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (numbers are not meaningful)")
+    ap = bench_parser(__doc__)
     args = ap.parse_args()
     n_text, n_docs, n_cal_text, n_img, n_cal_img, n_vitb, n_cal_vitb = (
         (24, 16, 8, 48, 16, 4, 2) if args.quick else (288, 10**6, 32, 576, 64, 32, 8))

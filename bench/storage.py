@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
 import layerfuse.pipeline.ablation.run as ablation_run  # noqa: E402
-from layerfuse.core.benchmarks import CLIP_SHAPES, command, machine, random_clip, write_section  # noqa: E402
+from layerfuse.core.benchmarks import bench_parser, CLIP_SHAPES, command, machine, random_clip, write_section  # noqa: E402
 from layerfuse.core.timing import time_once  # noqa: E402
 from layerfuse.pipeline.ablation.run import AblateOptions, run_ablation  # noqa: E402
 from layerfuse.pipeline.ablation.sweep import SweepSpec  # noqa: E402
@@ -466,9 +466,7 @@ def render_shape(cmd: str, shape: str, rows: list[dict], note: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="markdown file; only this benchmark's section is replaced")
-    ap.add_argument("--quick", action="store_true", help="a small cache, 2 seeds, few steps: a smoke run (numbers are not meaningful)")
+    ap = bench_parser(__doc__, quick="a small cache, 2 seeds, few steps: a smoke run (numbers are not meaningful)")
     ap.add_argument("--work", type=Path, default=None, help="keep caches and sweeps here (a rerun resumes) [a temporary folder]")
     ap.add_argument("--n", type=int, default=None, help="built-in samples [6000, as make extract; 400 with --quick]")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per variant [3; 2 with --quick]")

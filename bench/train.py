@@ -21,7 +21,6 @@ Also the cost of checking every read (FeatureCache compares each (row, layer) re
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -54,7 +53,7 @@ from layerfuse.pipeline.training.loader import FeatureBatch, tokenize_sample  # 
 from layerfuse.pipeline.data.synthetic import write_dataset  # noqa: E402
 from layerfuse.pipeline.training.train import TrainConfig, prepare_training, train_step  # noqa: E402
 from layerfuse.core.workers import worker_init_fn  # noqa: E402
-from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
+from layerfuse.core.benchmarks import bench_parser, command, machine, write_section  # noqa: E402
 from layerfuse.core.timing import time_once  # noqa: E402
 
 SECTION = "## Training from the cache (`bench/train.py`)"
@@ -230,9 +229,7 @@ def render(cmd: str, rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=None, help="BENCHMARKS.md to update (prints only when omitted)")
-    ap.add_argument("--quick", action="store_true", help="few steps, tiny encoder only (a smoke test)")
+    ap = bench_parser(__doc__, quick="few steps, tiny encoder only (a smoke test)", out_required=False)
     ap.add_argument("--rounds", type=int, default=Scenario.repeats, help=f"interleaved rounds of the modes [{Scenario.repeats}]")
     args = ap.parse_args()
     torch.manual_seed(0)

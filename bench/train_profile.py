@@ -19,7 +19,6 @@ This benchmark builds a built-in cache with `run_extract` (or takes --cache) and
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -39,7 +38,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
+from layerfuse.core.benchmarks import bench_parser, command, machine, write_section  # noqa: E402
 from layerfuse.core.distributed import DistContext  # noqa: E402
 from layerfuse.pipeline.cache.extract import ExtractConfig, run_extract  # noqa: E402
 from layerfuse.pipeline.cache.reader import FeatureCache  # noqa: E402
@@ -194,9 +193,7 @@ def render(cmd: str, stages: dict[int, dict[str, Any]], data: str, rounds: int, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="markdown file; only this benchmark's section is replaced")
-    ap.add_argument("--quick", action="store_true", help="tiny run (numbers not meaningful)")
+    ap = bench_parser(__doc__, quick="tiny run (numbers not meaningful)")
     ap.add_argument("--cache", default=None, help="a cache to train from [a built-in one extracted here]")
     ap.add_argument("--n", type=int, default=None, help="built-in samples when building the cache [2000; 200 with --quick]")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the candidates [5; 1 with --quick]")

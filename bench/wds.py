@@ -20,7 +20,6 @@ the total size of the input tars.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import io
 import json
@@ -41,7 +40,7 @@ import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from layerfuse.core.benchmarks import command, machine, write_section  # noqa: E402
+from layerfuse.core.benchmarks import bench_parser, command, machine, write_section  # noqa: E402
 from layerfuse.pipeline.cache.extract import ExtractConfig, run_extract  # noqa: E402
 from layerfuse.pipeline.data import sources, stream  # noqa: E402
 from layerfuse.pipeline.data.synthetic import write_dataset  # noqa: E402
@@ -187,9 +186,7 @@ def render(cmd: str, results: list[dict[str, Any]], resume: dict[str, Any], size
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="markdown file; only this section is replaced")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (numbers are not meaningful)")
+    ap = bench_parser(__doc__)
     args = ap.parse_args()
     n, shard_size = (120, 40) if args.quick else (1200, 300)
     cmd = command()

@@ -7,6 +7,7 @@ the same way: each script owns one `## ` section and replaces only that.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -55,6 +56,22 @@ def cpu_seconds() -> float:
     """User + system CPU seconds of this process and its reaped children (e.g. DataLoader workers) so far."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+SMOKE = "tiny sizes for a smoke run (numbers are not meaningful)"
+
+
+def bench_parser(doc: str, *, quick: str = SMOKE, out_required: bool = True) -> argparse.ArgumentParser:
+    """The arguments every bench script takes (add its own to the parser returned): --out, the markdown file whose
+    section of this benchmark it replaces (optional with `out_required=False`: without it the script only prints),
+    and --quick, a smoke run described by `quick`."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    if out_required:
+        ap.add_argument("--out", type=Path, required=True, help="markdown file; only this benchmark's section is replaced")
+    else:
+        ap.add_argument("--out", type=Path, default=None, help="BENCHMARKS.md to update (prints only when omitted)")
+    ap.add_argument("--quick", action="store_true", help=quick)
+    return ap
 
 
 def command() -> str:
