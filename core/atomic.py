@@ -62,12 +62,18 @@ def replacing(path: str | Path) -> Iterator[Path]:
     tmp = temp_path(path)
     try:
         yield tmp
-        _fsync_file(tmp)
-        os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+
+
+def commit(tmp: str | Path, path: str | Path) -> None:
+    """Flush the finished file `tmp` (a `temp_path` of `path`, written by any means) and rename it onto `path`: what
+    `replacing` does on a normal exit, for a writer that decides only at the end whether to keep what it wrote."""
+    _fsync_file(Path(tmp))
+    os.replace(tmp, path)
+    _fsync_dir(Path(path).parent)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

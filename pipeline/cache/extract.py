@@ -47,9 +47,9 @@ from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_
 from layerfuse.pipeline.models.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, load_vision_encoder
 from layerfuse.pipeline.data import sources
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
-from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, ImageAccess, load_image, parse_url_schemes
+from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, ImageAccess, is_url, load_image, parse_url_schemes
 from layerfuse.pipeline.data.images import decode_image
-from layerfuse.pipeline.data.stream import is_pipe, read_members
+from layerfuse.pipeline.data.stream import is_pipe, read_members, spool_path
 from layerfuse.pipeline.data.synthetic import synthetic_plan
 from layerfuse.core.workers import worker_init_fn
 from layerfuse.pipeline.models.text import DEFAULT_SUFFIXES, DEFAULT_TEXT_MODEL, InstructionEmbedder, TextBatch, max_human_turns
@@ -108,6 +108,7 @@ class ExtractConfig:
     allow_urls: str | None = runtime(default=None)  # URL schemes image values may use, comma-separated ("s3,gs,https")
     overwrite: bool = runtime(default=False)
     force: bool = runtime(default=False)  # extract even when the target has less free space than the estimate
+    spool: str = runtime(default="auto")  # where planning copies `pipe:` shards (`spool_dir`): auto, none, or a folder
     progress: bool = runtime(default=True)
     storage_options: dict[str, Any] = runtime(default_factory=dict)
 
@@ -160,6 +161,20 @@ class ExtractConfig:
         base = DefaultVisionConfig()
         return base if self.vision_pretrain_steps is None else replace(base, pretrain_steps=self.vision_pretrain_steps)
 
+    def spool_dir(self) -> Path | None:
+        """Where planning copies the `pipe:` input shards it streams, so that extraction reads each command's output
+        once (pipeline/data/stream.py): `spool` as a folder; "auto": OUT.spool beside a local --out (the disk the cache
+        is written to), RUN_DIR/spool/<fingerprint of OUT> beside a URL one; "none": no copy, commands run again."""
+        if self.spool == "none":
+            return None
+        if not self.spool.strip():
+            raise ExtractError("--spool takes auto, none or a folder, not an empty value")
+        if self.spool != "auto":
+            return Path(self.spool)
+        if is_url(self.out) and not self.out.startswith("file://"):
+            return Path(self.run_dir) / "spool" / fingerprint({"out": self.out})
+        return Path(os.path.abspath(self.out.removeprefix("file://").rstrip("/")) + ".spool")
+
     def vision_path(self) -> str:
         """Where the tower is loaded from: RUN_DIR/vision for the embedded default, else `vision` (id or folder)."""
         return self.vision if self.default_vision() is None else str(Path(self.run_dir) / "vision")
@@ -177,13 +192,13 @@ class ExtractResult:
     tower_seconds: float | None = None  # building (pretraining) or loading the default tower; None for a given --vision
 
 
-def plan_source(spec: dict[str, Any], *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Plan:
+def plan_source(spec: dict[str, Any], *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, spool_dir: Path | None = None) -> Plan:
     """Turn a source spec into records (no image is decoded here; tar image members above `max_image_bytes` are
-    plan issues)."""
+    plan issues; `pipe:` shards are copied to `spool_dir`, `sources.plan_webdataset`)."""
     if spec["kind"] == "llava":
         return sources.plan_llava(spec["json"], spec["image_root"], split=spec["split"])
     if spec["kind"] == "webdataset":
-        return sources.plan_webdataset(spec["shards"], split=spec["split"], max_image_bytes=max_image_bytes)
+        return sources.plan_webdataset(spec["shards"], split=spec["split"], max_image_bytes=max_image_bytes, spool_dir=spool_dir)
     return synthetic_plan(spec["n"], spec["seed"])
 
 
@@ -262,9 +277,10 @@ class _StreamDataset(IterableDataset):
     """
 
     def __init__(self, records: Sequence[SampleRecord], batches: Sequence[Sequence[int]], pre: ImagePreprocessor,
-                 max_pixels: int, access: ImageAccess, pipes: frozenset[str] = frozenset()):
+                 max_pixels: int, access: ImageAccess, pipes: frozenset[str] = frozenset(), spool_dir: Path | None = None):
         self.records, self.pre, self.max_pixels, self.access = records, pre, max_pixels, access
         self.pipes = pipes  # the `pipe:` commands --wds names: no other command is run, whatever a locator says
+        self.spool_dir = spool_dir  # planning's copies of those commands' output, read instead of running them again
         self.groups: dict[str | None, list[list[int]]] = {}  # input shard -> its batches, in plan order
         for tar, rows in tar_batches(records, batches):
             self.groups.setdefault(tar, []).append(rows)
@@ -305,7 +321,8 @@ class _StreamDataset(IterableDataset):
             refused = SampleError(f"input shard {tar!r} is a command that --wds does not name; not run")
             members: Iterator[tuple[int, bytes | SampleError]] = ((row, refused) for row in wanted.values())
         else:
-            members = read_members(tar, wanted, self.access.max_bytes)
+            spool = spool_path(self.spool_dir, tar) if self.spool_dir is not None and is_pipe(tar) else None
+            members = read_members(tar, wanted, self.access.max_bytes, spool=spool if spool is not None and spool.is_file() else None)
         for row, data in members:
             got[row] = data
             b = batch_of[row]
@@ -321,7 +338,8 @@ def _loader(cfg: ExtractConfig, records: Sequence[SampleRecord], batches: list[l
     common: dict[str, Any] = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
                                   worker_init_fn=worker_init_fn(cfg.workers), prefetch_factor=4 if cfg.workers else None)
     if cfg.source_spec()["kind"] == "webdataset":
-        ds = _StreamDataset(records, batches, pre, cfg.max_pixels, cfg.image_access(), sources.pipe_shards(cfg.wds or ""))
+        ds = _StreamDataset(records, batches, pre, cfg.max_pixels, cfg.image_access(), sources.pipe_shards(cfg.wds or ""),
+                            cfg.spool_dir())
         return DataLoader(ds, batch_size=None, collate_fn=_as_collated, **common)
     rows = [r for b in batches for r in b]
     pos = {r: i for i, r in enumerate(rows)}
@@ -584,6 +602,30 @@ def _check_space(cfg: ExtractConfig, enc: VisionEncoder, text_dim: int, max_turn
                            f"(`layerfuse cache plan` explains the estimate); free space, choose another --out, or pass --force")
 
 
+def _spooled(cfg: ExtractConfig) -> list[Path]:
+    """The spool files of this extraction's `pipe:` shards that exist."""
+    folder = cfg.spool_dir()
+    if folder is None or cfg.wds is None:
+        return []
+    return [p for url in sorted(sources.pipe_shards(cfg.wds)) if (p := spool_path(folder, url)).is_file()]
+
+
+def _report_spool(cfg: ExtractConfig) -> None:
+    if (files := _spooled(cfg)) and cfg.progress:
+        tqdm.write(f"spooled {len(files)} pipe: shard(s), {sum(p.stat().st_size for p in files) / 1e9:.2f} GB, in "
+                   f"{cfg.spool_dir()}: extraction reads these copies (removed once the cache is complete)")
+
+
+def _remove_spool(cfg: ExtractConfig) -> None:
+    """Delete this extraction's spool files (and their folder, once empty): the cache is complete."""
+    for p in _spooled(cfg):
+        p.unlink(missing_ok=True)
+    folder = cfg.spool_dir()
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def _existing_meta(cfg: ExtractConfig) -> dict[str, Any] | None:
     try:
         return dict(open_group(cfg.out, "r", cfg.storage_options or None).attrs.get(ATTRS_KEY) or {}) or None
@@ -656,7 +698,8 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
                 f"pass --overwrite to replace it, or choose another --out"
             )
         if fresh:
-            plan = plan_source(spec, max_image_bytes=cfg.max_image_bytes)
+            plan = plan_source(spec, max_image_bytes=cfg.max_image_bytes, spool_dir=cfg.spool_dir())
+            _report_spool(cfg)
             if cfg.strict and plan.issues:  # a malformed record first, else a repair: --strict accepts neither
                 first = next((i for i in plan.issues if i.stage == "plan"), plan.issues[0])
                 what = "" if first.stage == "plan" else ", repaired: --strict refuses repairs"
@@ -682,6 +725,8 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
     ctx.barrier()
     writer = CacheWriter(cfg.out, cfg.storage_options or None)
     if writer.meta.get("complete") and writer.meta.get("config_hash") == chash:
+        if ctx.is_main:
+            _remove_spool(cfg)
         return ExtractResult(cfg.out, writer.meta.get("summary", {}), 0, time.perf_counter() - started, 0.0, already_complete=True,
                              tower_seconds=tower_seconds)
 
@@ -693,6 +738,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
     summary: dict[str, Any] = {}
     if ctx.is_main:
         summary = writer.finalize()
+        _remove_spool(cfg)
     ctx.barrier()
     return ExtractResult(cfg.out, summary, len(shards), elapsed, n_images / max(elapsed, 1e-9), tower_seconds=tower_seconds)
 

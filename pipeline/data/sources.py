@@ -30,15 +30,17 @@ import json
 import os
 import posixpath
 import tarfile
+from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable
 
 import fsspec
 from braceexpand import braceexpand
 
+from layerfuse.core.atomic import commit, temp_path
 from layerfuse.core.errors import MissingError
 from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, is_url, local_root
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
-from layerfuse.pipeline.data.stream import ShardTape, is_pipe, open_stream
+from layerfuse.pipeline.data.stream import ShardTape, is_pipe, open_stream, spool_path
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -580,6 +582,10 @@ def _scan_stream(tape: ShardTape) -> tuple[_ShardScan, dict[int, bytes]]:
             scan.complete += 1
     except Exception as e:  # noqa: BLE001 - a damaged tar or a failing command raises many types; never raises
         scan.error = f"{type(e).__name__}: {e}"
+        try:
+            tape.drain()  # the rest of the stream still goes to the spool: the planned members before the damage are in it
+        except Exception:  # noqa: BLE001 - a failing command: the spool stays incomplete and is not kept
+            pass
         return scan, texts
     # as in _scan_tar: tarfile silently stops at a bad or missing header after the first one
     end = tar.offset
@@ -741,7 +747,7 @@ def _open_headers(shard: str) -> BinaryIO:
     return fsspec.open(shard, "rb", cache_type="none").open()
 
 
-def _plan_shard(shard: str, split: str, plan: Plan, max_image_bytes: int) -> None:
+def _plan_shard(shard: str, split: str, plan: Plan, max_image_bytes: int, spool_dir: Path | None) -> None:
     base = posixpath.basename(shard.rstrip("/"))
 
     def shard_issue(tag: str, reason: str) -> None:
@@ -755,9 +761,15 @@ def _plan_shard(shard: str, split: str, plan: Plan, max_image_bytes: int) -> Non
     except OSError as e:
         shard_issue("<shard>", f"cannot open shard: {e}")
         return
+    spool = spool_path(spool_dir, shard) if spool_dir is not None and is_pipe(shard) else None
+    copy: BinaryIO | None = None
+    tape: ShardTape | None = None
     try:
         if is_pipe(shard):
-            tape = ShardTape(f)
+            if spool is not None:
+                spool.parent.mkdir(parents=True, exist_ok=True)
+                copy = open(temp_path(spool), "wb")
+            tape = ShardTape(f, copy)
             scan, texts = _scan_stream(tape)
             if _is_compressed(tape.head):
                 shard_issue(*compressed)
@@ -841,15 +853,23 @@ def _plan_shard(shard: str, split: str, plan: Plan, max_image_bytes: int) -> Non
             f.close()
         except Exception as e:  # noqa: BLE001 - a `pipe:` command reports its failure when it is closed
             shard_issue("<shard>", f"the shard's command failed: {type(e).__name__}: {e}")
+        if copy is not None and spool is not None:
+            copy.close()
+            if tape is not None and tape.eof:  # the whole output: every planned member is in the copy
+                commit(temp_path(spool), spool)
+            else:
+                temp_path(spool).unlink(missing_ok=True)
 
 
-def plan_webdataset(spec: str | list[str], *, split: str = "train", max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Plan:
+def plan_webdataset(spec: str | list[str], *, split: str = "train", max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                    spool_dir: str | Path | None = None) -> Plan:
     """Plan WebDataset tar shards: read member headers (not image data) and group them into samples.
 
     Each sample's image is located by {"tar", "member", "offset", "size"}: extraction streams each shard once and
     takes the member at that offset (pipeline/data/stream.py). Local and fsspec shards are read by their headers (and
     the small .json/.txt members) only, seeking past image data; a `pipe:` shard cannot seek, so its whole stream is
-    read here and again when extracting. The
+    read here, and with `spool_dir` copied to a local file there (`stream.spool_path`) that extraction reads instead
+    of running the command again (without it, the command runs again when extracting). The
     sample's conversation comes from `{key}.json` (LLaVA-style: conversations, optional id/category/split)
     or, failing that, a `.txt`/`.caption` member turned into [human "<image>\\n", gpt caption]. A json
     without an image and without an <image> token gives a text-only record.
@@ -860,6 +880,6 @@ def plan_webdataset(spec: str | list[str], *, split: str = "train", max_image_by
     """
     plan = Plan()
     for shard in expand_shards(spec):
-        _plan_shard(shard, split, plan, max_image_bytes)
+        _plan_shard(shard, split, plan, max_image_bytes, None if spool_dir is None else Path(spool_dir))
     _dedupe_ids(plan, "webdataset")
     return plan

@@ -5,6 +5,12 @@ Extraction (pipeline/cache/extract.py) streams each input shard that holds an im
 sequentially, with `read_members`; planning (pipeline/data/sources.py) streams a `pipe:` shard with `ShardTape`, since a
 command's output cannot be seeked.
 
+Spooling: a `pipe:` shard (typically `pipe:curl ...` or `pipe:aws s3 cp ... -`, a remote shard) would be read twice, once
+by planning and once by extraction. Planning therefore copies the bytes it streams to a local spool file
+(`spool_path`), committed only once the command's output was read to its end; extraction reads the members from that
+copy (`read_members(..., spool=...)`) and runs the command again only when there is no copy. The copy is byte for
+byte what planning saw, so every planned offset holds in it even when the command would now print something else.
+
 Opening: `pipe:` commands and local paths (and file: URLs) go through webdataset's opener (`webdataset.gopen.gopen`: a
 subprocess for `pipe:`, a buffered file otherwise); any other URL through fsspec with a large readahead block
 (webdataset 1.0 has no fsspec opener: it reaches s3/gs/http through command-line tools). Members are iterated by
@@ -19,15 +25,17 @@ Reading stops as soon as the last wanted member has been read.
 from __future__ import annotations
 
 import tarfile
+from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping
 
 import fsspec
 from webdataset.gopen import gopen
 
+from layerfuse.core.fingerprint import fingerprint
 from layerfuse.pipeline.data.access import is_url
 from layerfuse.pipeline.data.records import SampleError
 
-__all__ = ["PIPE_PREFIX", "STREAM_BLOCK", "is_pipe", "open_stream", "ShardTape", "read_members"]
+__all__ = ["PIPE_PREFIX", "STREAM_BLOCK", "is_pipe", "open_stream", "spool_path", "ShardTape", "read_members"]
 
 PIPE_PREFIX = "pipe:"
 STREAM_BLOCK = 8 << 20  # readahead of an fsspec shard read front to back: large sequential requests
@@ -46,18 +54,32 @@ def open_stream(url: str) -> BinaryIO:
     return fsspec.open(url, "rb", block_size=STREAM_BLOCK, cache_type="readahead").open()
 
 
+def spool_path(spool_dir: str | Path, url: str) -> Path:
+    """The local copy of `pipe:` shard `url` in `spool_dir` (module docstring): one file per command, named by its
+    fingerprint."""
+    return Path(spool_dir) / f"{fingerprint({'shard': url})}.tar"
+
+
 class ShardTape:
     """A read-only stream over an opened shard that counts the bytes it hands out and keeps the first bytes (the
-    compression magic) and the last two pieces read, so that what a tar reader stopped on can be looked at afterwards."""
+    compression magic) and the last two pieces read, so that what a tar reader stopped on can be looked at afterwards.
+    With `copy`, every byte read is also written there (a spool file); `eof` says whether the stream was read to its
+    end, so whether that copy is whole."""
 
-    def __init__(self, f: BinaryIO):
+    def __init__(self, f: BinaryIO, copy: BinaryIO | None = None):
         self.f = f
+        self.copy = copy
         self.pos = 0  # bytes handed out so far
+        self.eof = False  # a read returned nothing: the whole stream has been read
         self.head = b""  # the first 16 bytes of the shard
         self._recent: list[tuple[int, bytes]] = []  # [(offset, piece)], the last two reads
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n)
+        if not data and n != 0:
+            self.eof = True
+        if self.copy is not None and data:
+            self.copy.write(data)
         if len(self.head) < 16:
             self.head += data[: 16 - len(self.head)]
         self._recent = [*self._recent[-1:], (self.pos, data)]
@@ -98,19 +120,21 @@ def _read_capped(tar: tarfile.TarFile, ti: tarfile.TarInfo, cap: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_members(url: str, wanted: Mapping[tuple[str, int], Any], max_bytes: int) -> Iterator[tuple[Any, bytes | SampleError]]:
+def read_members(url: str, wanted: Mapping[tuple[str, int], Any], max_bytes: int, *,
+                 spool: str | Path | None = None) -> Iterator[tuple[Any, bytes | SampleError]]:
     """Stream shard `url` once and yield (tag, data or SampleError) for every wanted member, in stream order.
 
     `wanted` maps (member name, data offset) -- a webdataset locator's "member" and "offset" -- to a caller's tag.
     Every tag is yielded exactly once: with the member's bytes, or with the reason it is missing (the same wording as
     `access.read_image_bytes` for an oversized or cut member; "not found" when the shard changed since planning).
-    Unwanted members are read through (a stream cannot seek) and dropped.
+    Unwanted members are read through (a stream cannot seek) and dropped. With `spool` (the local copy planning made
+    of a `pipe:` shard, `spool_path`) the members are read from that file instead; messages still name `url`.
     """
     left = dict(wanted)
     if not left:
         return
     try:
-        f = open_stream(url)
+        f = open_stream(str(spool) if spool is not None else url)
     except FileNotFoundError:
         for tag in left.values():
             yield tag, SampleError(f"shard not found: {url}")

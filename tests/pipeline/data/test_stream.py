@@ -23,7 +23,7 @@ from layerfuse.pipeline.data.access import read_image_bytes
 from layerfuse.pipeline.data.images import decode_image
 from layerfuse.pipeline.data.records import SampleError, SampleRecord
 from layerfuse.pipeline.data.sources import expand_shards, plan_webdataset
-from layerfuse.pipeline.data.stream import ShardTape, read_members
+from layerfuse.pipeline.data.stream import ShardTape, read_members, spool_path
 from layerfuse.pipeline.models.encoder import load_vision_encoder
 
 from tests.pipeline.cache.test_extract_hostile import test_hostile_webdataset_shard_is_contained as hostile_members
@@ -90,7 +90,51 @@ def test_shard_tape_counts_and_peeks():
     assert tape.peek(5, 3) == bytes([5, 6, 7]) and tape.peek(105, 10) == bytes(range(105, 110))
     tape.read(100)
     assert tape.peek(0, 4) == b""  # older than the last two reads
-    assert tape.drain() == 25600 and tape.head == bytes(range(16))
+    assert not tape.eof
+    assert tape.drain() == 25600 and tape.head == bytes(range(16)) and tape.eof
+    copy = io.BytesIO()
+    tape = ShardTape(io.BytesIO(b"abcdef"), copy)
+    tape.read(2), tape.read(0)
+    assert copy.getvalue() == b"ab" and not tape.eof
+    tape.drain()
+    assert copy.getvalue() == b"abcdef" and tape.eof
+
+
+@pytest.mark.parametrize("name", ["full.tar", "cut.tar", "header.tar", "junk.tar"])
+def test_pipe_shard_is_spooled_while_planned_and_read_from_the_spool(tmp_path, name):
+    """Planning copies a `pipe:` shard's whole output to its spool file; `read_members` reads the planned members from
+    that copy, without running the command, and names the command in its messages."""
+    shard = tmp_path / name
+    shard.write_bytes(_corpora()[name])
+    runs = tmp_path / "runs.txt"
+    url = f"pipe:echo run >> {runs}; cat {shard}"
+    spool_dir = tmp_path / "spool"
+    plan = plan_webdataset(url, spool_dir=spool_dir)
+    again = plan_webdataset(url)
+    assert (plan.records, plan.issues) == (again.records, again.issues)  # the copy changes nothing planned
+    spool = spool_path(spool_dir, url)
+    assert spool.read_bytes() == shard.read_bytes()
+    assert sorted(p.name for p in spool_dir.iterdir()) == [spool.name]  # no temporary left beside it
+    assert runs.read_text().split() == ["run", "run"]
+    shard.write_bytes(b"")  # what the command would print now no longer matters
+    got = dict(read_members(url, _wanted(plan), max_bytes=1 << 20, spool=spool))
+    assert runs.read_text().split() == ["run", "run"]  # the command did not run again
+    assert got == {r.id: data for r, data in zip(plan.records, _image_bytes(_corpora()[name], plan)) if r.has_image}
+    missing = dict(read_members(url, _wanted(plan), max_bytes=1 << 20, spool=tmp_path / "none.tar"))
+    assert all(e.reason == f"shard not found: {url}" for e in missing.values())
+
+
+def _image_bytes(data: bytes, plan) -> list[bytes | None]:
+    return [data[r.locator["offset"]: r.locator["offset"] + r.locator["size"]] if r.has_image else None
+            for r in plan.records]
+
+
+def test_failing_command_leaves_no_spool(tmp_path):
+    url = "pipe:exit 3"
+    plan = plan_webdataset(url, spool_dir=tmp_path)
+    assert not plan.records and [i.stage for i in plan.issues]
+    assert spool_path(tmp_path, url).is_file() is (len(list(tmp_path.iterdir())) == 1)  # a whole (empty) output, or nothing
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
 def _corpora() -> dict[str, bytes]:
@@ -168,10 +212,10 @@ def test_extract_streams_each_input_shard_once_and_resumes_by_input_shard(tmp_pa
     log = tmp_path / "opened.txt"  # written by the DataLoader workers (other processes)
     real = extract_mod.read_members
 
-    def counted(url, wanted, max_bytes):
+    def counted(url, wanted, max_bytes, **kw):
         with open(log, "a") as f:
             f.write(os.path.basename(url) + "\n")
-        return real(url, wanted, max_bytes)
+        return real(url, wanted, max_bytes, **kw)
 
     def opened() -> list[str]:
         names = sorted(log.read_text().split()) if log.exists() else []
@@ -248,3 +292,44 @@ def test_no_command_runs_that_wds_does_not_name(tmp_path, vision_dir):
     [batch] = list(ds)
     assert batch["items"][0]["error"] == f"input shard 'pipe:touch {flag}' is a command that --wds does not name; not run"
     assert not flag.exists()
+
+
+def test_extract_runs_each_pipe_command_once_and_resumes_from_the_spool(tmp_path, vision_dir, monkeypatch):
+    """Planning spools each `pipe:` shard; extraction reads the spools (no command runs again), a run killed after
+    planning resumes from them, and they are removed once the cache is complete. --spool none runs each command twice."""
+    shards = _shards(tmp_path, 2, 5)
+    runs = tmp_path / "runs.txt"
+    urls = [f"pipe:echo {os.path.basename(s)} >> {runs}; cat {s}" for s in shards]
+    cfg = dict(builtin=None, wds=",".join(urls), shard_samples=4, batch_size=3, workers=2)
+
+    def commands_run() -> list[str]:
+        names = sorted(runs.read_text().split()) if runs.exists() else []
+        runs.unlink(missing_ok=True)
+        return names
+
+    out = tmp_path / "cache"
+    spool_dir = tmp_path / "cache.spool"
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract_mod, "_process", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(extract_config(str(out), vision_dir, **cfg))
+    assert extract_config(str(out), vision_dir, **cfg).spool_dir() == spool_dir
+    assert sorted(p.read_bytes() for p in spool_dir.iterdir()) == sorted(open(s, "rb").read() for s in shards)
+    assert commands_run() == ["in-0.tar", "in-1.tar"]  # planning
+    monkeypatch.undo()
+    res = run_extract(extract_config(str(out), vision_dir, **cfg))
+    assert res.summary["ok"] == 10 and res.summary["text_only"] == 1
+    assert commands_run() == []  # extraction read the spools
+    assert not spool_dir.exists()  # removed with the cache complete
+
+    ref = tmp_path / "ref"
+    res = run_extract(extract_config(str(ref), vision_dir, **cfg, spool="none"))
+    assert commands_run() == ["in-0.tar", "in-0.tar", "in-1.tar", "in-1.tar"]  # planning, then extraction
+    assert not (tmp_path / "ref.spool").exists()
+    np.testing.assert_array_equal(FeatureCache(out).features(list(range(11)), layers=[0, 3]).numpy(),
+                                  FeatureCache(ref).features(list(range(11)), layers=[0, 3]).numpy())
+    assert extract_config("s3://b/c", vision_dir, run_dir=str(tmp_path / "r")).spool_dir().parent == tmp_path / "r" / "spool"
+    assert extract_config(str(out), vision_dir, spool=str(tmp_path / "x")).spool_dir() == tmp_path / "x"
