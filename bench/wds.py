@@ -2,8 +2,8 @@
 
 One run of `run_extract` per input kind over the same shards (the built-in synthetic dataset written as WebDataset tars
 by `write_dataset`: a .json record and a 96x96 PNG per sample), with the embedded tiny CLIP at random weights and
-`ExtractConfig` defaults (2 DataLoader workers, batch 32): local paths, `pipe:cat PATH` commands (spooled by planning,
-the default, and with `--spool none`) and fsspec `memory://` URLs. The same again with the images re-encoded as 336x336 JPEGs (quality 90), the size of a real
+`ExtractConfig` defaults (2 DataLoader workers, batch 32): local paths, `pipe:cat PATH` commands and fsspec `memory://`
+URLs, the last two spooled by planning (the default) and with `--spool none`. The same again with the images re-encoded as 336x336 JPEGs (quality 90), the size of a real
 LLaVA-style image, since the plan pass reads a fixed ~1.5 KiB per sample (two 512-byte headers and the .json record)
 whatever the image size. Then a resume: the markers of the output shards that hold the last input shard's rows are
 removed and the same command run again.
@@ -66,11 +66,12 @@ class _Counted:
 
     def __init__(self, f: Any, url: str, phase: str, log: Path):
         self.f, self.url, self.phase, self.log = f, url, phase, log
-        self.delivered, self.rchar0, self.closed_once = 0, _rchar(), False
+        self.delivered, self.rchar0, self.closed_once, self.calls = 0, _rchar(), False, 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n)
         self.delivered += len(data)
+        self.calls += 1
         return data
 
     def seek(self, *a: Any) -> int:
@@ -85,7 +86,7 @@ class _Counted:
             rchar = _rchar() - self.rchar0
             with open(self.log, "a") as out:
                 out.write(json.dumps({"pid": os.getpid(), "phase": self.phase, "url": self.url,
-                                      "delivered": self.delivered, "rchar": rchar}) + "\n")
+                                      "delivered": self.delivered, "rchar": rchar, "calls": self.calls}) + "\n")
         self.f.close()
 
 
@@ -141,7 +142,7 @@ def measure(label: str, urls: list[str], size: int, run: Callable[[str], Any], l
     for phase in ("plan", "extract", "spool"):
         mine = [r for r in rows if r["phase"] == phase]
         out[phase] = {"delivered": sum(r["delivered"] for r in mine), "rchar": sum(r["rchar"] for r in mine),
-                      "opened": len(mine), "urls": sorted({r["url"] for r in mine})}
+                      "calls": sum(r["calls"] for r in mine), "opened": len(mine), "urls": sorted({r["url"] for r in mine})}
     return out
 
 
@@ -155,7 +156,7 @@ def render(cmd: str, results: list[dict[str, Any]], resume: dict[str, Any], size
         total_d, total_r = p["delivered"] + e["delivered"], p["rchar"] + e["rchar"]
         spool = f"{ratio(sp['delivered'], r['size'])} ({sp['opened']} files)" if sp["opened"] else "-"
         rows.append(f"| {r['label']} | {r['size'] / 2**20:.1f} MiB in {r['shards']} | {ratio(p['delivered'], r['size'])} "
-                    f"({ratio(p['rchar'], r['size'])}) | {ratio(e['delivered'], r['size'])} ({ratio(e['rchar'], r['size'])}) | "
+                    f"({ratio(p['rchar'], r['size'])}) | {p['calls']} | {ratio(e['delivered'], r['size'])} ({ratio(e['rchar'], r['size'])}) | "
                     f"**{ratio(total_d, r['size'])}** ({ratio(total_r, r['size'])}) | {spool} | {e['opened'] + sp['opened']} | "
                     f"{r['seconds']:.1f} s |")
     rp, re_ = resume["plan"], resume["extract"]
@@ -171,25 +172,30 @@ def render(cmd: str, results: list[dict[str, Any]], resume: dict[str, Any], size
         "extraction open (what `tarfile` was handed) and, in parentheses, as the processes' `rchar` (/proc/self/io) between "
         "opening and closing each shard: bytes returned by read syscalls, so buffering counts. For `pipe:` shards `rchar` counts the pipe *and*, once "
         "the `cat` child is reaped (Linux adds a reaped child's counters to its parent's), the command's own reads of the "
-        "file: about twice the bytes that crossed the pipe. For `memory://` it is ~0: nothing is read from the OS.", "",
-        "| Input | Input size | Plan pass / input | Extraction from the input / input | Total read from the input / input "
+        "file: about twice the bytes that crossed the pipe. For `memory://` it is ~0: nothing is read from the OS. Plan "
+        "pass reads: the read calls made on the shards' file objects; on an fsspec file opened without readahead (the plan "
+        "by headers) each is one ranged request to the store, while a streamed fsspec shard is read with 8 MiB "
+        "readahead, one request per 8 MiB.", "",
+        "| Input | Input size | Plan pass / input | Plan pass reads (calls) | Extraction from the input / input | Total read from the input / input "
         "(goal <= 1.05) | Extraction from the spool / input (local copies) | Shards streamed | `run_extract` |",
-        "|---|---|---|---|---|---|---|---|", *rows, "",
+        "|---|---|---|---|---|---|---|---|---|", *rows, "",
         f"Resume ({resume['label']}): with the markers of the {resume['redo']} output shard(s) holding the last input "
         f"shard's rows removed, the rerun opens {re_['opened']} of {resume['shards']} input shards and reads "
         f"{ratio(re_['delivered'], resume['size'])} ({ratio(re_['rchar'], resume['size'])}) of the input size "
         f"(its plan is kept in the cache: plan pass {rp['delivered']} bytes); the input shards it opened are "
         f"{resume['opened_size'] / resume['size']:.3f} of the input.", "",
-        "The plan pass reads every member header (512 bytes) and the .json/.txt members; it seeks past image data for "
-        "local and fsspec shards (local files unbuffered, fsspec files with cache_type \"none\": one ranged read per "
-        "header and per .json on a remote store, latency-bound) and has to stream a `pipe:` shard whole; it copies what "
-        "it streams to a spool file beside the cache (`--spool`, default auto: OUT.spool), and extraction streams that "
-        "local copy instead of running the command again. Extraction streams each input shard once. So the total read "
-        "from the input is 1 + (headers + records) / input for local and fsspec shards, which meets the 1.05 goal for "
-        f"the 336-px JPEGs ({sizes['jpg_tar'] / 1024:.1f} KiB of tar per sample) and not for the 96-px PNGs "
-        f"({sizes['png_tar'] / 1024:.1f} KiB of tar per sample, most of it headers and the record); 1 for spooled "
-        "`pipe:` shards, whatever the sample size, at the cost of local disk for the copies (the input's size, removed "
-        "when the cache is complete); and 2 with `--spool none`.",
+        "The plan pass reads every member header (512 bytes) and the .json/.txt members. It seeks past image data in "
+        "local shards (read unbuffered). It streams `pipe:` shards (a command cannot seek) and remote fsspec shards (one "
+        "sequential read instead of a ranged request per header and .json, which on a real store is latency-bound) "
+        "whole, copying what it streams to a spool file beside the cache (`--spool`, default auto: OUT.spool); "
+        "extraction streams that local copy instead of the input. With `--spool none` a command runs again, and an "
+        "fsspec shard is planned by ranged reads of its headers (cache_type \"none\") and streamed again. Extraction "
+        "streams each input shard once. So the total read from the input is 1 + (headers + records) / input for local "
+        f"shards (and unspooled fsspec ones), which meets the 1.05 goal for the 336-px JPEGs ({sizes['jpg_tar'] / 1024:.1f} "
+        f"KiB of tar per sample) and not for the 96-px PNGs ({sizes['png_tar'] / 1024:.1f} KiB of tar per sample, most "
+        "of it headers and the record); 1 for spooled `pipe:` and fsspec shards, whatever the sample size, at the cost "
+        "of local disk for the copies (the input's size, removed when the cache is complete); 2 for `pipe:` with "
+        "`--spool none`.",
     ])
 
 
@@ -236,6 +242,8 @@ def main() -> None:
                     f.write(p.read_bytes())
                 urls.append(f"{base}/{p.name}")
             results.append(measure(f"{label}, fsspec `memory://`", urls, size, extract(f"{label}-memory"), log))
+            results.append(measure(f"{label}, fsspec `memory://`, `--spool none`", urls, size,
+                                   extract(f"{label}-memory-nospool", spool="none"), log))
             fsspec.filesystem("memory").rm(base.replace("memory://", "/"), recursive=True)
 
         # resume: redo the output shards that hold the last input shard's rows (local JPEG shards)

@@ -108,7 +108,7 @@ class ExtractConfig:
     allow_urls: str | None = runtime(default=None)  # URL schemes image values may use, comma-separated ("s3,gs,https")
     overwrite: bool = runtime(default=False)
     force: bool = runtime(default=False)  # extract even when the target has less free space than the estimate
-    spool: str = runtime(default="auto")  # where planning copies `pipe:` shards (`spool_dir`): auto, none, or a folder
+    spool: str = runtime(default="auto")  # where planning copies `pipe:` and remote shards (`spool_dir`): auto, none, or a folder
     progress: bool = runtime(default=True)
     storage_options: dict[str, Any] = runtime(default_factory=dict)
 
@@ -162,9 +162,10 @@ class ExtractConfig:
         return base if self.vision_pretrain_steps is None else replace(base, pretrain_steps=self.vision_pretrain_steps)
 
     def spool_dir(self) -> Path | None:
-        """Where planning copies the `pipe:` input shards it streams, so that extraction reads each command's output
-        once (pipeline/data/stream.py): `spool` as a folder; "auto": OUT.spool beside a local --out (the disk the cache
-        is written to), RUN_DIR/spool/<fingerprint of OUT> beside a URL one; "none": no copy, commands run again."""
+        """Where planning copies the `pipe:` and remote (non-local fsspec) input shards it streams, so that the input
+        is read once (pipeline/data/stream.py): `spool` as a folder; "auto": OUT.spool beside a local --out (the disk
+        the cache is written to), RUN_DIR/spool/<fingerprint of OUT> beside a URL one; "none": no copy (commands run
+        again, remote shards are planned by ranged reads of their headers)."""
         if self.spool == "none":
             return None
         if not self.spool.strip():
@@ -280,7 +281,7 @@ class _StreamDataset(IterableDataset):
                  max_pixels: int, access: ImageAccess, pipes: frozenset[str] = frozenset(), spool_dir: Path | None = None):
         self.records, self.pre, self.max_pixels, self.access = records, pre, max_pixels, access
         self.pipes = pipes  # the `pipe:` commands --wds names: no other command is run, whatever a locator says
-        self.spool_dir = spool_dir  # planning's copies of those commands' output, read instead of running them again
+        self.spool_dir = spool_dir  # planning's copies of `pipe:` and remote shards, read instead of the input
         self.groups: dict[str | None, list[list[int]]] = {}  # input shard -> its batches, in plan order
         for tar, rows in tar_batches(records, batches):
             self.groups.setdefault(tar, []).append(rows)
@@ -321,7 +322,7 @@ class _StreamDataset(IterableDataset):
             refused = SampleError(f"input shard {tar!r} is a command that --wds does not name; not run")
             members: Iterator[tuple[int, bytes | SampleError]] = ((row, refused) for row in wanted.values())
         else:
-            spool = spool_path(self.spool_dir, tar) if self.spool_dir is not None and is_pipe(tar) else None
+            spool = spool_path(self.spool_dir, tar) if self.spool_dir is not None else None
             members = read_members(tar, wanted, self.access.max_bytes, spool=spool if spool is not None and spool.is_file() else None)
         for row, data in members:
             got[row] = data
@@ -602,28 +603,31 @@ def _check_space(cfg: ExtractConfig, enc: VisionEncoder, text_dim: int, max_turn
                            f"(`layerfuse cache plan` explains the estimate); free space, choose another --out, or pass --force")
 
 
-def _spooled(cfg: ExtractConfig) -> list[Path]:
-    """The spool files of this extraction's `pipe:` shards that exist."""
+def _spooled(cfg: ExtractConfig, records: Sequence[SampleRecord]) -> list[Path]:
+    """The spool files of the input shards of `records` that exist."""
     folder = cfg.spool_dir()
-    if folder is None or cfg.wds is None:
+    if folder is None or cfg.wds is None or not folder.is_dir():
         return []
-    return [p for url in sorted(sources.pipe_shards(cfg.wds)) if (p := spool_path(folder, url)).is_file()]
+    tars = sorted({t for r in records if (t := r.locator.get("tar"))})
+    return [p for t in tars if (p := spool_path(folder, t)).is_file()]
 
 
-def _report_spool(cfg: ExtractConfig) -> None:
-    if (files := _spooled(cfg)) and cfg.progress:
-        tqdm.write(f"spooled {len(files)} pipe: shard(s), {sum(p.stat().st_size for p in files) / 1e9:.2f} GB, in "
-                   f"{cfg.spool_dir()}: extraction reads these copies (removed once the cache is complete)")
+def _report_spool(cfg: ExtractConfig, records: Sequence[SampleRecord]) -> None:
+    if (files := _spooled(cfg, records)) and cfg.progress:
+        tqdm.write(f"spooled {len(files)} input shard(s) (pipe: or remote), {sum(p.stat().st_size for p in files) / 1e9:.2f} GB, "
+                   f"in {cfg.spool_dir()}: extraction reads these copies (removed once the cache is complete)")
 
 
-def _remove_spool(cfg: ExtractConfig) -> None:
-    """Delete this extraction's spool files (and their folder, once empty): the cache is complete."""
-    for p in _spooled(cfg):
-        p.unlink(missing_ok=True)
+def _remove_spool(cfg: ExtractConfig, records: Callable[[], Sequence[SampleRecord]]) -> None:
+    """Delete this extraction's spool files (and their folder, once empty): the cache is complete. `records` is only
+    called when there is a spool folder."""
     folder = cfg.spool_dir()
-    if folder is not None:
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+    if folder is None or not folder.is_dir():
+        return
+    for p in _spooled(cfg, records()):
+        p.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _existing_meta(cfg: ExtractConfig) -> dict[str, Any] | None:
@@ -699,7 +703,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
             )
         if fresh:
             plan = plan_source(spec, max_image_bytes=cfg.max_image_bytes, spool_dir=cfg.spool_dir())
-            _report_spool(cfg)
+            _report_spool(cfg, plan.records)
             if cfg.strict and plan.issues:  # a malformed record first, else a repair: --strict accepts neither
                 first = next((i for i in plan.issues if i.stage == "plan"), plan.issues[0])
                 what = "" if first.stage == "plan" else ", repaired: --strict refuses repairs"
@@ -726,7 +730,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
     writer = CacheWriter(cfg.out, cfg.storage_options or None)
     if writer.meta.get("complete") and writer.meta.get("config_hash") == chash:
         if ctx.is_main:
-            _remove_spool(cfg)
+            _remove_spool(cfg, writer.records)
         return ExtractResult(cfg.out, writer.meta.get("summary", {}), 0, time.perf_counter() - started, 0.0, already_complete=True,
                              tower_seconds=tower_seconds)
 
@@ -738,7 +742,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
     summary: dict[str, Any] = {}
     if ctx.is_main:
         summary = writer.finalize()
-        _remove_spool(cfg)
+        _remove_spool(cfg, lambda: records)
     ctx.barrier()
     return ExtractResult(cfg.out, summary, len(shards), elapsed, n_images / max(elapsed, 1e-9), tower_seconds=tower_seconds)
 

@@ -754,18 +754,21 @@ def _plan_shard(shard: str, split: str, plan: Plan, max_image_bytes: int, spool_
         plan.issues.append(SampleIssue(f"{base}/{tag}", "webdataset", "plan", reason, shard))
 
     compressed = ("<shard>", "compressed tar shards are not supported (random access needs an uncompressed .tar)")
+    # streamed whole: a command (it cannot seek), and a remote shard that is spooled (one sequential read at the store's
+    # bandwidth instead of a ranged request per member header)
+    streamed = is_pipe(shard) or (spool_dir is not None and is_url(shard) and not shard.startswith("file://"))
     try:
-        f = open_stream(shard) if is_pipe(shard) else _open_headers(shard)
+        f = open_stream(shard) if streamed else _open_headers(shard)
     except FileNotFoundError:
         raise MissingError(f"shard not found: {shard}; check the shard spec (--wds)") from None
     except OSError as e:
         shard_issue("<shard>", f"cannot open shard: {e}")
         return
-    spool = spool_path(spool_dir, shard) if spool_dir is not None and is_pipe(shard) else None
+    spool = spool_path(spool_dir, shard) if spool_dir is not None and streamed else None
     copy: BinaryIO | None = None
     tape: ShardTape | None = None
     try:
-        if is_pipe(shard):
+        if streamed:
             if spool is not None:
                 spool.parent.mkdir(parents=True, exist_ok=True)
                 copy = open(temp_path(spool), "wb")
@@ -852,7 +855,8 @@ def _plan_shard(shard: str, split: str, plan: Plan, max_image_bytes: int, spool_
         try:
             f.close()
         except Exception as e:  # noqa: BLE001 - a `pipe:` command reports its failure when it is closed
-            shard_issue("<shard>", f"the shard's command failed: {type(e).__name__}: {e}")
+            what = "the shard's command failed" if is_pipe(shard) else "closing the shard failed"
+            shard_issue("<shard>", f"{what}: {type(e).__name__}: {e}")
         if copy is not None and spool is not None:
             copy.close()
             if tape is not None and tape.eof:  # the whole output: every planned member is in the copy
@@ -868,8 +872,9 @@ def plan_webdataset(spec: str | list[str], *, split: str = "train", max_image_by
     Each sample's image is located by {"tar", "member", "offset", "size"}: extraction streams each shard once and
     takes the member at that offset (pipeline/data/stream.py). Local and fsspec shards are read by their headers (and
     the small .json/.txt members) only, seeking past image data; a `pipe:` shard cannot seek, so its whole stream is
-    read here, and with `spool_dir` copied to a local file there (`stream.spool_path`) that extraction reads instead
-    of running the command again (without it, the command runs again when extracting). The
+    read here. With `spool_dir`, `pipe:` and remote (non-local fsspec) shards are streamed whole and copied to a local
+    file there as they are read (`stream.spool_path`), which extraction reads instead of the input; without it a
+    command runs again when extracting and a remote shard is planned by one ranged read per header and record. The
     sample's conversation comes from `{key}.json` (LLaVA-style: conversations, optional id/category/split)
     or, failing that, a `.txt`/`.caption` member turned into [human "<image>\\n", gpt caption]. A json
     without an image and without an <image> token gives a text-only record.

@@ -100,25 +100,36 @@ def test_shard_tape_counts_and_peeks():
     assert copy.getvalue() == b"abcdef" and tape.eof
 
 
+@pytest.mark.parametrize("kind", ["pipe", "memory"])
 @pytest.mark.parametrize("name", ["full.tar", "cut.tar", "header.tar", "junk.tar"])
-def test_pipe_shard_is_spooled_while_planned_and_read_from_the_spool(tmp_path, name):
-    """Planning copies a `pipe:` shard's whole output to its spool file; `read_members` reads the planned members from
-    that copy, without running the command, and names the command in its messages."""
+def test_streamed_shard_is_spooled_while_planned_and_read_from_the_spool(tmp_path, name, kind):
+    """Planning copies a `pipe:` shard's whole output, and a remote (fsspec) shard whole, to its spool file, planning
+    what it would plan without one; `read_members` reads the planned members from that copy, without running the
+    command or opening the URL again, and names the shard in its messages."""
     shard = tmp_path / name
     shard.write_bytes(_corpora()[name])
     runs = tmp_path / "runs.txt"
-    url = f"pipe:echo run >> {runs}; cat {shard}"
+    if kind == "pipe":
+        url = f"pipe:echo run >> {runs}; cat {shard}"
+    else:
+        url = f"memory://spool-{uuid.uuid4().hex}/{name}"
+        with fsspec.open(url, "wb") as f:
+            f.write(shard.read_bytes())
     spool_dir = tmp_path / "spool"
     plan = plan_webdataset(url, spool_dir=spool_dir)
-    again = plan_webdataset(url)
+    again = plan_webdataset(url)  # a command streamed again; a remote shard by its headers
     assert (plan.records, plan.issues) == (again.records, again.issues)  # the copy changes nothing planned
     spool = spool_path(spool_dir, url)
     assert spool.read_bytes() == shard.read_bytes()
     assert sorted(p.name for p in spool_dir.iterdir()) == [spool.name]  # no temporary left beside it
-    assert runs.read_text().split() == ["run", "run"]
-    shard.write_bytes(b"")  # what the command would print now no longer matters
+    if kind == "pipe":
+        assert runs.read_text().split() == ["run", "run"]
+        shard.write_bytes(b"")  # what the command would print now no longer matters
+    else:
+        fsspec.filesystem("memory").rm(url.replace("memory://", "/"))  # nor whether the remote shard is still there
     got = dict(read_members(url, _wanted(plan), max_bytes=1 << 20, spool=spool))
-    assert runs.read_text().split() == ["run", "run"]  # the command did not run again
+    if kind == "pipe":
+        assert runs.read_text().split() == ["run", "run"]  # the command did not run again
     assert got == {r.id: data for r, data in zip(plan.records, _image_bytes(_corpora()[name], plan)) if r.has_image}
     missing = dict(read_members(url, _wanted(plan), max_bytes=1 << 20, spool=tmp_path / "none.tar"))
     assert all(e.reason == f"shard not found: {url}" for e in missing.values())
