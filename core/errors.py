@@ -25,6 +25,7 @@ classes derived from before this hierarchy existed, so `except ValueError` / `ex
     │   ├── pipeline.models.default_vision.DefaultVisionError
     │   ├── pipeline.cache.reader.CacheError
     │   ├── pipeline.cache.extract.ExtractError
+    │   ├── pipeline.data.stream.SpoolError
     │   ├── pipeline.training.train.TrainError
     │   ├── pipeline.ablation.run.AblateError
     │   └── pipeline.ablation.results.ReportError

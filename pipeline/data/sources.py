@@ -40,7 +40,7 @@ from layerfuse.core.atomic import commit, temp_path
 from layerfuse.core.errors import MissingError
 from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, is_url, local_root
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
-from layerfuse.pipeline.data.stream import ShardTape, is_pipe, open_stream, spool_path
+from layerfuse.pipeline.data.stream import ShardTape, SpoolError, is_pipe, open_stream, spool_path
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -580,10 +580,14 @@ def _scan_stream(tape: ShardTape) -> tuple[_ShardScan, dict[int, bytes]]:
                     texts[ti.offset_data] = b"".join(kept)
             scan.members.append(ti)
             scan.complete += 1
-    except Exception as e:  # noqa: BLE001 - a damaged tar or a failing command raises many types; never raises
+    except SpoolError:
+        raise  # the local copy failed, not the input
+    except Exception as e:  # noqa: BLE001 - a damaged tar or a failing command raises many types; never raises for them
         scan.error = f"{type(e).__name__}: {e}"
         try:
             tape.drain()  # the rest of the stream still goes to the spool: the planned members before the damage are in it
+        except SpoolError:
+            raise
         except Exception:  # noqa: BLE001 - a failing command: the spool stays incomplete and is not kept
             pass
         return scan, texts
@@ -770,8 +774,11 @@ def _plan_shard(shard: str, split: str, plan: Plan, max_image_bytes: int, spool_
     try:
         if streamed:
             if spool is not None:
-                spool.parent.mkdir(parents=True, exist_ok=True)
-                copy = open(temp_path(spool), "wb")
+                try:
+                    spool.parent.mkdir(parents=True, exist_ok=True)
+                    copy = open(temp_path(spool), "wb")
+                except OSError as e:
+                    raise SpoolError.of(temp_path(spool), e) from None
             tape = ShardTape(f, copy)
             scan, texts = _scan_stream(tape)
             if _is_compressed(tape.head):

@@ -31,11 +31,12 @@ from typing import Any, BinaryIO, Iterator, Mapping
 import fsspec
 from webdataset.gopen import gopen
 
+from layerfuse.core.errors import StateError
 from layerfuse.core.fingerprint import fingerprint
 from layerfuse.pipeline.data.access import is_url
 from layerfuse.pipeline.data.records import SampleError
 
-__all__ = ["PIPE_PREFIX", "STREAM_BLOCK", "is_pipe", "open_stream", "spool_path", "ShardTape", "read_members"]
+__all__ = ["PIPE_PREFIX", "STREAM_BLOCK", "SpoolError", "is_pipe", "open_stream", "spool_path", "ShardTape", "read_members"]
 
 PIPE_PREFIX = "pipe:"
 STREAM_BLOCK = 8 << 20  # readahead of an fsspec shard read front to back: large sequential requests
@@ -52,6 +53,16 @@ def open_stream(url: str) -> BinaryIO:
     if is_pipe(url) or not is_url(url) or url.startswith("file://"):
         return gopen(url, "rb")
     return fsspec.open(url, "rb", block_size=STREAM_BLOCK, cache_type="readahead").open()
+
+
+class SpoolError(StateError):
+    """The local copy of a streamed input shard cannot be written (a full or read-only disk): this machine's problem,
+    never recorded as damage of the input."""
+
+    @classmethod
+    def of(cls, path: Any, e: OSError) -> "SpoolError":
+        return cls(f"cannot write the spool copy {path} of an input shard: {e.strerror or e}; free space there, choose "
+                   "another --spool folder, or pass --spool none (commands run again, remote shards are read twice)")
 
 
 def spool_path(spool_dir: str | Path, url: str) -> Path:
@@ -79,7 +90,10 @@ class ShardTape:
         if not data and n != 0:
             self.eof = True
         if self.copy is not None and data:
-            self.copy.write(data)
+            try:
+                self.copy.write(data)
+            except OSError as e:
+                raise SpoolError.of(getattr(self.copy, "name", "?"), e) from None
         if len(self.head) < 16:
             self.head += data[: 16 - len(self.head)]
         self._recent = [*self._recent[-1:], (self.pos, data)]

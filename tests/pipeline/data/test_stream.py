@@ -23,7 +23,7 @@ from layerfuse.pipeline.data.access import read_image_bytes
 from layerfuse.pipeline.data.images import decode_image
 from layerfuse.pipeline.data.records import SampleError, SampleRecord
 from layerfuse.pipeline.data.sources import expand_shards, plan_webdataset
-from layerfuse.pipeline.data.stream import ShardTape, read_members, spool_path
+from layerfuse.pipeline.data.stream import ShardTape, SpoolError, read_members, spool_path
 from layerfuse.pipeline.models.encoder import load_vision_encoder
 
 from tests.pipeline.cache.test_extract_hostile import test_hostile_webdataset_shard_is_contained as hostile_members
@@ -138,6 +138,31 @@ def test_streamed_shard_is_spooled_while_planned_and_read_from_the_spool(tmp_pat
 def _image_bytes(data: bytes, plan) -> list[bytes | None]:
     return [data[r.locator["offset"]: r.locator["offset"] + r.locator["size"]] if r.has_image else None
             for r in plan.records]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fill a disk")
+def test_a_spool_that_cannot_be_written_is_an_error_of_this_machine_not_a_damaged_input(tmp_path):
+    """A full disk under the spool stops planning with one SpoolError naming the copy and the way out; it is never
+    recorded as damage of the input shard (which would drop its samples)."""
+    with open("/dev/full", "wb", buffering=0) as full:
+        with pytest.raises(SpoolError, match=r"cannot write the spool copy /dev/full .*--spool none"):
+            ShardTape(io.BytesIO(b"x" * 100), full).read(10)
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(_corpora()["full.tar"])
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the spool folder would go")
+    with pytest.raises(SpoolError, match="cannot write the spool copy"):
+        plan_webdataset(f"pipe:cat {shard}", spool_dir=blocker / "spool")
+    real_open = open
+
+    def to_full(path, mode="r", *a, **kw):  # the spool file is created, then every write to it fails
+        return real_open("/dev/full", "wb", buffering=0) if ".tmp-" in str(path) and "w" in mode else real_open(path, mode, *a, **kw)
+
+    import builtins
+    from unittest import mock
+
+    with mock.patch.object(builtins, "open", to_full), pytest.raises(SpoolError, match="No space left"):
+        plan_webdataset(f"pipe:cat {shard}", spool_dir=tmp_path / "spool")
 
 
 def test_failing_command_leaves_no_spool(tmp_path):
