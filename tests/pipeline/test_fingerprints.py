@@ -68,7 +68,8 @@ CHANGES = {
     "run_dir": ({}, "runs/other"),
     "out": ({}, "elsewhere/cache"), "batch_size": ({}, 7), "workers": ({}, 0), "device": ({}, "cpu"),
     "compute_dtype": ({}, "float32"), "text_batch_size": ({}, 3), "strict": ({}, True), "allow_urls": ({}, "s3,https"),
-    "overwrite": ({}, True), "force": ({}, True), "progress": ({}, False), "storage_options": ({}, {"anon": True}),
+    "overwrite": ({}, True), "force": ({}, True), "spool": ({"wds": "pipe:cat a.tar"}, "none"), "progress": ({}, False),
+    "storage_options": ({}, {"anon": True}),
 }
 
 
