@@ -865,11 +865,14 @@ def _plan_shard(shard: str, split: str, plan: Plan, max_image_bytes: int, spool_
             what = "the shard's command failed" if is_pipe(shard) else "closing the shard failed"
             shard_issue("<shard>", f"{what}: {type(e).__name__}: {e}")
         if copy is not None and spool is not None:
-            copy.close()
-            if tape is not None and tape.eof:  # the whole output: every planned member is in the copy
-                commit(temp_path(spool), spool)
-            else:
-                temp_path(spool).unlink(missing_ok=True)
+            try:
+                copy.close()  # its last buffered bytes are written here: a full disk can show only now
+                if tape is not None and tape.eof:  # the whole output: every planned member is in the copy
+                    commit(temp_path(spool), spool)
+            except OSError as e:
+                raise SpoolError.of(temp_path(spool), e) from None
+            finally:
+                temp_path(spool).unlink(missing_ok=True)  # a copy not committed (committed: renamed away already)
 
 
 def plan_webdataset(spec: str | list[str], *, split: str = "train", max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,

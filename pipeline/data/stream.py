@@ -3,13 +3,15 @@ the planned image members out of the stream with every size checked against the 
 
 Extraction (pipeline/cache/extract.py) streams each input shard that holds an image of a pending row exactly once,
 sequentially, with `read_members`; planning (pipeline/data/sources.py) streams a `pipe:` shard with `ShardTape`, since a
-command's output cannot be seeked.
+command's output cannot be seeked, and so a remote (fsspec) shard when it spools.
 
-Spooling: a `pipe:` shard (typically `pipe:curl ...` or `pipe:aws s3 cp ... -`, a remote shard) would be read twice, once
-by planning and once by extraction. Planning therefore copies the bytes it streams to a local spool file
-(`spool_path`), committed only once the command's output was read to its end; extraction reads the members from that
-copy (`read_members(..., spool=...)`) and runs the command again only when there is no copy. The copy is byte for
-byte what planning saw, so every planned offset holds in it even when the command would now print something else.
+Spooling: a `pipe:` shard (typically `pipe:curl ...` or `pipe:aws s3 cp ... -`) or a remote one would be read twice,
+once by planning and once by extraction, and planning a remote shard by its headers costs a ranged request per member.
+With a spool folder, planning streams such a shard whole and copies the bytes it reads to a local spool file
+(`spool_path`), committed only once the shard was read to its end; extraction reads the members from that copy
+(`read_members(..., spool=...)`) and reads the input again only when there is no copy. The copy is byte for byte what
+planning saw, so every planned offset holds in it even when the command would now print something else. A copy that
+cannot be written is a `SpoolError` (this machine's disk), never a damaged input.
 
 Opening: `pipe:` commands and local paths (and file: URLs) go through webdataset's opener (`webdataset.gopen.gopen`: a
 subprocess for `pipe:`, a buffered file otherwise); any other URL through fsspec with a large readahead block
@@ -66,8 +68,8 @@ class SpoolError(StateError):
 
 
 def spool_path(spool_dir: str | Path, url: str) -> Path:
-    """The local copy of `pipe:` shard `url` in `spool_dir` (module docstring): one file per command, named by its
-    fingerprint."""
+    """The local copy of streamed shard `url` (a `pipe:` command or a remote URL) in `spool_dir` (module docstring): one
+    file per shard, named by the fingerprint of its URL."""
     return Path(spool_dir) / f"{fingerprint({'shard': url})}.tar"
 
 

@@ -154,15 +154,18 @@ def test_a_spool_that_cannot_be_written_is_an_error_of_this_machine_not_a_damage
     with pytest.raises(SpoolError, match="cannot write the spool copy"):
         plan_webdataset(f"pipe:cat {shard}", spool_dir=blocker / "spool")
     real_open = open
-
-    def to_full(path, mode="r", *a, **kw):  # the spool file is created, then every write to it fails
-        return real_open("/dev/full", "wb", buffering=0) if ".tmp-" in str(path) and "w" in mode else real_open(path, mode, *a, **kw)
-
     import builtins
     from unittest import mock
 
-    with mock.patch.object(builtins, "open", to_full), pytest.raises(SpoolError, match="No space left"):
-        plan_webdataset(f"pipe:cat {shard}", spool_dir=tmp_path / "spool")
+    for buffering in (0, 1 << 24):  # each write fails; every write is buffered and the close fails
+        def to_full(path, mode="r", *a, **kw):  # the spool file is created, then writing to it fails
+            if ".tmp-" in str(path) and "w" in mode:
+                return real_open("/dev/full", "wb", buffering=buffering)
+            return real_open(path, mode, *a, **kw)
+
+        with mock.patch.object(builtins, "open", to_full), pytest.raises(SpoolError, match="No space left"):
+            plan_webdataset(f"pipe:cat {shard}", spool_dir=tmp_path / "spool")
+        assert not list((tmp_path / "spool").iterdir())
 
 
 def test_failing_command_leaves_no_spool(tmp_path):
