@@ -193,13 +193,15 @@ class ExtractResult:
     tower_seconds: float | None = None  # building (pretraining) or loading the default tower; None for a given --vision
 
 
-def plan_source(spec: dict[str, Any], *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, spool_dir: Path | None = None) -> Plan:
+def plan_source(spec: dict[str, Any], *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, spool_dir: Path | None = None,
+                progress: bool = False) -> Plan:
     """Turn a source spec into records (no image is decoded here; tar image members above `max_image_bytes` are
     plan issues; `pipe:` shards are copied to `spool_dir`, `sources.plan_webdataset`)."""
     if spec["kind"] == "llava":
         return sources.plan_llava(spec["json"], spec["image_root"], split=spec["split"])
     if spec["kind"] == "webdataset":
-        return sources.plan_webdataset(spec["shards"], split=spec["split"], max_image_bytes=max_image_bytes, spool_dir=spool_dir)
+        return sources.plan_webdataset(spec["shards"], split=spec["split"], max_image_bytes=max_image_bytes, spool_dir=spool_dir,
+                                       progress=progress)
     return synthetic_plan(spec["n"], spec["seed"])
 
 
@@ -702,7 +704,7 @@ def _run(cfg: ExtractConfig, spec: dict[str, Any], ctx: DistContext) -> ExtractR
                 f"pass --overwrite to replace it, or choose another --out"
             )
         if fresh:
-            plan = plan_source(spec, max_image_bytes=cfg.max_image_bytes, spool_dir=cfg.spool_dir())
+            plan = plan_source(spec, max_image_bytes=cfg.max_image_bytes, spool_dir=cfg.spool_dir(), progress=cfg.progress)
             _report_spool(cfg, plan.records)
             if cfg.strict and plan.issues:  # a malformed record first, else a repair: --strict accepts neither
                 first = next((i for i in plan.issues if i.stage == "plan"), plan.issues[0])

@@ -30,11 +30,13 @@ import json
 import os
 import posixpath
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable
 
 import fsspec
 from braceexpand import braceexpand
+from tqdm.auto import tqdm
 
 from layerfuse.core.atomic import commit, temp_path
 from layerfuse.core.errors import MissingError
@@ -875,8 +877,11 @@ def _plan_shard(shard: str, split: str, plan: Plan, max_image_bytes: int, spool_
                 temp_path(spool).unlink(missing_ok=True)  # a copy not committed (committed: renamed away already)
 
 
+PLAN_THREADS = 8  # input shards planned at once: planning waits on the store (requests, commands), not on the CPU
+
+
 def plan_webdataset(spec: str | list[str], *, split: str = "train", max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-                    spool_dir: str | Path | None = None) -> Plan:
+                    spool_dir: str | Path | None = None, threads: int = PLAN_THREADS, progress: bool = False) -> Plan:
     """Plan WebDataset tar shards: read member headers (not image data) and group them into samples.
 
     Each sample's image is located by {"tar", "member", "offset", "size"}: extraction streams each shard once and
@@ -892,9 +897,27 @@ def plan_webdataset(spec: str | list[str], *, split: str = "train", max_image_by
     Members with unsafe names and image members above `max_image_bytes` (by their header) are skipped and
     recorded. One bad shard never raises: damage becomes issues and every complete sample before it is
     kept. A missing shard raises MissingError.
+
+    `threads` shards are planned at once (each by one thread: a command, a stream or a series of ranged reads that
+    mostly waits on I/O); the plan is the same for any number, its records and issues in shard order.
     """
+    shards = expand_shards(spec)
+    folder = None if spool_dir is None else Path(spool_dir)
+
+    def one(shard: str) -> Plan:
+        part = Plan()
+        _plan_shard(shard, split, part, max_image_bytes, folder)
+        return part
+
     plan = Plan()
-    for shard in expand_shards(spec):
-        _plan_shard(shard, split, plan, max_image_bytes, None if spool_dir is None else Path(spool_dir))
+    pool = ThreadPoolExecutor(max(1, min(threads, len(shards))), thread_name_prefix="layerfuse-plan")
+    try:
+        with tqdm(total=len(shards), unit="shard", desc="plan", disable=not progress, dynamic_ncols=True) as bar:
+            for part in pool.map(one, shards):  # in shard order
+                plan.records.extend(part.records)
+                plan.issues.extend(part.issues)
+                bar.update(1)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a shard that raised: the shards not started are not planned
     _dedupe_ids(plan, "webdataset")
     return plan

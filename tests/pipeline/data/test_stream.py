@@ -23,6 +23,7 @@ from layerfuse.pipeline.data.access import read_image_bytes
 from layerfuse.pipeline.data.images import decode_image
 from layerfuse.pipeline.data.records import SampleError, SampleRecord
 from layerfuse.pipeline.data.sources import expand_shards, plan_webdataset
+from layerfuse.core.errors import MissingError
 from layerfuse.pipeline.data.stream import ShardTape, SpoolError, read_members, spool_path
 from layerfuse.pipeline.models.encoder import load_vision_encoder
 
@@ -372,3 +373,25 @@ def test_extract_runs_each_pipe_command_once_and_resumes_from_the_spool(tmp_path
                                   FeatureCache(ref).features(list(range(11)), layers=[0, 3]).numpy())
     assert extract_config("s3://b/c", vision_dir, run_dir=str(tmp_path / "r")).spool_dir().parent == tmp_path / "r" / "spool"
     assert extract_config(str(out), vision_dir, spool=str(tmp_path / "x")).spool_dir() == tmp_path / "x"
+
+
+def test_shards_planned_at_once_give_the_plan_of_one_at_a_time(tmp_path):
+    """Planning runs several shards at once (threads); records and issues come in shard order, whatever finishes first,
+    and a shard that raises stops the planning with its error."""
+    names = list(_corpora())
+    spec = []
+    for i, name in enumerate(names):
+        path = tmp_path / name
+        path.write_bytes(_corpora()[name])
+        # later shards finish first: every other one is a command that waits
+        spec.append(f"pipe:sleep {0.05 * (len(names) - i)}; cat {path}" if i % 2 else str(path))
+    one = plan_webdataset(",".join(spec), threads=1)
+    many = plan_webdataset(",".join(spec), threads=8)
+    assert one.records and one.issues
+    assert (many.records, many.issues) == (one.records, one.issues)
+    base = f"memory://plan-{uuid.uuid4().hex}"
+    with fsspec.open(f"{base}/a.tar", "wb") as f:
+        f.write(_corpora()["full.tar"])
+    with pytest.raises(MissingError, match="shard not found"):
+        plan_webdataset(f"{base}/a.tar,{base}/gone.tar,{base}/a.tar", threads=3)
+    fsspec.filesystem("memory").rm(base.replace("memory://", "/"), recursive=True)
