@@ -366,10 +366,6 @@ def shard_batches(writer: CacheWriter, shards: Sequence[int], batch_size: int) -
 # --- background stages: the writer pool and the text embedder ---------------------------------------------------
 WRITER_THREADS = {"cpu": 1}  # writer threads by device type (others: CUDA_WRITER_THREADS); zarr compresses a shard's chunks in parallel itself
 CUDA_WRITER_THREADS = 4  # on an accelerator the host's cores encode and write while the device computes
-# The writer threads' nice by device type (others: 0). On a CPU the forward's thread team fills the cores: a writer at the
-# lowest priority runs in the gaps instead of preempting a team member mid-region (ShardWriterPool, BENCHMARKS.md
-# "Extraction"); on an accelerator the host's cores are free and the writers keep up at normal priority.
-WRITER_NICE = {"cpu": 19}
 TEXT_AHEAD = 4  # extraction batches whose instruction embeddings may wait, computed, for the image path
 TEXT_THREAD = {"cpu": True}  # whether the text stage has its own thread, by device type (others: True)
 
@@ -777,8 +773,7 @@ def _process(
     # a libc lock (e.g. glibc's atexit lock, taken when torch first registers a static destructor) hangs for ever.
     loaded = iter(loader)
     pool = _FeaturePool(storer.encoding, feat_shape, pin=device.type == "cuda")
-    sink = ShardWriterPool(writer, threads=WRITER_THREADS.get(device.type, CUDA_WRITER_THREADS), done=pool.give,
-                           nice=WRITER_NICE.get(device.type, 0))
+    sink = ShardWriterPool(writer, threads=WRITER_THREADS.get(device.type, CUDA_WRITER_THREADS), done=pool.give)
     texts = _TextStage(text, records, batches, max_turns, background=TEXT_THREAD.get(device.type, True), device=device)
     buffers: dict[int, _ShardBuffer] = {}
     n_images = n_skipped = 0

@@ -10,11 +10,8 @@ Every step is idempotent, so a process killed at any moment is resumed by runnin
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import queue
-import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -379,17 +376,11 @@ class ShardWriterPool:
     """Writes whole shards (zarr compression, I/O, then the marker) in `threads` background threads, overlapped with the
     caller's work (extraction's forward, derive's reading of the next shard). Memory is bounded: at most `depth` full
     shards wait and `threads` are being written; `submit` blocks beyond that. The first error stops writing and is
-    raised in the calling thread by `submit` or `close`.
-
-    `nice` > 0 lowers the writer threads' scheduling priority (Linux: per thread; elsewhere ignored): on a CPU whose
-    cores the forward's thread team fills, a writer at normal priority preempts one member of the team in the middle
-    of a parallel region and the others wait for it; at a low one it runs when the team leaves a core free, and at
-    the latest when the queue is full and `submit` blocks (BENCHMARKS.md "Extraction")."""
+    raised in the calling thread by `submit` or `close`."""
 
     def __init__(self, writer: CacheWriter, depth: int = 2, threads: int = 1,
-                 done: Callable[[dict[str, np.ndarray]], None] | None = None, nice: int = 0):
+                 done: Callable[[dict[str, np.ndarray]], None] | None = None):
         self.writer, self.done = writer, done  # done(parts): a written shard's feature parts, free to be reused
-        self.nice = nice
         self.q: queue.Queue[ShardResult | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.written = 0
@@ -399,9 +390,6 @@ class ShardWriterPool:
             t.start()
 
     def _run(self) -> None:
-        if self.nice > 0 and sys.platform.startswith("linux"):  # setpriority on a thread id is Linux's per-thread nice
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
         while (res := self.q.get()) is not None:
             if self.error is None:
                 try:

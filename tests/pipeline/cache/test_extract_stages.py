@@ -1,16 +1,13 @@
 """Extraction's background stages: the text stage equals inline embedding bit for bit, the writer pool writes every
-shard at the priority it is given and surfaces the first error."""
+shard and surfaces the first error."""
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 
 import numpy as np
 import torch
 import pytest
-from layerfuse.pipeline.cache import extract as extract_mod
 from layerfuse.pipeline.cache.extract import CPU_BATCH_TOKENS, ExtractConfig, _TextStage
 from layerfuse.pipeline.cache.writer import ShardWriterPool
 from layerfuse.pipeline.data.synthetic import synthetic_plan
@@ -90,24 +87,6 @@ def test_writer_pool_writes_every_shard():
         sink.submit(k)  # type: ignore[arg-type]
     sink.close()
     assert sorted(fake.done) == list(range(10)) and sink.written == 10
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's setpriority on a thread id")
-def test_writer_pool_threads_run_at_the_given_nice_and_the_caller_keeps_its_own():
-    class _Niceness(_FakeWriter):
-        def write_shard(self, res) -> None:
-            super().write_shard(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-
-    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    for nice, expect in ((0, mine), (19, 19)):
-        fake = _Niceness()
-        sink = ShardWriterPool(fake, depth=1, threads=2, nice=nice)  # type: ignore[arg-type]
-        for k in range(4):
-            sink.submit(k)  # type: ignore[arg-type]
-        sink.close()
-        assert fake.done == [expect] * 4
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
-    assert extract_mod.WRITER_NICE == {"cpu": 19}  # extraction on a CPU: the lowest priority (BENCHMARKS.md "Extraction")
 
 
 def test_writer_pool_raises_the_first_error():
