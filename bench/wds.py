@@ -10,9 +10,9 @@ removed and the same command run again.
 
 Counting: every shard the plan pass or extraction opens is opened through `sources._open_headers` /
 `stream.open_stream`; the bench wraps both (DataLoader workers are forked, so they inherit the wrappers) with a file
-proxy that counts the bytes it hands to `tarfile`, and for local files also takes the process's `rchar` from
-/proc/self/io (bytes returned by read syscalls, pipe reads included) at open and at close: the bytes the OS was asked
-for, buffering included. Each process appends one line per opened shard to a log; the ratios below are their sums over
+proxy that counts the bytes it hands to `tarfile`, and also takes the opening thread's `rchar` from
+/proc/thread-self/io (bytes returned by its read syscalls, pipe reads included) at open and at close: the bytes the OS
+was asked for, buffering included (per thread, since planning reads several shards at once in threads). Each process appends one line per opened shard to a log; the ratios below are their sums over
 the total size of the input tars. Extraction's reads of planning's local copies of `pipe:` shards (the spool) are
 counted apart from its reads of the input.
 
@@ -55,14 +55,14 @@ transformers.utils.logging.set_verbosity_error()
 
 
 def _rchar() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
+    for line in Path("/proc/thread-self/io").read_text().splitlines():
         if line.startswith("rchar:"):
             return int(line.split()[1])
     return 0
 
 
 class _Counted:
-    """A file proxy that counts the bytes it hands out and logs them (and the process's rchar delta) on close."""
+    """A file proxy that counts the bytes it hands out and logs them (and its thread's rchar delta) on close."""
 
     def __init__(self, f: Any, url: str, phase: str, log: Path):
         self.f, self.url, self.phase, self.log = f, url, phase, log
@@ -187,10 +187,10 @@ def render(cmd: str, results: list[dict[str, Any]], resume: dict[str, Any], size
         f"record, mean {sizes['json']:.0f} B, and a 96x96 PNG, mean {sizes['png'] / 1024:.1f} KiB), and the same with the "
         f"PNGs re-encoded as 336x336 JPEGs (mean {sizes['jpg'] / 1024:.1f} KiB); embedded tiny CLIP at random weights, "
         "`ExtractConfig` defaults (2 DataLoader workers, batch 32). Bytes counted at the file objects the plan pass and the "
-        "extraction open (what `tarfile` was handed) and, in parentheses, as the processes' `rchar` (/proc/self/io) between "
-        "opening and closing each shard: bytes returned by read syscalls, so buffering counts. For `pipe:` shards `rchar` counts the pipe *and*, once "
-        "the `cat` child is reaped (Linux adds a reaped child's counters to its parent's), the command's own reads of the "
-        "file: about twice the bytes that crossed the pipe. For `memory://` it is ~0: nothing is read from the OS. Plan "
+        "extraction open (what `tarfile` was handed) and, in parentheses, as the reading thread's `rchar` "
+        "(/proc/thread-self/io) between opening and closing each shard: bytes returned by its read syscalls, so buffering "
+        "counts (per thread: planning reads several shards at once). For `pipe:` shards that is the pipe (the command's "
+        "own reads of the file are the `cat` child's). For `memory://` it is ~0: nothing is read from the OS. Plan "
         "pass reads: the read calls made on the shards' file objects; on an fsspec file opened without readahead (the plan "
         "by headers) each is one ranged request to the store, while a streamed fsspec shard is read with 8 MiB "
         "readahead, one request per 8 MiB.", "",
