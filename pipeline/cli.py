@@ -293,8 +293,9 @@ def data_synthetic(out_dir: str, n: int, seed: int, shard_size: int, quiet: bool
 @config_option(EXTRACT, "--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
 @config_option(EXTRACT, "--force", is_flag=True, help="Extract even when the target has less free space than the size estimate.")
 @config_option(EXTRACT, "--spool", metavar="auto|none|DIR",
-               help="Where planning copies the pipe: shards it streams, so extraction reads each command's output once "
-                    "(auto: OUT.spool beside a local --out; none: run the commands again). Removed when the cache is complete.")
+               help="Where planning copies the pipe: and remote shards it streams, so extraction reads the input once "
+                    "(auto: OUT.spool beside a local --out; none: no copy, commands run again and remote shards are read "
+                    "twice). Removed when the cache is complete.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(out: str | None, suffixes: tuple[str, ...], quiet: bool, **settings: Any) -> None:
     """Phase one: store every vision-encoder layer and the instruction embeddings in a zarr v3 cache.

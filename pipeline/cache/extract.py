@@ -47,7 +47,7 @@ from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_
 from layerfuse.pipeline.models.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, load_vision_encoder
 from layerfuse.pipeline.data import sources
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
-from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, ImageAccess, is_url, load_image, parse_url_schemes
+from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, ImageAccess, is_url, load_image, local_root, parse_url_schemes
 from layerfuse.pipeline.data.images import decode_image
 from layerfuse.pipeline.data.stream import is_pipe, read_members, spool_path
 from layerfuse.pipeline.data.synthetic import synthetic_plan
@@ -172,9 +172,10 @@ class ExtractConfig:
             raise ExtractError("--spool takes auto, none or a folder, not an empty value")
         if self.spool != "auto":
             return Path(self.spool)
-        if is_url(self.out) and not self.out.startswith("file://"):
+        out = local_root(self.out)  # a file:// (or local://) --out is a local folder
+        if is_url(out):
             return Path(self.run_dir) / "spool" / fingerprint({"out": self.out})
-        return Path(os.path.abspath(self.out.removeprefix("file://").rstrip("/")) + ".spool")
+        return Path(os.path.abspath(out.rstrip("/")) + ".spool")
 
     def vision_path(self) -> str:
         """Where the tower is loaded from: RUN_DIR/vision for the embedded default, else `vision` (id or folder)."""
@@ -196,7 +197,7 @@ class ExtractResult:
 def plan_source(spec: dict[str, Any], *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, spool_dir: Path | None = None,
                 progress: bool = False) -> Plan:
     """Turn a source spec into records (no image is decoded here; tar image members above `max_image_bytes` are
-    plan issues; `pipe:` shards are copied to `spool_dir`, `sources.plan_webdataset`)."""
+    plan issues; `pipe:` and remote shards are copied to `spool_dir`, `sources.plan_webdataset`)."""
     if spec["kind"] == "llava":
         return sources.plan_llava(spec["json"], spec["image_root"], split=spec["split"])
     if spec["kind"] == "webdataset":

@@ -762,7 +762,7 @@ def _plan_shard(shard: str, split: str, plan: Plan, max_image_bytes: int, spool_
     compressed = ("<shard>", "compressed tar shards are not supported (random access needs an uncompressed .tar)")
     # streamed whole: a command (it cannot seek), and a remote shard that is spooled (one sequential read at the store's
     # bandwidth instead of a ranged request per member header)
-    streamed = is_pipe(shard) or (spool_dir is not None and is_url(shard) and not shard.startswith("file://"))
+    streamed = is_pipe(shard) or (spool_dir is not None and is_url(local_root(shard)))
     try:
         f = open_stream(shard) if streamed else _open_headers(shard)
     except FileNotFoundError:

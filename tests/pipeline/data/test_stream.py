@@ -373,6 +373,9 @@ def test_extract_runs_each_pipe_command_once_and_resumes_from_the_spool(tmp_path
                                   FeatureCache(ref).features(list(range(11)), layers=[0, 3]).numpy())
     assert extract_config("s3://b/c", vision_dir, run_dir=str(tmp_path / "r")).spool_dir().parent == tmp_path / "r" / "spool"
     assert extract_config(str(out), vision_dir, spool=str(tmp_path / "x")).spool_dir() == tmp_path / "x"
+    assert extract_config(f"file://{out}", vision_dir).spool_dir() == spool_dir  # a file:// --out is a local folder
+    local = plan_webdataset(f"local://{shards[0]}", spool_dir=tmp_path / "local-spool")  # a local file: never copied
+    assert local.records and not (tmp_path / "local-spool").exists()
 
 
 def test_shards_planned_at_once_give_the_plan_of_one_at_a_time(tmp_path):
