@@ -9,7 +9,7 @@ whatever the image size. Then a resume: the markers of the output shards that ho
 removed and the same command run again.
 
 Counting: every shard the plan pass or extraction opens is opened through `sources._open_headers` /
-`stream.open_stream`; the bench wraps both (DataLoader workers are forked, so they inherit the wrappers) with a file
+`stream.open_stream` / `stream.open_local` (extraction's reads by offset of a local file); the bench wraps them (DataLoader workers are forked, so they inherit the wrappers) with a file
 proxy that counts the bytes it hands to `tarfile`, and also takes the opening thread's `rchar` from
 /proc/thread-self/io (bytes returned by its read syscalls, pipe reads included) at open and at close: the bytes the OS
 was asked for, buffering included (per thread, since planning reads several shards at once in threads). Each process appends one line per opened shard to a log; the ratios below are their sums over
@@ -91,8 +91,10 @@ class _Counted:
 
 
 def install_counters(log: Path) -> None:
-    """Wrap the two openers of WebDataset shards (planning and extraction) with `_Counted`."""
-    plan_open, plan_stream, read_open = sources._open_headers, sources.open_stream, stream.open_stream
+    """Wrap the openers of WebDataset shards (planning's, and extraction's of streams and of local files) with
+    `_Counted`."""
+    plan_open, plan_stream, read_open, read_local = (sources._open_headers, sources.open_stream, stream.open_stream,
+                                                     stream.open_local)
 
     def wrap(opener: Callable[[str], Any], phase: str) -> Callable[[str], Any]:
         # extraction opens a spool file (a local copy planning made) by its path in the OUT.spool folder
@@ -101,6 +103,7 @@ def install_counters(log: Path) -> None:
     sources._open_headers = wrap(plan_open, "plan")
     sources.open_stream = wrap(plan_stream, "plan")
     stream.open_stream = wrap(read_open, "extract")
+    stream.open_local = wrap(read_local, "extract")
 
 
 def read_log(log: Path) -> list[dict[str, Any]]:
@@ -195,7 +198,7 @@ def render(cmd: str, results: list[dict[str, Any]], resume: dict[str, Any], size
         "by headers) each is one ranged request to the store, while a streamed fsspec shard is read with 8 MiB "
         "readahead, one request per 8 MiB.", "",
         "| Input | Input size | Plan pass / input | Plan pass reads (calls) | Extraction from the input / input | Total read from the input / input "
-        "(goal <= 1.05) | Extraction from the spool / input (local copies) | Shards streamed | `run_extract` |",
+        "(goal <= 1.05) | Extraction from the spool / input (local copies) | Shards opened by extraction | `run_extract` |",
         "|---|---|---|---|---|---|---|---|---|", *rows, "",
         f"Resume ({resume['label']}): with the markers of the {resume['redo']} output shard(s) holding the last input "
         f"shard's rows removed, the rerun opens {re_['opened']} of {resume['shards']} input shards and reads "
@@ -209,15 +212,17 @@ def render(cmd: str, results: list[dict[str, Any]], resume: dict[str, Any], size
         "The plan pass reads every member header (512 bytes) and the .json/.txt members. It seeks past image data in "
         "local shards (read unbuffered). It streams `pipe:` shards (a command cannot seek) and remote fsspec shards (one "
         "sequential read instead of a ranged request per header and .json, which on a real store is latency-bound) "
-        "whole, copying what it streams to a spool file beside the cache (`--spool`, default auto: OUT.spool); "
-        "extraction streams that local copy instead of the input. With `--spool none` a command runs again, and an "
-        "fsspec shard is planned by ranged reads of its headers (cache_type \"none\") and streamed again. Extraction "
-        "streams each input shard once. So the total read from the input is 1 + (headers + records) / input for local "
-        f"shards (and unspooled fsspec ones), which meets the 1.05 goal for the 336-px JPEGs ({sizes['jpg_tar'] / 1024:.1f} "
-        f"KiB of tar per sample) and not for the 96-px PNGs ({sizes['png_tar'] / 1024:.1f} KiB of tar per sample, most "
-        "of it headers and the record); 1 for spooled `pipe:` and fsspec shards, whatever the sample size, at the cost "
-        "of local disk for the copies (the input's size, removed when the cache is complete); 2 for `pipe:` with "
-        "`--spool none`.",
+        "whole, copying what it streams to a spool file beside the cache (`--spool`, default auto: OUT.spool). "
+        "Extraction reads a local file (an input shard on disk, or a spool copy) by offset: each planned image's "
+        "512-byte header, checked, and its data, nothing else; it streams a shard that has no local copy (a command or "
+        "an fsspec URL under `--spool none`) once, front to back. With `--spool none` a command runs again, and an "
+        "fsspec shard is planned by ranged reads of its headers (cache_type \"none\") and streamed again. So the total "
+        "read from the input is about 1 for local shards (plan: headers and records; extraction: the images and their "
+        f"headers; the padding to 512-byte blocks is never read), for the 96-px PNGs ({sizes['png_tar'] / 1024:.1f} KiB of tar "
+        f"per sample, most of it headers and the record) as for the 336-px JPEGs ({sizes['jpg_tar'] / 1024:.1f} KiB); "
+        "1 for spooled `pipe:` and fsspec shards, whatever the sample size, at the cost of local disk for the copies "
+        "(the input's size, removed when the cache is complete); 1 + (headers + records) / input for unspooled fsspec "
+        "shards; 2 for `pipe:` with `--spool none`.",
     ])
 
 

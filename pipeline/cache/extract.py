@@ -270,8 +270,8 @@ def tar_batches(records: Sequence[SampleRecord], batches: Sequence[Sequence[int]
 
 
 class _StreamDataset(IterableDataset):
-    """WebDataset rows, each input shard that holds an image of them streamed once, front to back
-    (pipeline/data/stream.py), by one DataLoader worker (input shard i goes to worker i mod workers); yields the
+    """WebDataset rows, each input shard that holds an image of them read once, in offset order
+    (pipeline/data/stream.py: a local file or spool copy by offset, a stream front to back), by one DataLoader worker (input shard i goes to worker i mod workers); yields the
     `tar_batches` of that shard collated as `_collate`, a batch as soon as its last image has been read. Images are
     decoded and preprocessed under the same limits as `_ImageDataset`; never raises for a bad sample.
 

@@ -42,7 +42,7 @@ from layerfuse.core.atomic import commit, temp_path
 from layerfuse.core.errors import MissingError
 from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, is_url, local_root
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
-from layerfuse.pipeline.data.stream import ShardTape, SpoolError, is_pipe, open_stream, spool_path
+from layerfuse.pipeline.data.stream import ShardTape, SpoolError, is_pipe, open_local, open_stream, spool_path
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -748,8 +748,8 @@ def _open_headers(shard: str) -> BinaryIO:
     """A seekable shard opened to read its member headers and small text members without its other data: a local
     file unbuffered (every read fetches the bytes asked for, seeks skip member data), an fsspec file without readahead
     (cache_type "none": each header and each .json/.txt is one ranged read of its own bytes)."""
-    if not is_url(shard) or shard.startswith("file://"):
-        return open(local_root(shard), "rb", buffering=0)
+    if not is_url(local_root(shard)):
+        return open_local(local_root(shard))
     return fsspec.open(shard, "rb", cache_type="none").open()
 
 
@@ -884,8 +884,8 @@ def plan_webdataset(spec: str | list[str], *, split: str = "train", max_image_by
                     spool_dir: str | Path | None = None, threads: int = PLAN_THREADS, progress: bool = False) -> Plan:
     """Plan WebDataset tar shards: read member headers (not image data) and group them into samples.
 
-    Each sample's image is located by {"tar", "member", "offset", "size"}: extraction streams each shard once and
-    takes the member at that offset (pipeline/data/stream.py). Local and fsspec shards are read by their headers (and
+    Each sample's image is located by {"tar", "member", "offset", "size"}: extraction reads each shard once and takes
+    the member at that offset (pipeline/data/stream.py: a local file or spool copy by offset, a stream front to back). Local and fsspec shards are read by their headers (and
     the small .json/.txt members) only, seeking past image data; a `pipe:` shard cannot seek, so its whole stream is
     read here. With `spool_dir`, `pipe:` and remote (non-local fsspec) shards are streamed whole and copied to a local
     file there as they are read (`stream.spool_path`), which extraction reads instead of the input; without it a

@@ -1,7 +1,7 @@
-"""WebDataset shards read once, front to back (pipeline/data/stream.py): `read_members` takes the planned members out of
-the stream under the size cap; a `pipe:` shard is planned from its stream with the same records and issues as the same
-tar on disk; extraction streams each input shard once, opens none whose rows are all in finished output shards, and
-records the hostile corpus the same way for local, `pipe:` and fsspec shards."""
+"""WebDataset shards read once (pipeline/data/stream.py): `read_members` takes the planned members out of a stream, or
+out of a local file by offset, under the size cap; a `pipe:` shard is planned from its stream with the same records and
+issues as the same tar on disk; extraction reads each input shard once, opens none whose rows are all in finished
+output shards, and records the hostile corpus the same way for local, `pipe:` and fsspec shards."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from layerfuse.pipeline.data.images import decode_image
 from layerfuse.pipeline.data.records import SampleError, SampleRecord
 from layerfuse.pipeline.data.sources import expand_shards, plan_webdataset
 from layerfuse.core.errors import MissingError
+from layerfuse.pipeline.data import stream as stream_mod
 from layerfuse.pipeline.data.stream import ShardTape, SpoolError, read_members, spool_path
 from layerfuse.pipeline.models.encoder import load_vision_encoder
 
@@ -53,6 +54,50 @@ def test_read_members_yields_every_wanted_member_once(tmp_path):
     cut.write_bytes(data[: s1["offset"] + s1["size"] + 512] + b"\xab" * 4096)
     assert list(read_members(str(cut), {(s1["member"], s1["offset"]): 1}, max_bytes=1 << 20)) == [(1, images["s1"])]
     assert list(read_members(str(shard), {}, max_bytes=1)) == []
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_local_shard_is_read_by_offset_wanted_members_only(tmp_path, monkeypatch, fmt):
+    """A shard on a local disk is read by offset: each wanted member's 512-byte header and its data, nothing else
+    (the plan already read every header and the records), also for names that need a long-name record."""
+    members, images = _five_samples()
+    long_key = "d" * 60 + "/" + ("k" * 80 if fmt != tarfile.USTAR_FORMAT else "k" * 30)  # ustar: a prefix split
+    odd_key = "bild-\u00e4\u00f6" if fmt != tarfile.USTAR_FORMAT else "plain"
+    images[long_key], images[odd_key] = jpeg_noise(31), jpeg_noise(32)
+    members += [(f"{long_key}.jpg", images[long_key]), (f"{long_key}.txt", "a caption"),
+                (f"{odd_key}.jpg", images[odd_key]), (f"{odd_key}.txt", "another")]
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w", format=fmt) as tar:
+        for name, data in members:
+            data = data if isinstance(data, bytes) else data.encode()
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    plan = plan_webdataset(str(shard))
+    assert not plan.issues and len(plan.records) == 7
+    reads: list[int] = []
+    real = stream_mod.open_local
+
+    class Counted(io.RawIOBase):
+        def __init__(self, path: str):
+            self.f = real(path)
+
+        def seek(self, *a):
+            return self.f.seek(*a)
+
+        def read(self, n: int = -1) -> bytes:
+            data = self.f.read(n)
+            reads.append(len(data))
+            return data
+
+        def close(self) -> None:
+            self.f.close()
+
+    monkeypatch.setattr(stream_mod, "open_local", Counted)
+    got = dict(read_members(str(shard), _wanted(plan), max_bytes=1 << 20))
+    assert got == {f"s.tar/{k}": v for k, v in images.items()}
+    assert sum(reads) == sum(512 + len(v) for v in images.values())  # headers and images, no record, no other header
+    assert dict(read_members(f"pipe:cat {shard}", _wanted(plan), max_bytes=1 << 20)) == got  # what a stream reads
 
 
 def test_read_members_refuses_what_changed_since_planning(tmp_path):
@@ -217,6 +262,7 @@ def test_pipe_shard_plans_like_the_file(tmp_path, name):
     if streamed.records:  # what extraction reads from the stream is what the file holds at the planned offsets
         got = dict(read_members(url, _wanted(streamed), max_bytes=1 << 20))
         assert got == {r.id: read_image_bytes(r) for r in on_disk.records if r.has_image}
+        assert dict(read_members(str(shard), _wanted(on_disk), max_bytes=1 << 20)) == got  # the file, by offset
         with pytest.raises(SampleError, match="can only be streamed"):
             read_image_bytes(next(r for r in streamed.records if r.has_image))
 
