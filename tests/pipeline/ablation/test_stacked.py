@@ -64,7 +64,8 @@ def test_the_planner_stacks_one_architecture_across_seeds_and_layer_sets(train_c
 
 def test_a_stacked_variant_trains_as_it_does_alone(train_cache):
     """Seeds (own batches) and layer sets (own slices) in one stack, concat and igva (allocator: attention blocks):
-    after 12 steps the weights agree to 1e-5, the losses to 1e-5, and the evaluation's answers are the same."""
+    after 12 steps the weights agree to 1e-5 (attention key biases aside: no gradient, see below), the losses to 1e-5,
+    and the evaluation's answers are the same."""
     cache = FeatureCache(train_cache)
     qs = question_set(cache, CATEGORIES)
     s = _spec(train_cache, fusers=["concat", "igva"], layers=["3-18-23", "4,12,20"], seeds=[0, 1], steps=12)
@@ -74,7 +75,13 @@ def test_a_stacked_variant_trains_as_it_does_alone(train_cache):
         _, alone = _run(cache, s, qs, False, 12, ids=[vid])
         a, b = m.model.state_dict(), alone[vid].model.state_dict()
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=f"{vid} {k}")
+            x, y = a[k], b[k]
+            if k.endswith("attn.in_proj_bias"):
+                # the key bias adds the same logit to every key of a query, so its gradient is zero in exact arithmetic:
+                # Adam turns the rounding noise into steps of about lr, and its value is noise by construction (here up
+                # to 1e-5 against 4e-8 for the query and value biases); it changes no output (losses and answers below)
+                x, y = x.view(3, -1)[[0, 2]], y.view(3, -1)[[0, 2]]
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-5, msg=f"{vid} {k}")
         assert m.stats.losses == pytest.approx(alone[vid].stats.losses, abs=1e-5)
         assert np.array_equal(m.eval_outputs()[0], alone[vid].eval_outputs()[0])
         assert m.stats.steps == 12 and m.stats.samples == 12 * 8
