@@ -178,7 +178,12 @@ def breakdown(r: dict, repeats: int, fixed_cost: bool) -> dict:
     cache = FeatureCache(r["cache"])
     max_turns = int(cache.meta["text"]["max_turns"])
     convs = [rec.conversations for rec in records[:m]]
-    embed = median_time(lambda: [text.embed(convs[s : s + bs], [True] * len(convs[s : s + bs]), max_turns) for s in range(0, m, bs)], repeats) / m
+    def shard_text() -> None:  # as `_TextStage`: the shard's distinct instructions at once, then each batch from that table
+        table = text.embed_texts(t for c in convs for t in text.turns(c, max_turns))
+        for s in range(0, m, bs):
+            text.embed(convs[s : s + bs], [True] * len(convs[s : s + bs]), max_turns, table)
+
+    embed = median_time(shard_text, repeats) / m
     turns, num = cache.text_embeddings(slice(0, m), per_turn=True)
     res = ShardResult(0, 0, m, cache.features(slice(0, m)).numpy(), turns.numpy(), cache.text_embeddings(slice(0, m)).numpy(),
                       num.numpy().astype(np.int16), np.ones(m, np.uint8), np.full((m, 2), 96, np.int32))
@@ -188,7 +193,7 @@ def breakdown(r: dict, repeats: int, fixed_cost: bool) -> dict:
         "decode + preprocess (DataLoader workers)": decode,
         "encoder forward (main thread)": r["fwd_s"] / r["n"],
         "hidden states -> shard buffer, fp16, `encode_into` (main thread)": cast,
-        f"text embedding, `InstructionEmbedder.embed`, per forward batch ({TEXT_WHERE})": embed,
+        f"text embedding, once per distinct instruction of an output shard ({TEXT_WHERE})": embed,
         "zarr shard write incl. marker CRCs (writer threads)": write,
     }
     per_img, load = r["pipe_s"] / r["n"], r["load_s"] / r["n"]
@@ -295,13 +300,13 @@ def render(cmd: str, pipes: list[dict], reads: list[dict]) -> str:
     cores = os.cpu_count()
     text = [
         "Design: the DataLoader workers decode and preprocess; the main thread runs the forward and one converting copy per "
-        f"batch from the device straight into the rows of a recycled shard buffer (pinned on CUDA); the instruction embeddings "
-        f"of each batch are computed in the {TEXT_WHERE} (the same per-batch `embed` calls as "
-        "before, so the same bits); full output shards go through a bounded queue (2 shards) to a pool of writer threads (1 on a CPU "
+        f"batch from the device straight into the rows of a recycled shard buffer (pinned on CUDA); the instructions of each "
+        f"output shard are embedded once per distinct text in the {TEXT_WHERE}, and each batch takes its rows from that "
+        "table (the same bits on every run and resume); full output shards go through a bounded queue (2 shards) to a pool of writer threads (1 on a CPU "
         "device, more on an accelerator) that compress, write and mark them.",
         f"The tiny default reaches {ratio(tiny):.2f} of forward-only speed (pairs {pairs(tiny)}). Its forward takes {ms(fwd_t)}/image, and "
         f"the instruction embedding alone {ms(text_t)}/image ({text_t / fwd_t:.2f}x the forward"
-        + (": all-MiniLM-L6-v2 over a batch's distinct instructions is not much cheaper than this tiny tower" if text_t > 0.3 * fwd_t else "")
+        + (": all-MiniLM-L6-v2 over a shard's distinct instructions is not much cheaper than this tiny tower" if text_t > 0.3 * fwd_t else "")
         + f"); the pipeline spends {tiny['cpu'][1] / tiny['cpu'][0]:.1f}x the CPU "
         f"seconds of the forward alone, and {statistics.median(steady(tiny)):.2f} of it in the steady state. On {cores} cores the "
         "forward already keeps every core busy, so no stage can run beside it for free: "

@@ -374,35 +374,50 @@ TEXT_THREAD = {"cpu": True}  # whether the text stage has its own thread, by dev
 class _TextStage:
     """The instruction embeddings of each extraction batch, computed ahead of the image path in a thread.
 
-    Each batch is embedded by one `InstructionEmbedder.embed` call over exactly its rows, as inline embedding does, so
-    the stored values are the same bit for bit (the sentence model's output depends on which texts share a padded
-    batch; deduplication is per batch, fixed by the cache layout). The thread assumes every image of a batch decodes;
-    `get` embeds a batch again in the calling thread when one did not, and for every batch once the loader's batches
-    leave the planned order (streamed sources: any order is correct, the planned one is fast). At most `ahead`
-    computed batches wait. The thread uses the creating thread's number of torch intra-op threads: on a CPU the
-    sentence model's values depend on it.
+    The instructions of one output shard are embedded together, once per distinct text (`InstructionEmbedder.
+    embed_texts` over the turns of the shard's image rows, all of them, by the plan), and each batch takes its rows'
+    vectors from that table. A shard's table depends only on the plan and the layout, so every run, every resume (a
+    shard is redone whole), every rank and inline embedding store the same bits (the sentence model's output depends on
+    which texts share a padded batch). Templated data repeats its instructions across batches: the built-in data has 65
+    distinct instructions in a 256-row shard against 163 over its 32-row batches, and LLaVA-Pretrain's captions use a
+    handful of prompts. The thread assumes every image of a batch decodes; `get` builds a batch again in the calling
+    thread when one did not, and for every batch once the loader's batches leave the planned order (streamed sources:
+    any order is correct, the planned one is fast), from the same shard tables. At most `ahead` computed batches wait.
+    On a CPU the sentence model runs with one intra-op thread wherever it is called (`text.TEXT_CPU_THREADS`).
     """
 
     def __init__(self, text: InstructionEmbedder, records: Sequence[SampleRecord], batches: Sequence[Sequence[int]], max_turns: int,
-                 *, background: bool = True, ahead: int = TEXT_AHEAD, device: torch.device | None = None):
-        self.text, self.records, self.max_turns = text, records, max_turns
+                 shard_samples: int, *, background: bool = True, ahead: int = TEXT_AHEAD, device: torch.device | None = None):
+        self.text, self.records, self.max_turns, self.shard_samples = text, records, max_turns, shard_samples
         self.planned = [tuple(b) for b in batches]
         self.next = 0  # the planned batch `get` expects
         self.q: queue.Queue[Any] = queue.Queue(maxsize=max(1, ahead))
         self.stop = threading.Event()
         if not background:
             self.stop.set()  # inline: `get` embeds every batch
-        self.torch_threads = torch.get_num_threads()  # a new thread would start from the process default
         self.stream = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None  # beside the forward's
+        self.tables: dict[threading.Thread, tuple[int, dict[str, np.ndarray]]] = {}  # per thread: its last shard's table
         self.thread = threading.Thread(target=self._run, name="layerfuse-text", daemon=True)
         if background:
             self.thread.start()
 
+    def _table(self, shard: int) -> dict[str, np.ndarray]:
+        """The embedding of each distinct instruction of output shard `shard`'s image rows (kept for the next call)."""
+        me = threading.current_thread()
+        if (kept := self.tables.get(me)) is not None and kept[0] == shard:
+            return kept[1]
+        start, stop = shard * self.shard_samples, min(len(self.records), (shard + 1) * self.shard_samples)
+        table = self.text.embed_texts(t for r in range(start, stop) if self.records[r].has_image
+                                      for t in self.text.turns(self.records[r].conversations, self.max_turns))
+        self.tables[me] = (shard, table)
+        return table
+
     def _embed(self, rows: Sequence[int], has_image: Sequence[bool]) -> TextBatch:
-        return self.text.embed([self.records[r].conversations for r in rows], list(has_image), self.max_turns)  # [B, M, d], [B], [B, d]
+        """Rows of one output shard (a batch never straddles one) -> [B, M, d], [B], [B, d]."""
+        table = self._table(rows[0] // self.shard_samples) if rows else {}
+        return self.text.embed([self.records[r].conversations for r in rows], list(has_image), self.max_turns, table)
 
     def _run(self) -> None:
-        torch.set_num_threads(self.torch_threads)  # this thread's OpenMP team only
         try:
             with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
                 for rows in self.planned:
@@ -775,7 +790,8 @@ def _process(
     loaded = iter(loader)
     pool = _FeaturePool(storer.encoding, feat_shape, pin=device.type == "cuda")
     sink = ShardWriterPool(writer, threads=WRITER_THREADS.get(device.type, CUDA_WRITER_THREADS), done=pool.give)
-    texts = _TextStage(text, records, batches, max_turns, background=TEXT_THREAD.get(device.type, True), device=device)
+    texts = _TextStage(text, records, batches, max_turns, writer.shard_samples, background=TEXT_THREAD.get(device.type, True),
+                       device=device)
     buffers: dict[int, _ShardBuffer] = {}
     n_images = n_skipped = 0
     bar = tqdm(

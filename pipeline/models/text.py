@@ -8,12 +8,14 @@ embedding: zeros with `num_turns = 0`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from layerfuse.core.hub import CheckpointError, load_pretrained
 
@@ -34,6 +36,25 @@ DEFAULT_SUFFIXES: tuple[str, ...] = (
 )
 
 _IMAGE_TOKEN = re.compile(r"<image>")
+
+# Intra-op threads of the sentence model on a CPU. Its values depend on the count (a matmul's reduction is split
+# differently), so it is fixed rather than the process's: torchrun's ranks (OMP_NUM_THREADS=1) and a single process
+# (all cores) then store the same bits. One thread is also the cheapest per CPU-second beside the encoder's forward.
+TEXT_CPU_THREADS = 1
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count of the calling thread set to n for the block, then restored."""
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_text_model(name: str) -> str:
@@ -110,7 +131,29 @@ class InstructionEmbedder:
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dim())
 
-    def embed(self, conversations: Sequence[Sequence[dict[str, str]]], has_image: Sequence[bool], max_turns: int) -> TextBatch:
+    def turns(self, conversation: Sequence[dict[str, str]], max_turns: int) -> list[str]:
+        """The cleaned human turns of one conversation that are embedded (at most `max_turns`)."""
+        return human_turns(conversation, self.suffixes)[:max_turns]
+
+    def embed_texts(self, texts: Iterable[str]) -> dict[str, np.ndarray]:
+        """Each distinct text's embedding [d] float32, from one encode call over the sorted distinct texts.
+
+        The values depend on that set (texts share padded batches), so a caller that needs the same bits on every run
+        fixes the set: extraction embeds one output shard's instructions at a time. On a CPU they would also depend on
+        torch's intra-op thread count, so the model runs with `TEXT_CPU_THREADS` whatever the caller's count (restored
+        after): one process, each torchrun rank and any machine store the same bits. Identical instructions
+        (templated questions, caption prompts) are embedded once."""
+        unique = sorted(set(texts))
+        if not unique:
+            return {}
+        with _intra_op_threads(TEXT_CPU_THREADS) if self.model.device.type == "cpu" else contextlib.nullcontext():
+            emb = self.model.encode(unique, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
+        return dict(zip(unique, emb.astype(np.float32)))
+
+    def embed(self, conversations: Sequence[Sequence[dict[str, str]]], has_image: Sequence[bool], max_turns: int,
+              table: Mapping[str, np.ndarray] | None = None) -> TextBatch:
+        """The embeddings of a batch of samples (text-only samples marked empty). `table` (`embed_texts` of a superset
+        of the batch's turns) gives each turn's vector; without it the batch's own distinct turns are embedded."""
         n = len(conversations)
         turns = np.zeros((n, max_turns, self.dim), np.float32)
         num = np.zeros((n,), np.int16)
@@ -120,19 +163,16 @@ class InstructionEmbedder:
         for i, (conv, img) in enumerate(zip(conversations, has_image)):
             if not img:
                 continue
-            for j, t in enumerate(human_turns(conv, self.suffixes)[:max_turns]):
+            for j, t in enumerate(self.turns(conv, max_turns)):
                 texts.append(t)
                 owners.append((i, j))
         if texts:
-            # identical instructions (templated questions, caption prompts) are embedded once per batch; batches
-            # are fixed by the cache layout, so this stays deterministic across resumes and ranks
-            unique = sorted(set(texts))
-            emb = self.model.encode(
-                unique, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
-            ).astype(np.float32)
-            index = {t: k for k, t in enumerate(unique)}
+            vectors = self.embed_texts(texts) if table is None else table
+            missing = sorted(set(texts) - set(vectors))
+            if missing:
+                raise ValueError(f"the embedding table lacks {len(missing)} of the batch's instructions, e.g. {missing[0]!r}")
             for (i, j), t in zip(owners, texts):
-                turns[i, j] = emb[index[t]]
+                turns[i, j] = vectors[t]
                 num[i] = j + 1
             for i in range(n):
                 if num[i]:

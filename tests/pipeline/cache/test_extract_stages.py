@@ -1,4 +1,5 @@
-"""Extraction's background stages: the text stage equals inline embedding bit for bit, the writer pool writes every
+"""Extraction's background stages: the text stage embeds each output shard's instructions once, the same bits in its
+thread, inline and on resume; the writer pool writes every
 shard and surfaces the first error."""
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import pytest
 from layerfuse.pipeline.cache.extract import CPU_BATCH_TOKENS, ExtractConfig, _TextStage
 from layerfuse.pipeline.cache.writer import ShardWriterPool
 from layerfuse.pipeline.data.synthetic import synthetic_plan
-from layerfuse.pipeline.models.text import TextBatch, max_human_turns
+from layerfuse.pipeline.models.text import TEXT_CPU_THREADS, TextBatch, max_human_turns
 
 RECORDS = synthetic_plan(24, 3).records
+SHARD = 10  # output shard rows: batches of 5 never straddle one
 BATCHES = [list(range(s, min(24, s + 5))) for s in range(0, 24, 5)]  # 5 batches, the last one short
 MAX_TURNS = max_human_turns([r.conversations for r in RECORDS])
 
@@ -24,30 +26,52 @@ def assert_same(a: TextBatch, b: TextBatch) -> None:
         assert x.dtype == y.dtype and np.array_equal(x, y), f"{name} differs"
 
 
-def inline(embedder, rows, flags) -> TextBatch:
-    return embedder.embed([RECORDS[r].conversations for r in rows], flags, MAX_TURNS)
+def whole_shard(embedder, rows, flags) -> TextBatch:
+    """`rows`' embeddings taken from their output shard embedded as one batch (its planned image flags), with the rows
+    whose image did not decode (`flags` False) marked empty."""
+    k = rows[0] // SHARD
+    shard = list(range(k * SHARD, min(len(RECORDS), (k + 1) * SHARD)))
+    full = embedder.embed([RECORDS[r].conversations for r in shard], [RECORDS[r].has_image for r in shard], MAX_TURNS)
+    pick = [shard.index(r) for r in rows]
+    keep = np.asarray(flags)
+    return TextBatch(full.turns[pick] * keep[:, None, None], (full.num_turns[pick] * keep).astype(np.int16),
+                     full.mean[pick] * keep[:, None])
 
 
 @pytest.mark.parametrize("background", [True, False])
-def test_text_stage_equals_inline_embedding(embedder, background):
-    stage = _TextStage(embedder, RECORDS, BATCHES, MAX_TURNS, background=background, ahead=2)
+def test_text_stage_embeds_each_output_shard_once(embedder, background):
+    """Every batch's embeddings are its rows' out of their output shard's instructions embedded together, in the
+    thread and inline alike, also when an image did not decode."""
+    stage = _TextStage(embedder, RECORDS, BATCHES, MAX_TURNS, SHARD, background=background, ahead=2)
     try:
         for i, rows in enumerate(BATCHES):
             flags = [RECORDS[r].has_image for r in rows]
             if i == 2:
-                flags[1] = False  # an image that did not decode: that batch is embedded again with the real flags
-            assert_same(stage.get(rows, flags), inline(embedder, rows, flags))
+                flags[1] = False  # an image that did not decode: that batch is built again with the real flags
+            assert_same(stage.get(rows, flags), whole_shard(embedder, rows, flags))
     finally:
         stage.close()
     assert not stage.thread.is_alive()
 
 
+def test_text_stage_same_bits_on_resume(embedder):
+    """A resumed run (only the batches of the shards still to do) stores the bits an uninterrupted run stores."""
+    full = _TextStage(embedder, RECORDS, BATCHES, MAX_TURNS, SHARD)
+    later = _TextStage(embedder, RECORDS, BATCHES[2:], MAX_TURNS, SHARD)
+    try:
+        got = {tuple(rows): full.get(rows, [RECORDS[r].has_image for r in rows]) for rows in BATCHES}
+        for rows in BATCHES[2:]:
+            assert_same(later.get(rows, [RECORDS[r].has_image for r in rows]), got[tuple(rows)])
+    finally:
+        full.close(), later.close()
+
+
 def test_text_stage_any_batch_order(embedder):
-    stage = _TextStage(embedder, RECORDS, BATCHES, MAX_TURNS, ahead=1)
+    stage = _TextStage(embedder, RECORDS, BATCHES, MAX_TURNS, SHARD, ahead=1)
     try:
         for rows in [BATCHES[0], BATCHES[3], BATCHES[1], list(reversed(BATCHES[2]))]:  # a streamed source's order
             flags = [RECORDS[r].has_image for r in rows]
-            assert_same(stage.get(rows, flags), inline(embedder, rows, flags))
+            assert_same(stage.get(rows, flags), whole_shard(embedder, rows, flags))
     finally:
         stage.close()
     assert not stage.thread.is_alive()
@@ -56,12 +80,15 @@ def test_text_stage_any_batch_order(embedder):
 class _FailingEmbedder:
     dim = 4
 
-    def embed(self, conversations, has_image, max_turns):
+    def turns(self, conversation, max_turns):
+        return ["a question"]
+
+    def embed_texts(self, texts):
         raise RuntimeError("sentence model failed")
 
 
 def test_text_stage_error_is_raised_by_get():
-    stage = _TextStage(_FailingEmbedder(), RECORDS, BATCHES, MAX_TURNS)
+    stage = _TextStage(_FailingEmbedder(), RECORDS, BATCHES, MAX_TURNS, SHARD)
     try:
         with pytest.raises(RuntimeError, match="sentence model failed"):
             stage.get(BATCHES[0], [True] * len(BATCHES[0]))
@@ -100,22 +127,22 @@ def test_writer_pool_raises_the_first_error():
             sink.close()
 
 
-def test_text_stage_thread_uses_the_callers_torch_threads(embedder):
-    """On a CPU the sentence model's bits depend on torch's intra-op thread count: the stage's thread copies the caller's."""
-    import torch
-
+def test_text_embeddings_do_not_depend_on_the_callers_threads(embedder):
+    """On a CPU the sentence model's bits can depend on torch's intra-op thread count (torchrun's ranks run with one,
+    a single process with all cores: tests/pipeline/training/test_resume_distributed.py failed on text/turns without
+    this rule): it runs with `TEXT_CPU_THREADS` whatever the caller's count, which is restored after."""
+    texts = [t for r in RECORDS for t in embedder.turns(r.conversations, MAX_TURNS)]
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        stage = _TextStage(embedder, RECORDS, BATCHES, MAX_TURNS)
-        try:
-            rows = BATCHES[0]
-            flags = [RECORDS[r].has_image for r in rows]
-            assert_same(stage.get(rows, flags), inline(embedder, rows, flags))
-        finally:
-            stage.close()
+        got = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got.append(embedder.embed_texts(texts))
+            assert torch.get_num_threads() == n
     finally:
         torch.set_num_threads(before)
+    assert all(got[0].keys() == g.keys() and all(np.array_equal(got[0][t], g[t]) for t in g) for g in got[1:])
+    assert TEXT_CPU_THREADS == 1
 
 
 def test_images_per_forward_default_by_device_and_tokens():
