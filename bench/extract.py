@@ -183,7 +183,15 @@ def breakdown(r: dict, repeats: int, fixed_cost: bool) -> dict:
         for s in range(0, m, bs):
             text.embed(convs[s : s + bs], [True] * len(convs[s : s + bs]), max_turns, table)
 
+    def batch_text_before() -> None:  # before commit dc29553: each batch's distinct instructions, the caller's threads
+        for s in range(0, m, bs):
+            texts = sorted({t for c in convs[s : s + bs] for t in text.turns(c, max_turns)})
+            text.model.encode(texts, batch_size=text.batch_size, convert_to_numpy=True, show_progress_bar=False)
+
     embed = median_time(shard_text, repeats) / m
+    embed_before = median_time(batch_text_before, repeats) / m
+    distinct = (len({t for c in convs for t in text.turns(c, max_turns)}),
+                sum(len({t for c in convs[s : s + bs] for t in text.turns(c, max_turns)}) for s in range(0, m, bs)))
     turns, num = cache.text_embeddings(slice(0, m), per_turn=True)
     res = ShardResult(0, 0, m, cache.features(slice(0, m)).numpy(), turns.numpy(), cache.text_embeddings(slice(0, m)).numpy(),
                       num.numpy().astype(np.int16), np.ones(m, np.uint8), np.full((m, 2), 96, np.int32))
@@ -197,7 +205,8 @@ def breakdown(r: dict, repeats: int, fixed_cost: bool) -> dict:
         "zarr shard write incl. marker CRCs (writer threads)": write,
     }
     per_img, load = r["pipe_s"] / r["n"], r["load_s"] / r["n"]
-    out = {"stages": stages, "per_img": per_img, "load": load, "rest": per_img - sum(stages.values()) - load, "rows": m}
+    out = {"stages": stages, "per_img": per_img, "load": load, "rest": per_img - sum(stages.values()) - load, "rows": m,
+           "text_before": embed_before, "distinct": distinct}
     if fixed_cost:
         out["fixed_s"] = statistics.median(timed_extract(Path(f"{r['cache']}-one-{i}"), bs, DEFAULT_VISION, r["run_dir"]) for i in range(repeats))
     return out
@@ -317,6 +326,12 @@ def render(cmd: str, pipes: list[dict], reads: list[dict]) -> str:
            f"{(sum_t - text_t - fwd_t) / fwd_t:.0%} of its forward, so 0.9 needs cores the forward does not use (on a GPU, every "
            "host core), and no change of the pipeline reaches it on this CPU." if fwd_t / sum_t < 0.9 else "."),
     ]
+    text.append("Text stage, before / after embedding per output shard (commit dc29553), each timed alone over one shard: "
+                + "; ".join(f"{p['short']} {ms(p['bd']['text_before'])} / {ms(stage(p, 'text'))} per image "
+                            f"({p['bd']['text_before'] / stage(p, 'text'):.1f}x; {p['bd']['distinct'][1]} distinct instructions "
+                            f"summed over the {p['bd']['rows']}-row shard's batches against {p['bd']['distinct'][0]} in the shard)"
+                            for p in pipes)
+                + " (before: each batch's distinct instructions with the caller's 2 threads; after: the shard's with one thread).")
     for p in big:
         (w1, m1), (w2, m2) = others(p)[:2]
         last = p["n"] - (p["n"] - 1) // p["shard"] * p["shard"]

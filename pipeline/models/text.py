@@ -37,9 +37,10 @@ DEFAULT_SUFFIXES: tuple[str, ...] = (
 
 _IMAGE_TOKEN = re.compile(r"<image>")
 
-# Intra-op threads of the sentence model on a CPU. Its values depend on the count (a matmul's reduction is split
-# differently), so it is fixed rather than the process's: torchrun's ranks (OMP_NUM_THREADS=1) and a single process
-# (all cores) then store the same bits. One thread is also the cheapest per CPU-second beside the encoder's forward.
+# Intra-op threads of the sentence model on a CPU, fixed rather than the process's: its values can depend on the count
+# (torchrun's ranks, started with OMP_NUM_THREADS=1, and a single process on 2 cores stored different text/turns bits
+# until it was fixed), and with it fixed they store the same bits. One thread also costs the least CPU time per text
+# beside the encoder's forward, which has the other threads.
 TEXT_CPU_THREADS = 1
 
 
