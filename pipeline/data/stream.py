@@ -154,6 +154,23 @@ def _names_match(header_name: str, member: str) -> bool:
     return not member.isascii() or len(member.encode()) > 100
 
 
+def _unopened(url: str, e: Exception) -> SampleError:
+    """Why a shard's members cannot be read: it could not be opened."""
+    if isinstance(e, FileNotFoundError):
+        return SampleError(f"shard not found: {url}")
+    return SampleError(f"cannot open shard {url}: {type(e).__name__}: {e}")
+
+
+def _refusal(ti: tarfile.TarInfo, member: str, url: str, max_bytes: int) -> SampleError | None:
+    """Why a planned member's header (read again at extraction) refuses it, or None: it must still be a regular file,
+    and within the size cap before any of its data is read."""
+    if not ti.isreg():
+        return SampleError(f"tar member {member} is no longer a regular file: {url}")
+    if ti.size > max_bytes:
+        return SampleError(f"tar member {member} is {ti.size} bytes, over the limit of {max_bytes} (--max-image-bytes): {url}")
+    return None
+
+
 def open_local(path: str) -> BinaryIO:
     """A shard on a local disk opened for reads by offset: unbuffered, so every read fetches the bytes asked for and a
     seek skips what is not wanted."""
@@ -167,13 +184,9 @@ def _read_local_members(path: str, url: str, left: dict[tuple[str, int], Any],
     plan read (every header, the records) is not read again, and images are read once."""
     try:
         f = open_local(path)
-    except FileNotFoundError:
+    except Exception as e:  # noqa: BLE001 - reported per member
         for tag in left.values():
-            yield tag, SampleError(f"shard not found: {url}")
-        return
-    except OSError as e:
-        for tag in left.values():
-            yield tag, SampleError(f"cannot open shard {url}: {type(e).__name__}: {e}")
+            yield tag, _unopened(url, e)
         return
     failure: str | None = None  # why the members behind the current one cannot be read
     try:
@@ -192,12 +205,8 @@ def _read_local_members(path: str, url: str, left: dict[tuple[str, int], Any],
                     yield tag, SampleError(f"tar member {member} not found at byte {offset} of {url}: "
                                            "the shard changed since planning")
                     continue
-                if not ti.isreg():
-                    yield tag, SampleError(f"tar member {member} is no longer a regular file: {url}")
-                    continue
-                if ti.size > max_bytes:
-                    yield tag, SampleError(f"tar member {member} is {ti.size} bytes, over the limit of {max_bytes} "
-                                           f"(--max-image-bytes): {url}")
+                if (refused := _refusal(ti, member, url, max_bytes)) is not None:
+                    yield tag, refused
                     continue
                 pieces: list[bytes] = []
                 got = 0
@@ -243,13 +252,9 @@ def read_members(url: str, wanted: Mapping[tuple[str, int], Any], max_bytes: int
         return
     try:
         f = open_stream(source)
-    except FileNotFoundError:
-        for tag in left.values():
-            yield tag, SampleError(f"shard not found: {url}")
-        return
     except Exception as e:  # noqa: BLE001 - openers raise many types (OSError, ValueError from gopen, back ends)
         for tag in left.values():
-            yield tag, SampleError(f"cannot open shard {url}: {type(e).__name__}: {e}")
+            yield tag, _unopened(url, e)
         return
     failure: str | None = None  # why the stream ended before every wanted member was read
     try:
@@ -262,12 +267,8 @@ def read_members(url: str, wanted: Mapping[tuple[str, int], Any], max_bytes: int
             tag = left.pop((ti.name, ti.offset_data), None)
             if tag is None:
                 continue
-            if not ti.isreg():
-                yield tag, SampleError(f"tar member {ti.name} is no longer a regular file: {url}")
-                continue
-            if ti.size > max_bytes:
-                yield tag, SampleError(f"tar member {ti.name} is {ti.size} bytes, over the limit of {max_bytes} "
-                                       f"(--max-image-bytes): {url}")
+            if (refused := _refusal(ti, ti.name, url, max_bytes)) is not None:
+                yield tag, refused
                 continue
             try:
                 data = _read_capped(tar, ti, max_bytes)
