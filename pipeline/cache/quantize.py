@@ -3,8 +3,9 @@
 A block is `x` [B, K, T, D] float (B samples, K stored hidden states, T tokens, D channels), as the vision tower
 returns it. A scheme turns a block into named *parts*, the arrays a cache would store per sample, and back; a
 calibrated scheme also holds a *state*, stored once per cache. Pure torch: every function runs on the device the
-block is on (the extraction device), in float32 internally, and never mixes samples, so quantising a batch equals
-quantising its samples one by one.
+block is on (the extraction device), in float32 internally, and never mixes samples or layers, so quantising a batch
+equals quantising its samples one by one, and `layer(k)` quantises layer k alone as the whole block would (encoding
+goes layer by layer: float32 temporaries of one layer, [B, 1, T, D], not of the whole block).
 
 | scheme | parts per block | state (stored once) |
 |---|---|---|
@@ -17,7 +18,8 @@ quantising its samples one by one.
 int8 is symmetric (-127..127, round half to even). Per-token scales are the token's absmax over channels / 127
 (/ 448 for fp8), rounded *up* to float16 so that no value exceeds the range. All-zero tokens (rows of text-only
 samples) get scale 0 and come back as exact zeros. `channel` clips values beyond the calibration range; `fp8`
-saturates at +-448 (float8_e4m3fn has no infinity). `clipped(x)` tells which values a scheme clips.
+saturates at +-448 (float8_e4m3fn has no infinity). `clipped(x)` tells which values a scheme clips, and
+`clip_counts(x, parts)` counts them per layer (the int8 token schemes without a pass over x where nothing can clip).
 
 `ErrorStats` accumulates, per stored layer, the relative RMS error, the largest absolute error, the mean per-token
 cosine similarity and the clip rate (what a cache records per layer); `layer_errors` is the one-block form.
@@ -56,6 +58,19 @@ def _check_block(x: Tensor, scheme: str) -> Tensor:
     return x
 
 
+def _float_copy(x: Tensor, scheme: str) -> Tensor:
+    """x [B, K, T, D] floating -> a float32 copy of it, the caller's to change in place (finiteness is checked later,
+    on the token absmax: a nan or inf anywhere in a token makes its absmax non-finite)."""
+    if x.ndim != 4 or not x.is_floating_point():
+        raise QuantizeError(f"{scheme}: expected a float block [B, K, T, D], got {tuple(x.shape)} {x.dtype}")
+    return x.to(torch.float32, copy=True)
+
+
+def _check_finite(absmax: Tensor, scheme: str) -> None:
+    if not bool(torch.isfinite(absmax).all()):
+        raise QuantizeError(f"{scheme}: the block holds non-finite values (nan or inf); they cannot be quantised")
+
+
 def _part(parts: Parts, name: str, scheme: str) -> Tensor:
     if name not in parts:
         raise QuantizeError(f"{scheme}: part {name!r} missing (got {sorted(parts)})")
@@ -65,7 +80,12 @@ def _part(parts: Parts, name: str, scheme: str) -> Tensor:
 def token_scale(x: Tensor, top: float) -> Tensor:
     """x [..., D] float32 -> float16 [...]: absmax over channels / top, rounded up to float16 (so |x| / scale <= top),
     0 exactly for all-zero tokens, capped at the float16 maximum (larger tokens clip)."""
-    want = x.abs().amax(-1) / top
+    return _scale_of(x.abs().amax(-1), top)
+
+
+def _scale_of(absmax: Tensor, top: float) -> Tensor:
+    """`token_scale` from the tokens' absmax [...] float32."""
+    want = absmax / top
     scale = want.to(SCALE_DTYPE)
     low = scale.float() < want  # rounded down: take the next float16 up
     scale = torch.where(low, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
@@ -77,8 +97,35 @@ def _divide(x: Tensor, scale: Tensor) -> Tensor:
     return torch.where(scale > 0, x / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(x))
 
 
+def _divide_tokens_(y: Tensor, scale: Tensor) -> Tensor:
+    """y [..., D] float32 / scale [...] float16, in place: `_divide` for per-token scales (0 in tokens of scale 0)."""
+    zero = scale == 0
+    y.div_(torch.where(zero, torch.ones_like(scale), scale).float()[..., None])
+    if bool(zero.any()):
+        y.masked_fill_(zero[..., None], 0.0)
+    return y
+
+
+def _int8_token_clip_counts(scheme: "QuantScheme", x: Tensor, parts: Parts) -> Tensor:
+    """`clip_counts` of the per-token int8 schemes without a pass over x where nothing can clip: a token whose scale
+    lies strictly between 0 and the float16 maximum has |x| <= 127 x scale < 127.5 x scale (the scale is rounded up),
+    and an outlier below the float16 maximum is stored as it is; any other token or outlier gets `clipped`."""
+    scale = parts["scale"]
+    suspect = bool(((scale == 0) | (scale >= SCALE_MAX)).any())
+    if "outliers" in parts:
+        suspect = suspect or bool((parts["outliers"].float().abs() >= SCALE_MAX).any())
+    if suspect:
+        return scheme.clipped(x).sum(dim=(0, 2, 3))
+    return torch.zeros(x.shape[1], dtype=torch.int64, device=x.device)
+
+
 def _to_int8(y: Tensor) -> Tensor:
     return torch.round(y).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def _to_int8_(y: Tensor) -> Tensor:
+    """`_to_int8` rounding y in place (y is a temporary)."""
+    return y.round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
 
 
 def _to_fp8(y: Tensor) -> Tensor:
@@ -100,6 +147,14 @@ class QuantScheme:
     def clipped(self, x: Tensor) -> Tensor:
         """x [B, K, T, D] -> bool [B, K, T, D]: the values beyond the scheme's range (stored clipped)."""
         raise NotImplementedError
+
+    def clip_counts(self, x: Tensor, parts: Parts) -> Tensor:
+        """x [B, K, T, D] and its parts -> int64 [K]: how many values of each layer `clipped` marks."""
+        return self.clipped(x).sum(dim=(0, 2, 3))
+
+    def layer(self, k: int) -> "QuantScheme":
+        """The scheme of stored layer k alone, for blocks [B, 1, T, D] of that layer (stateless schemes: itself)."""
+        return self
 
     def state(self) -> dict[str, Tensor]:
         return {}
@@ -139,6 +194,9 @@ class ChannelInt8(QuantScheme):
     def state(self) -> dict[str, Tensor]:
         return {"scale": self.scale}
 
+    def layer(self, k: int) -> "ChannelInt8":
+        return ChannelInt8(self.scale[k : k + 1])
+
     def _scale_for(self, x: Tensor) -> Tensor:
         if x.shape[1] != self.scale.shape[0] or x.shape[3] != self.scale.shape[1]:
             raise QuantizeError(f"channel: calibrated for [K, D] = {list(self.scale.shape)}, got a block {tuple(x.shape)}")
@@ -167,17 +225,22 @@ class TokenInt8(QuantScheme):
     name: ClassVar[str] = "token"
 
     def quantize(self, x: Tensor) -> Parts:
-        x = _check_block(x, self.name)
-        scale = token_scale(x, INT8_MAX)  # [B, K, T]
-        return {"q": _to_int8(_divide(x, scale.float()[..., None])), "scale": scale}
+        y = _float_copy(x, self.name)
+        absmax = y.abs().amax(-1)  # [B, K, T]
+        _check_finite(absmax, self.name)
+        scale = _scale_of(absmax, INT8_MAX)
+        return {"q": _to_int8_(_divide_tokens_(y, scale)), "scale": scale}
 
     def dequantize(self, parts: Parts, dtype: torch.dtype = torch.float32) -> Tensor:
         q, scale = _part(parts, "q", self.name), _part(parts, "scale", self.name)
-        return (q.float() * scale.float()[..., None]).to(dtype)
+        return q.to(torch.float32, copy=True).mul_(scale.float()[..., None]).to(dtype)
 
     def clipped(self, x: Tensor) -> Tensor:
         x = x.float()
         return x.abs() > (INT8_MAX + 0.5) * token_scale(x, INT8_MAX).float()[..., None]
+
+    def clip_counts(self, x: Tensor, parts: Parts) -> Tensor:
+        return _int8_token_clip_counts(self, x, parts)
 
 
 @dataclass
@@ -210,6 +273,9 @@ class TokenOutlierInt8(QuantScheme):
     def state(self) -> dict[str, Tensor]:
         return {"channels": self.channels}
 
+    def layer(self, k: int) -> "TokenOutlierInt8":
+        return TokenOutlierInt8(self.channels[k : k + 1])
+
     def _index(self, x: Tensor) -> Tensor:
         """[B, K, T, n] gather/scatter index for a block like x."""
         b, k, t, _ = x.shape
@@ -223,20 +289,28 @@ class TokenOutlierInt8(QuantScheme):
         return x.scatter(3, index, 0.0), x.gather(3, index)
 
     def quantize(self, x: Tensor) -> Parts:
-        x = _check_block(x, self.name)
-        inner, outliers = self._split(x)
-        scale = token_scale(inner, INT8_MAX)
-        return {"q": _to_int8(_divide(inner, scale.float()[..., None])), "scale": scale, "outliers": outliers.to(SCALE_DTYPE)}
+        y = _float_copy(x, self.name)
+        index = self._index(y)
+        outliers = y.gather(3, index)  # [B, K, T, n]
+        inner = y.scatter_(3, index, 0.0)
+        absmax = inner.abs().amax(-1)  # [B, K, T]
+        _check_finite(absmax, self.name)
+        _check_finite(outliers, self.name)
+        scale = _scale_of(absmax, INT8_MAX)
+        return {"q": _to_int8_(_divide_tokens_(inner, scale)), "scale": scale, "outliers": outliers.to(SCALE_DTYPE)}
 
     def dequantize(self, parts: Parts, dtype: torch.dtype = torch.float32) -> Tensor:
         q, scale, outliers = (_part(parts, p, self.name) for p in ("q", "scale", "outliers"))
-        x = q.float() * scale.float()[..., None]
-        return x.scatter(3, self._index(x), outliers.float()).to(dtype)
+        x = q.to(torch.float32, copy=True).mul_(scale.float()[..., None])
+        return x.scatter_(3, self._index(x), outliers.float()).to(dtype)
 
     def clipped(self, x: Tensor) -> Tensor:
         inner, outliers = self._split(x.float())
         out = inner.abs() > (INT8_MAX + 0.5) * token_scale(inner, INT8_MAX).float()[..., None]
         return out.scatter(3, self._index(x), outliers.abs() > SCALE_MAX)
+
+    def clip_counts(self, x: Tensor, parts: Parts) -> Tensor:
+        return _int8_token_clip_counts(self, x, parts)
 
 
 @dataclass
@@ -263,17 +337,23 @@ class Float8Token(QuantScheme):
     name: ClassVar[str] = "fp8+token"
 
     def quantize(self, x: Tensor) -> Parts:
-        x = _check_block(x, self.name)
-        scale = token_scale(x, FP8_MAX)
-        return {"q": _to_fp8(_divide(x, scale.float()[..., None])), "scale": scale}
+        y = _float_copy(x, self.name)
+        absmax = y.abs().amax(-1)  # [B, K, T]
+        _check_finite(absmax, self.name)
+        scale = _scale_of(absmax, FP8_MAX)
+        return {"q": _divide_tokens_(y, scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), "scale": scale}
 
     def dequantize(self, parts: Parts, dtype: torch.dtype = torch.float32) -> Tensor:
         q, scale = _part(parts, "q", self.name), _part(parts, "scale", self.name)
-        return (q.float() * scale.float()[..., None]).to(dtype)
+        return q.to(torch.float32, copy=True).mul_(scale.float()[..., None]).to(dtype)
 
     def clipped(self, x: Tensor) -> Tensor:
         x = x.float()
         return x.abs() > FP8_MAX * token_scale(x, FP8_MAX).float()[..., None]
+
+    def clip_counts(self, x: Tensor, parts: Parts) -> Tensor:
+        """`clipped` counted with the scales quantize stored (the same `token_scale` of x)."""
+        return (x.float().abs() > FP8_MAX * _part(parts, "scale", self.name).float()[..., None]).sum(dim=(0, 2, 3))
 
 
 SCHEMES: dict[str, type[QuantScheme]] = {c.name: c for c in (ChannelInt8, TokenInt8, TokenOutlierInt8, Float8, Float8Token)}
@@ -331,20 +411,27 @@ class ErrorStats:
         block; on a CPU this is 2.6x faster than float64 sums over every value (`cache derive` to int8), equal to 1e-8."""
         if x.shape != x_hat.shape or x.ndim != 4 or x.shape[1] != self.num_layers:
             raise QuantizeError(f"error stats over {self.num_layers} layers: got blocks {tuple(x.shape)} and {tuple(x_hat.shape)}")
+        counts = clipped.sum(dim=(0, 2, 3)) if clipped is not None else None
         for k in range(self.num_layers):
-            xk, hk = x[:, k].float(), x_hat[:, k].float()  # [B, T, D]
-            err = xk - hk
-            norm = torch.linalg.vector_norm(xk, dim=-1).double()  # [B, T]
-            self.sq_err[k] += float(torch.linalg.vector_norm(err, dim=-1).double().square().sum())
-            self.sq_ref[k] += float(norm.square().sum())
-            self.max_abs[k] = max(float(self.max_abs[k]), float(err.abs().amax()) if err.numel() else 0.0)
-            cos = (xk * hk).sum(-1).double() / (norm * torch.linalg.vector_norm(hk, dim=-1).double()).clamp_min(1e-300)
-            live = norm > 0
-            self.cos_sum[k] += float(torch.where(live, cos, 0.0).sum())
-            self.tokens[k] += float(live.sum())
-            if clipped is not None:
-                self.clips[k] += float(clipped[:, k].sum())
-        self.values += float(x.shape[0] * x.shape[2] * x.shape[3])
+            self.update_layer(k, x[:, k], x_hat[:, k], None if counts is None else int(counts[k]))
+
+    def update_layer(self, k: int, x: Tensor, x_hat: Tensor, clips: int | None = None) -> None:
+        """`update` for stored layer k alone: x, x_hat [B, T, D] and its count of clipped values."""
+        if x.shape != x_hat.shape or x.ndim != 3 or not 0 <= k < self.num_layers:
+            raise QuantizeError(f"error stats of layer {k} of {self.num_layers}: got blocks {tuple(x.shape)} and {tuple(x_hat.shape)}")
+        xk, hk = x.to(torch.float32, copy=True), x_hat.float()  # [B, T, D]; xk becomes the error below
+        norm = torch.linalg.vector_norm(xk, dim=-1).double()  # [B, T]
+        cos = (xk * hk).sum(-1).double() / (norm * torch.linalg.vector_norm(hk, dim=-1).double()).clamp_min(1e-300)
+        err = xk.sub_(hk)
+        self.sq_err[k] += float(torch.linalg.vector_norm(err, dim=-1).double().square().sum())
+        self.sq_ref[k] += float(norm.square().sum())
+        self.max_abs[k] = max(float(self.max_abs[k]), float(err.abs_().amax()) if err.numel() else 0.0)
+        live = norm > 0
+        self.cos_sum[k] += float(torch.where(live, cos, 0.0).sum())
+        self.tokens[k] += float(live.sum())
+        if clips is not None:
+            self.clips[k] += float(clips)
+        self.values[k] += float(x.numel())
 
     def merge(self, other: "ErrorStats") -> None:
         """Add the sums of `other` (another shard's or rank's blocks of the same layers)."""

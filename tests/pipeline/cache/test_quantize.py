@@ -200,3 +200,70 @@ def test_bad_input_is_a_quantize_error():
         TokenInt8().quantize(bad)
     with pytest.raises(QuantizeError, match="part 'scale' missing"):
         TokenInt8().dequantize({"q": torch.zeros(1, K, T, D, dtype=torch.int8)})
+
+
+def _edge_features() -> torch.Tensor:
+    """features() plus the tokens where the fast paths must agree with the definitions: a token beyond the float16
+    scale range (int8 clips it), a token too small for a nonzero float16 scale, a -0.0 token, an outlier channel value
+    beyond float16."""
+    x = features(seed=5)
+    x[0, 0, 0] *= 1e6  # absmax / 127 > 65504: the scale is capped, values clip
+    x[0, 1, 1] = 1e-44  # absmax / 127 underflows: scale 0
+    x[1, 2, 2] = -0.0
+    x[2, 1, 3, OUTLIER_CHANNELS[0]] = 9e4  # beyond float16 in an outlier channel
+    return x
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_a_layer_alone_is_quantised_as_in_the_block(name):
+    x = _edge_features()
+    scheme = calibrate(name, features())
+    whole = scheme.quantize(x)
+    for k in range(K):
+        alone = scheme.layer(k).quantize(x[:, k : k + 1])
+        assert alone.keys() == whole.keys()
+        assert all(_bits(alone[p]) == _bits(whole[p][:, k : k + 1]) for p in whole), (name, k)
+        back = scheme.layer(k).dequantize(alone)
+        assert torch.equal(back, scheme.dequantize(whole)[:, k : k + 1])
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_clip_counts_are_the_clipped_values(name):
+    scheme = calibrate(name, features())
+    for x in (features(seed=2), _edge_features()):
+        counts = scheme.clip_counts(x, scheme.quantize(x))
+        assert counts.dtype == torch.int64 and torch.equal(counts, scheme.clipped(x).sum(dim=(0, 2, 3)))
+    if name in ("token", "token+outliers"):  # the capped token and the outlier beyond float16 are counted
+        x = _edge_features()
+        assert int(scheme.clip_counts(x, scheme.quantize(x)).sum()) > 0
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_quantize_and_dequantize_leave_their_inputs_alone(name):
+    x = _edge_features()
+    scheme = calibrate(name, features())
+    before = x.clone()
+    parts = scheme.quantize(x)
+    assert torch.equal(x, before)
+    kept = {p: t.clone() for p, t in parts.items()}
+    scheme.dequantize(parts)
+    scheme.dequantize(parts, torch.float16)
+    assert all(_bits(parts[p]) == _bits(kept[p]) for p in parts)
+
+
+def test_error_stats_of_each_layer_alone_are_the_block_stats():
+    x = _edge_features()
+    scheme = calibrate("token+outliers", features())
+    x_hat, clipped = scheme.dequantize(scheme.quantize(x)), scheme.clipped(x)
+    block, layers = ErrorStats(K), ErrorStats(K)
+    block.update(x, x_hat, clipped)
+    for k in range(K):
+        layers.update_layer(k, x[:, k], x_hat[:, k], int(clipped[:, k].sum()))
+    for name, values in block.to_json().items():  # the float16 overflow of the outlier makes some sums nan
+        assert torch.equal(torch.tensor(values).nan_to_num(7.0), torch.tensor(layers.to_json()[name]).nan_to_num(7.0)), name
+    with pytest.raises(QuantizeError, match="layer 3 of 3"):
+        layers.update_layer(3, x[:, 0], x_hat[:, 0])
