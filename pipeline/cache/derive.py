@@ -31,7 +31,7 @@ from layerfuse.pipeline.cache.encoding import CALIBRATION_IMAGES, FeatureEncodin
 from layerfuse.pipeline.cache.quantize import ErrorStats
 from layerfuse.pipeline.cache.reader import ATTRS_KEY, OK, FeatureCache, open_group
 from layerfuse.pipeline.cache.selection import stored_layers
-from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult, ShardWriterPool
+from layerfuse.pipeline.cache.writer import CacheWriter, FeaturePool, ShardResult, ShardWriterPool
 from layerfuse.pipeline.data.records import SampleIssue, SampleRecord
 
 PROVENANCE_KEY = "derived_from"
@@ -88,12 +88,14 @@ def _derive(src: str, out: str, layers: str | None, dtype: str | None, overwrite
     pending = writer.pending_shards(ctx.rank, ctx.world)
     errors = _image_errors(source)
     encoding = FeatureEncoding.from_storage(writer.meta["storage"])
-    sink = ShardWriterPool(writer, depth=1)
+    inputs = [*keep, *source.views]
+    pool = FeaturePool(encoding, (len(inputs), source.num_tokens, source.hidden_size), pin=False)
+    sink = ShardWriterPool(writer, depth=1, done=pool.give)
     desc = "derive" if ctx.world == 1 else f"derive[rank {ctx.rank}]"
     try:
         with tqdm(total=len(pending), unit="shard", desc=desc, disable=not progress, position=ctx.rank if ctx.world > 1 else None) as bar:
             for k in pending:
-                sink.submit(_shard(source, writer, k, keep, encoding, errors))
+                sink.submit(_shard(source, writer, k, inputs, encoding, pool, errors))
                 bar.update(1)
     finally:
         sink.close()
@@ -147,17 +149,21 @@ def _image_errors(source: FeatureCache) -> dict[int, dict[str, Any]]:
     return {int(i["row"]): i for i in source.issues() if i["row"] >= 0}
 
 
-def _shard(source: FeatureCache, writer: CacheWriter, k: int, keep: list[int], encoding: FeatureEncoding,
-           errors: dict[int, dict[str, Any]]) -> ShardResult:
-    """Shard k of DST from the same rows of SRC (every read checked)."""
+def _shard(source: FeatureCache, writer: CacheWriter, k: int, inputs: list[int | tuple[int, ...]], encoding: FeatureEncoding,
+           pool: FeaturePool, errors: dict[int, dict[str, Any]]) -> ShardResult:
+    """Shard k of DST from the same rows of SRC (every read checked); its feature parts in a recycled buffer."""
     a, b = writer.shard_rows(k)
     rows = np.arange(a, b)
     status = source.table("samples/status")[a:b]
-    x = source.features_at(rows, [*keep, *source.views])  # [n, K+V, T, D]: SRC's values
+    x = source.features_at(rows, inputs)  # [n, K+V, T, D]: SRC's values
     stats = ErrorStats(x.shape[1]) if encoding.scheme is not None else None
-    parts = encoding.zeros(b - a, *x.shape[1:])
-    if (images := np.flatnonzero(status == OK)).size:  # rows without an image stay zeros, as extraction leaves them
-        encoding.encode_rows(x[torch.from_numpy(images)], parts, images, stats)
+    parts = pool.take(b - a)
+    images = np.flatnonzero(status == OK)
+    if images.size:  # (every row an image, the usual case: x itself, not a copy of its rows)
+        encoding.encode_rows(x if images.size == len(rows) else x[torch.from_numpy(images)], parts, images, stats)
+    for values in parts.values():  # rows without an image are zeros, as extraction leaves them
+        values[status != OK] = 0
+    parts = dict(parts)
     data = parts.pop("features")
     turns = np.asarray(source.checked_rows("text/turns", rows))
     mean = np.asarray(source.checked_rows("text/mean", rows))

@@ -41,7 +41,7 @@ from layerfuse.pipeline.cache.selection import ALL as ALL_LAYERS, stored_layers,
 from layerfuse.pipeline.cache.encoding import CALIBRATION_IMAGES, FEATURES, FeatureEncoding, running_absmax
 from layerfuse.pipeline.cache.quantize import ErrorStats
 from layerfuse.pipeline.cache.reader import ATTRS_KEY, FORMAT_VERSION, OK, SKIPPED, TEXT_ONLY, open_group
-from layerfuse.pipeline.cache.writer import DEFAULT_CODEC, LEGACY_CODEC, CacheWriter, Codec, ShardResult, ShardWriterPool, compressor_name
+from layerfuse.pipeline.cache.writer import DEFAULT_CODEC, LEGACY_CODEC, CacheWriter, Codec, FeaturePool, ShardResult, ShardWriterPool, compressor_name
 from layerfuse.core.distributed import DistContext
 from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_default_vision, describe
 from layerfuse.pipeline.models.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, load_vision_encoder
@@ -455,39 +455,10 @@ class _TextStage:
             self.thread.join()
 
 
-class _FeaturePool:
-    """Recycled feature buffers of whole output shards (pinned host memory when the encoder runs on CUDA).
-
-    A shard of a ViT-L/14-336 cache is about 0.5 GB; writing into fresh memory costs the kernel's page faults (measured
-    70 ms per image here, with transparent huge pages compacting), more than the image's forward on a GPU. Buffers come
-    back after their shard is written, so a run allocates only as many as are ever alive at once (the writer queue's
-    depth + the writer threads + the shard being filled)."""
-
-    def __init__(self, encoding: FeatureEncoding, feat_shape: tuple[int, int, int], pin: bool):
-        self.encoding, self.feat_shape, self.pin = encoding, feat_shape, pin
-        self._free: list[dict[str, np.ndarray]] = []
-        self._lock = threading.Lock()
-
-    def take(self, n: int) -> dict[str, np.ndarray]:
-        """Parts of n rows [n, K+V, ...]; their values are whatever the last shard left (every row gets written)."""
-        with self._lock:
-            for i, parts in enumerate(self._free):
-                if len(parts[FEATURES]) == n:
-                    return self._free.pop(i)
-        k, t, d = self.feat_shape
-        dt = self.encoding.part_dtypes()
-        return {p: torch.empty((n, k, *shape), dtype=torch.from_numpy(np.empty(0, dt[p])).dtype, pin_memory=self.pin).numpy()
-                for p, shape in self.encoding.part_shapes(t, d).items()}
-
-    def give(self, parts: dict[str, np.ndarray]) -> None:
-        with self._lock:
-            self._free.append(parts)
-
-
 class _ShardBuffer:
     """Accumulates one output shard's rows until all are filled."""
 
-    def __init__(self, index: int, start: int, stop: int, pool: _FeaturePool, max_turns: int, text_dim: int):
+    def __init__(self, index: int, start: int, stop: int, pool: FeaturePool, max_turns: int, text_dim: int):
         n = stop - start
         self.index, self.start, self.stop, self.filled = index, start, stop, 0
         self.parts = pool.take(n)  # features [n, K+V, T, D] (+ quant/scale, quant/outliers), recycled: rows written below
@@ -788,7 +759,7 @@ def _process(
     # Fork the DataLoader workers now, before the text thread runs torch code: a worker forked while another thread holds
     # a libc lock (e.g. glibc's atexit lock, taken when torch first registers a static destructor) hangs for ever.
     loaded = iter(loader)
-    pool = _FeaturePool(storer.encoding, feat_shape, pin=device.type == "cuda")
+    pool = FeaturePool(storer.encoding, feat_shape, pin=device.type == "cuda")
     sink = ShardWriterPool(writer, threads=WRITER_THREADS.get(device.type, CUDA_WRITER_THREADS), done=pool.give)
     texts = _TextStage(text, records, batches, max_turns, writer.shard_samples, background=TEXT_THREAD.get(device.type, True),
                        device=device)

@@ -351,8 +351,11 @@ class FeatureCache:
             rsel = slice(int(np.searchsorted(uniq, r0)), int(np.searchsorted(uniq, r1, side="right")))
             for l0, l1 in _runs(ulay, gap=1):
                 lsel = slice(int(np.searchsorted(ulay, l0)), int(np.searchsorted(ulay, l1, side="right")))
+                picked = uniq[rsel] - r0  # the rows wanted of the span; every row of it when contiguous (no copy then)
                 try:
-                    data = [np.asarray(a[r0 : r1 + 1, l0 : l1 + 1])[uniq[rsel] - r0] for a in self._parts.values()]
+                    data = [np.asarray(a[r0 : r1 + 1, l0 : l1 + 1]) for a in self._parts.values()]
+                    if len(picked) != r1 - r0 + 1:
+                        data = [d[picked] for d in data]
                 except Exception as e:  # noqa: BLE001 - a truncated shard or a broken shard index
                     why = f"its shard file cannot be read (truncated, or its index damaged): {_describe(e)}"
                     bad.update((int(r), why) for r in uniq[rsel])
@@ -367,7 +370,11 @@ class FeatureCache:
                         bad.setdefault(int(uniq[rsel][i]), f"{what} of the features fails its checksum")
         if bad:
             raise self._corrupt_rows(bad, "features")
-        return self.encoding.decode({p: b[rinv][:, linv] for p, b in blocks.items()}, lay)
+        if not _is_identity(rinv):  # rows asked in another order or more than once (sorted unique rows: no copy)
+            blocks = {p: b[rinv] for p, b in blocks.items()}
+        if not _is_identity(linv):
+            blocks = {p: b[:, linv] for p, b in blocks.items()}
+        return self.encoding.decode(blocks, lay)
 
     def _spans(self, uniq: np.ndarray) -> list[tuple[int, int]]:
         """Inclusive storage-row spans of `uniq` (sorted) that merge neighbouring chunks and never cross a shard."""
@@ -447,6 +454,11 @@ class FeatureCache:
             f"FeatureCache('{self.url}', samples={len(self)}, layers={self.num_layers}, tokens={self.num_tokens}, "
             f"hidden={self.hidden_size}, dtype={self.storage_dtype})"
         )
+
+
+def _is_identity(inverse: np.ndarray) -> bool:
+    """Whether np.unique's inverse indices are 0, 1, 2, ... (the input was sorted and unique)."""
+    return bool(np.array_equal(inverse, np.arange(len(inverse))))
 
 
 def _runs(sorted_values: np.ndarray, gap: int) -> list[tuple[int, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,16 +10,18 @@ import pytest
 import torch
 import transformers
 import zarr
+from PIL import Image
 
+from layerfuse.pipeline.cache import derive as derive_module
 from layerfuse.pipeline.cache.derive import derive_cache
 from layerfuse.core.dtypes import StorageDtype
 from layerfuse.pipeline.cache.encoding import FEATURES, OUTLIERS, SCALE, FeatureEncoding, running_absmax
-from layerfuse.pipeline.cache.extract import _FeaturePool, _ShardBuffer, _Storer, run_extract, storage_layout
+from layerfuse.pipeline.cache.extract import _ShardBuffer, _Storer, run_extract, storage_layout
 from layerfuse.pipeline.cache.plan import encoder_shape, plan_cache
 from layerfuse.pipeline.cache.quantize import ErrorStats
 from layerfuse.pipeline.cache.reader import OK, SKIPPED, TEXT_ONLY, CorruptRowsError, FeatureCache
 from layerfuse.pipeline.cache.verify import cache_info, format_info, verify_cache
-from layerfuse.pipeline.cache.writer import CacheWriter
+from layerfuse.pipeline.cache.writer import CacheWriter, FeaturePool
 from tests.support import extract_config
 
 OUTLIER_CHANNELS = (5, 17)
@@ -62,6 +65,9 @@ def test_quantised_extraction_reads_back_close_to_float16(caches, dtype, bound):
     assert _rel(x, y) < bound
     # a subset of layers reads the same values as the whole
     assert torch.equal(q.features([3, 0, 7], [20, 2]), x[[3, 0, 7]][:, [20, 2]])
+    # rows and layers repeated, out of order, in a span with gaps, or contiguous (read without reordering copies)
+    assert torch.equal(q.features([5, 1, 5, 2, 3], [3, 3, 0]), x[[5, 1, 5, 2, 3]][:, [3, 3, 0]])
+    assert torch.equal(q.features([2, 4, 9]), x[[2, 4, 9]]) and torch.equal(q.features(slice(6, 19), [4, 5, 6]), x[6:19, 4:7])
     # rows without an image are exact zeros, as in a float cache
     assert torch.equal(x[~torch.from_numpy(q.has_image)].float().abs().sum(), torch.tensor(0.0))
     assert verify_cache(caches[dtype], progress=False).ok
@@ -126,7 +132,7 @@ def test_storer_writes_runs_of_rows_into_a_recycled_shard_buffer(dtype):
     storage = {"dtype": dtype, "layers": [0, 2], "views": [[1, 2]]}
     enc = FeatureEncoding.calibrate(dtype, None, 3) if dtype == "int8" else FeatureEncoding(StorageDtype(dtype))
     storer = _Storer(storage, 2, torch.device("cpu"), enc)
-    pool = _FeaturePool(enc, (3, 7, 16), pin=False)
+    pool = FeaturePool(enc, (3, 7, 16), pin=False)
     stale = pool.take(6)
     for v in stale.values():
         v[...] = 1  # what a previous shard left
@@ -189,6 +195,45 @@ def test_derive_float16_to_int8_and_int8_to_fewer_layers(tmp_path, caches):
     s = FeatureCache(small)
     assert s.stored_layers == [3, 18, 23] and s.storage_dtype == "int8"
     assert _rel(s.features(slice(None)), d.features(slice(None), [3, 18, 23])) < 0.012  # requantised: close, not equal
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_derive_fills_a_recycled_buffer_as_a_fresh_one(tmp_path, outlier_tower, dtype):
+    """A derived shard in a buffer a previous shard left values in: the image rows are SRC's rows encoded, and every
+    row without an image (a missing image, a text-only sample) is zero, as in a freshly zeroed buffer."""
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40 + 8 * i, 36), (60 * i, 90, 200 - 50 * i)).save(root / f"{i}.png")
+    conv = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]
+    recs = [{"id": "a", "image": "0.png", "conversations": conv}, {"id": "b", "image": "gone.png", "conversations": conv},
+            {"id": "c", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+            {"id": "d", "image": "1.png", "conversations": conv}, {"id": "e", "image": "2.png", "conversations": conv}]
+    (tmp_path / "data.json").write_text(json.dumps(recs))
+    source = str(tmp_path / "src")
+    run_extract(extract_config(source, outlier_tower, builtin=None, llava=str(tmp_path / "data.json"), image_root=str(root), shard_samples=3))
+    dst = str(tmp_path / dtype)
+    derive_cache(source, dst, dtype=dtype, progress=False)
+    src, writer = FeatureCache(source), CacheWriter(dst)
+    enc = FeatureEncoding.from_storage(writer.meta["storage"])
+    inputs = [*src.stored_layers, *src.views]
+    status = src.table("samples/status")
+    k = next(k for k in range(writer.num_shards) if len(set(status[slice(*writer.shard_rows(k))])) == 3)  # OK, SKIPPED, TEXT_ONLY
+    a, b = writer.shard_rows(k)
+    pool = FeaturePool(enc, (len(inputs), src.num_tokens, src.hidden_size), pin=False)
+    stale = pool.take(b - a)
+    for v in stale.values():
+        v[...] = 3
+    pool.give(stale)
+    res = derive_module._shard(src, writer, k, inputs, enc, pool, {})
+    assert res.features is stale[FEATURES]  # recycled
+    images = np.flatnonzero(status[a:b] == OK)
+    want = enc.encode(src.features_at(np.arange(a, b)[images], inputs))
+    for name, values in res.parts().items():
+        assert np.array_equal(values[images], want[name]), name
+        assert not values[status[a:b] != OK].any(), name
+    stored = FeatureCache(dst)  # and the derive itself stored those rows
+    assert torch.equal(stored.features_at(np.arange(a, b)), enc.decode({p: v for p, v in res.parts().items()}))
 
 
 def test_plan_matches_a_quantised_extraction(tmp_path, caches, outlier_tower):
