@@ -63,25 +63,29 @@ def test_the_planner_stacks_one_architecture_across_seeds_and_layer_sets(train_c
 
 
 def test_a_stacked_variant_trains_as_it_does_alone(train_cache):
-    """Seeds (own batches) and layer sets (own slices) in one stack, concat and igva (allocator: attention blocks):
-    after 12 steps the weights agree to 1e-5 (attention key biases aside: no gradient, see below), the losses to 1e-5,
-    and the evaluation's answers are the same."""
+    """Seeds (own batches) and layer sets (own slices) in one stack, concat and igva (allocator: attention blocks).
+
+    vmap reduces some gradients in another order, and the GEMMs' rounding depends on the buffers' alignment, so the two
+    runs differ by rounding, and AdamW turns rounding into steps of about lr wherever a gradient is rounding noise
+    (an attention key bias has zero gradient in exact arithmetic), then 12 steps amplify it: elementwise tolerances
+    are flaky (1e-5 passed on one machine and failed on a clean clone). What is compared instead, per parameter
+    tensor, is how far the stacked run ends from the alone run relative to how far training moved it from its
+    initial value: measured at most 0.006 (median over tensors below 1e-5); a member trained on another member's
+    batches, slices or gradients would be off by O(1). The losses agree to 1e-5 and the evaluation's answers are the
+    same."""
     cache = FeatureCache(train_cache)
     qs = question_set(cache, CATEGORIES)
     s = _spec(train_cache, fusers=["concat", "igva"], layers=["3-18-23", "4,12,20"], seeds=[0, 1], steps=12)
     units, stacked = _run(cache, s, qs, True, 12)
     assert sorted(len(u.members) for u in units) == [4, 4] and all(isinstance(u, StackedProbe) for u in units)
+    init = {m.variant.id: {k: v.clone() for k, v in m.model.state_dict().items()} for m in _members(cache, s, qs, 12)[2]}
     for vid, m in stacked.items():
         _, alone = _run(cache, s, qs, False, 12, ids=[vid])
         a, b = m.model.state_dict(), alone[vid].model.state_dict()
-        for k in a:
-            x, y = a[k], b[k]
-            if k.endswith("attn.in_proj_bias"):
-                # the key bias adds the same logit to every key of a query, so its gradient is zero in exact arithmetic:
-                # Adam turns the rounding noise into steps of about lr, and its value is noise by construction (here up
-                # to 1e-5 against 4e-8 for the query and value biases); it changes no output (losses and answers below)
-                x, y = x.view(3, -1)[[0, 2]], y.view(3, -1)[[0, 2]]
-            torch.testing.assert_close(x, y, rtol=0, atol=1e-5, msg=f"{vid} {k}")
+        rel = {k: float((a[k] - b[k]).norm() / (b[k] - init[vid][k]).norm()) for k in a if a[k].is_floating_point()}
+        assert all((b[k] - init[vid][k]).norm() > 0 for k in rel), vid  # every tensor trained, so the ratios mean something
+        worst = max(rel, key=rel.get)
+        assert rel[worst] < 0.05 and float(np.median(list(rel.values()))) < 1e-4, (vid, worst, rel[worst])
         assert m.stats.losses == pytest.approx(alone[vid].stats.losses, abs=1e-5)
         assert np.array_equal(m.eval_outputs()[0], alone[vid].eval_outputs()[0])
         assert m.stats.steps == 12 and m.stats.samples == 12 * 8
