@@ -13,6 +13,8 @@ Measured in one run, on the built-in synthetic dataset, with the default extract
 2. `FeatureCache.features(rows, [3, 18, 23])` vs `features(rows, None)` on the tiny cache (25 layers), for a
    contiguous block and for random rows: time ratio and ratio of feature-chunk bytes fetched from the store.
 3. On-disk bytes of the `features` array per sample vs raw fp16 (L+1)*T*D*2, for every cache.
+4. Pipeline vs forward-only at the ViT-L/14-336 shape again with `--dtype int8` (what the README advises for
+   LLaVA-scale data: quantised in the main thread after each forward, half the bytes to write).
 
 Each pipeline run also gives its steady state: images/s between the first and the last output shard's hand-off to the
 writer threads (every run spans at least two shards), which leaves out what a run pays once (model loads, worker
@@ -44,7 +46,7 @@ import transformers  # noqa: E402
 import zarr.storage  # noqa: E402
 
 from layerfuse.core.dtypes import StorageDtype  # noqa: E402
-from layerfuse.pipeline.cache.encoding import FEATURES, FeatureEncoding  # noqa: E402
+from layerfuse.pipeline.cache.encoding import CALIBRATION_IMAGES, FEATURES, FeatureEncoding  # noqa: E402
 from layerfuse.pipeline.cache.reader import FeatureCache  # noqa: E402
 from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult, ShardWriterPool  # noqa: E402
 from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_default_vision  # noqa: E402
@@ -73,10 +75,11 @@ def build_vitl(out: Path) -> Path:
     return random_clip(out, CLIP_SHAPES["vit-l14-336"])
 
 
-def extract_config(out: Path, n: int, vision: str, run_dir: Path, shard_samples: int | None = None) -> ExtractConfig:
+def extract_config(out: Path, n: int, vision: str, run_dir: Path, shard_samples: int | None = None,
+                   dtype: str | None = None) -> ExtractConfig:
     # throughput does not depend on the weights: the default tower's architecture, unpretrained
     return ExtractConfig(out=str(out), builtin=n, vision=vision, run_dir=str(run_dir), vision_pretrain_steps=0, progress=False,
-                         shard_samples=shard_samples)
+                         shard_samples=shard_samples, **({"dtype": dtype} if dtype else {}))
 
 
 @contextlib.contextmanager
@@ -106,13 +109,13 @@ def steady_rate(handoffs: list[tuple[float, int]]) -> float:
 
 
 def timed_extract(out: Path, n: int, vision: str, run_dir: Path, cpu: list[float] | None = None, shard_samples: int | None = None,
-                  steady: list[float] | None = None) -> float:
+                  steady: list[float] | None = None, dtype: str | None = None) -> float:
     """Seconds of one whole `run_extract` into a fresh directory (its CPU seconds appended to `cpu`, its steady-state
     images/s to `steady`)."""
     log: list[tuple[float, int]] = []
     c, t = cpu_seconds(), time.perf_counter()
     with shard_handoffs(log):
-        res = run_extract(extract_config(out, n, vision, run_dir, shard_samples))
+        res = run_extract(extract_config(out, n, vision, run_dir, shard_samples, dtype))
     seconds = time.perf_counter() - t
     if cpu is not None:
         cpu.append(cpu_seconds() - c)
@@ -126,14 +129,15 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def compare_encoder(name: str, vision: str, vision_dir: Path, n: int, run_dir: Path, repeats: int, shard_samples: int | None = None) -> dict:
+def compare_encoder(name: str, vision: str, vision_dir: Path, n: int, run_dir: Path, repeats: int, shard_samples: int | None = None,
+                    dtype: str | None = None) -> dict:
     """Forward-only and pipeline images/s (interleaved repeats, medians), steady-state pipeline images/s, model-load
-    seconds, one cache."""
+    seconds, one cache (stored in `dtype`; None: the default)."""
     t = time.perf_counter()
     enc = load_vision_encoder(str(vision_dir))
     text = InstructionEmbedder()
     load_s = time.perf_counter() - t
-    cfg = extract_config(run_dir / "unused", n, vision, run_dir, shard_samples)
+    cfg = extract_config(run_dir / "unused", n, vision, run_dir, shard_samples, dtype)
     shard, _ = storage_layout(cfg, enc)
     records = synthetic_plan(n, cfg.seed).records
     pre = enc.preprocessor(cfg.pad_to_square)
@@ -153,7 +157,7 @@ def compare_encoder(name: str, vision: str, vision_dir: Path, n: int, run_dir: P
         fwd.append(median_time(forward, 1))
         fwd_cpu.append(cpu_seconds() - c)
         out = run_dir / f"cache-{name}-{i}"
-        pipe.append(timed_extract(out, n, vision, run_dir, pipe_cpu, shard_samples, steady))
+        pipe.append(timed_extract(out, n, vision, run_dir, pipe_cpu, shard_samples, steady, dtype))
         load.append(os.getloadavg()[0])
         print(f"{name} run {i + 1}/{repeats}: forward-only {fwd[-1]:.2f} s ({fwd_cpu[-1]:.1f} CPU s), pipeline {pipe[-1]:.2f} s "
               f"({pipe_cpu[-1]:.1f} CPU s), steady {steady[-1]:.2f} img/s vs forward-only {n / fwd[-1]:.2f}", file=sys.stderr)
@@ -252,7 +256,8 @@ def layer_reads(url: Path, n_rows: int, repeats: int) -> list[dict]:
     return out
 
 
-def render(cmd: str, pipes: list[dict], reads: list[dict]) -> str:
+def render(cmd: str, pipes: list[dict], reads: list[dict], extra: list[dict]) -> str:
+    """`pipes`: the fp16 pipelines with their breakdowns; `extra`: more pipelines (other storage dtypes), rows only."""
     ms = lambda s: f"{s * 1e3:.2f} ms"  # noqa: E731
     rows = []
     def secs(runs):  # median seconds, and the range when there were several runs
@@ -267,25 +272,25 @@ def render(cmd: str, pipes: list[dict], reads: list[dict]) -> str:
     def steady(p):  # steady-state pipeline / forward-only of each pair
         return [r * f / p["n"] for f, r in zip(p["runs"][0], p["steady"])]
 
-    for p in pipes:
+    for p in pipes + extra:
         fwd, pipe = p["n"] / p["fwd_s"], p["n"] / p["pipe_s"]
         k = len(p["runs"][0])
         rows.append(f"| Pipeline / forward-only images/s, {p['label']}, {p['n']} images, median of {k} | {pipe:.2f} img/s "
                     f"({secs(p['runs'][1])}; model load alone {p['load_s']:.1f} s) | {fwd:.2f} img/s ({secs(p['runs'][0])}) | "
                     f"**{ratio(p):.2f}** (pairs {pairs(p)}) | ≥ 0.9 |")
-    for p in pipes:
+    for p in pipes + extra:
         st = steady(p)
         shards = -(-p["n"] // p["shard"])
         rows.append(f"| Steady state, {p['short']}: pipeline images/s from the first to the last of {shards} shard hand-offs "
                     f"({p['n'] - min(p['n'], p['shard'])} images) / forward-only | {statistics.median(p['steady']):.2f} img/s | "
                     f"{p['n'] / p['fwd_s']:.2f} img/s | **{statistics.median(st):.2f}** (pairs {', '.join(f'{v:.2f}' for v in st)}) | ≥ 0.9 |")
-    for p in pipes:
+    for p in pipes + extra:
         rows.append(f"| CPU seconds (process + workers), pipeline / forward-only, {p['short']} | {p['cpu'][1]:.1f} s | {p['cpu'][0]:.1f} s | "
                     f"**{p['cpu'][1] / p['cpu'][0]:.2f}** | — |")
     for r in reads:
         rows.append(f"| Read {len(LAYERS)} of {r['layers']} layers vs all, {r['label']}: time | {ms(r['t3'])} | {ms(r['tall'])} | **{r['t3'] / r['tall']:.3f}** | ≤ 0.2 |")
         rows.append(f"| ... same: feature bytes fetched | {r['b3'] / 1e6:.2f} MB | {r['ball'] / 1e6:.2f} MB | **{r['b3'] / r['ball']:.3f}** | ({len(LAYERS)}/{r['layers']} = {len(LAYERS) / r['layers']:.3f}) |")
-    for p in pipes:
+    for p in pipes + extra:
         rows.append(f"| Bytes per sample on disk vs raw fp16, {p['label']} | {p['disk'] / 1e3:.1f} kB | {p['raw_fp16'] / 1e3:.1f} kB | **{p['disk'] / p['raw_fp16']:.3f}** | — |")
     tiny, *big = pipes
     head = "| Stage (per image; % of measured pipeline time) | " + " | ".join(p["short"] for p in pipes) + " |"
@@ -342,8 +347,18 @@ def render(cmd: str, pipes: list[dict], reads: list[dict]) -> str:
             f"({ms(w2)}/image), for {p['raw_fp16'] / 1e6:.1f} MB of fp16 features per image; the last output shard ({last} of {p['n']} rows, "
             f"{p['shard']}-row shards) is written after the last forward."
         )
-    spread = max(max(f / q for f, q in zip(*p["runs"])) - min(f / q for f, q in zip(*p["runs"])) for p in pipes)
-    busy = max(p["loadavg"] for p in pipes)
+    for p in extra:
+        text.append(
+            f"{p['short']}: {ratio(p):.2f} of forward-only speed (pairs {pairs(p)}), {statistics.median(steady(p)):.2f} in the steady "
+            f"state (pairs {', '.join(f'{v:.2f}' for v in steady(p))}), {p['cpu'][1] / p['cpu'][0]:.2f}x the forward's CPU seconds; "
+            f"it stores {p['disk'] / p['raw_fp16']:.3f} of raw fp16 per image. A whole run pays the int8 calibration first (the "
+            f"forward of the first {CALIBRATION_IMAGES} images, to choose the outlier channels: {min(CALIBRATION_IMAGES, p['n'])} extra "
+            f"forwards for {p['n']} images here, the same {CALIBRATION_IMAGES} in a run of a million), so the steady state is what a "
+            "long run sustains: there the main thread quantises each batch after its forward (one stored layer at a time) and "
+            "the writer thread has half the bytes to compress and write."
+        )
+    spread = max(max(f / q for f, q in zip(*p["runs"])) - min(f / q for f, q in zip(*p["runs"])) for p in pipes + extra)
+    busy = max(p["loadavg"] for p in pipes + extra)
     if spread > 0.05 or busy > 1.5 * (cores or 1):
         text.append(f"Pairs differ by up to {spread:.2f}, and the 1-minute load average reached {busy:.1f} on {cores} cores during the "
                     "timed runs: this VM is shared, and other jobs slow a forward on every core (an OpenMP team waits for its slowest "
@@ -361,7 +376,7 @@ def render(cmd: str, pipes: list[dict], reads: list[dict]) -> str:
         f"Date: {datetime.date.today().isoformat()}  ",
         f"Machine: {machine()}  ",
         "Settings: built-in synthetic dataset, `ExtractConfig` defaults (images per forward " + " / ".join(str(p["batch"]) for p in pipes)
-        + " (`ExtractConfig.forward_batch` on a CPU: as many as hold 4096 tokens, at most 32), 2 DataLoader workers, fp32 compute, fp16 storage, "
+        + " (`ExtractConfig.forward_batch` on a CPU: as many as hold 4096 tokens, at most 32), 2 DataLoader workers, fp32 compute, fp16 storage (int8 where named), "
         f"{tiny['compressor']}; output shards of " + " / ".join(f"{p['shard']}" for p in pipes) + " rows, the ViT-B/16 one set so that "
         "its run spans two); ViT-B/16 = random `CLIPVisionConfig(768, 3072, 12 layers, 12 heads, 224 px, patch 16)`, ViT-L/14-336 = "
         "random `CLIPVisionConfig(1024, 4096, 24 layers, 16 heads, 336 px, patch 14)`. "
@@ -461,12 +476,14 @@ def main() -> None:
         vitl = compare_encoder("vitl", str(vitl_dir), vitl_dir, n_vitl, tmp / "vitl", big_repeats, shard_vitl)
         vitl["label"], vitl["short"] = "ViT-L/14-336-shaped CLIP (24 blocks, 577x1024)", "ViT-L/14-336-shaped"
         vitl["bd"] = breakdown(vitl, big_repeats, fixed_cost=False)
-        for p in (tiny, vitb, vitl):
+        vitl8 = compare_encoder("vitl-int8", str(vitl_dir), vitl_dir, n_vitl, tmp / "vitl", big_repeats, shard_vitl, dtype="int8")
+        vitl8["label"], vitl8["short"] = "ViT-L/14-336-shaped CLIP, `--dtype int8`", "ViT-L/14-336-shaped, int8"
+        for p in (tiny, vitb, vitl, vitl8):
             fc = FeatureCache(p["cache"])
-            p["disk"] = dir_bytes(Path(p["cache"]) / "features") / len(fc)
+            p["disk"] = sum(dir_bytes(Path(p["cache"]) / d) for d in ("features", "quant") if (Path(p["cache"]) / d).exists()) / len(fc)
             p["chunk"] = int(fc.meta["storage"]["chunk_samples"])
             p["compressor"] = fc.meta["storage"].get("compressor", "?")
-        section = render(cmd, [tiny, vitb, vitl], reads)
+        section = render(cmd, [tiny, vitb, vitl], reads, [vitl8])
     write_section(args.out, SECTION, section)
     print(section)
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
