@@ -448,6 +448,11 @@ HISTORY = (  # measured by hand around the change it describes; not re-measured 
     "gave tiny steady state 0.52 against 0.39 in the table before it, whole runs 0.40 against 0.32; ViT-B/16 0.93 "
     "against 0.82 (whole 0.78 against 0.78); ViT-L/14-336 0.89 against 0.86 (whole 0.87 against 0.84), the last two "
     "within the spread of one pair."
+    " The table above is the first run of this script on the 2-core AMD EPYC (the runs before it were on the Xeon),"
+    " with the int8 rows added: there the forward is about 2.3x slower (ViT-L/14-336 2.75 s per image against 1.18 "
+    "s), and ViT-L/14-336 reached 0.91 whole and 0.94 in the steady state, ViT-B/16 0.92 and 1.02, the tiny default"
+    " 0.40 and 0.49, with pairs as far apart as before (0.81 to 0.92 at ViT-L); `--dtype int8` at ViT-L/14-336 1.04"
+    " in the steady state, 0.58 whole, where the calibration pass costs 32 extra forwards for 36 images."
 )
 
 
