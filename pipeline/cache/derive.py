@@ -161,8 +161,7 @@ def _shard(source: FeatureCache, writer: CacheWriter, k: int, inputs: list[int |
     images = np.flatnonzero(status == OK)
     if images.size:  # (every row an image, the usual case: x itself, not a copy of its rows)
         encoding.encode_rows(x if images.size == len(rows) else x[torch.from_numpy(images)], parts, images, stats)
-    for values in parts.values():  # rows without an image are zeros, as extraction leaves them
-        values[status != OK] = 0
+    FeaturePool.blank(parts, status)  # rows without an image are zeros, as extraction leaves them
     parts = dict(parts)
     data = parts.pop("features")
     turns = np.asarray(source.checked_rows("text/turns", rows))

@@ -47,7 +47,7 @@ from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_
 from layerfuse.pipeline.models.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, load_vision_encoder
 from layerfuse.pipeline.data import sources
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
-from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, ImageAccess, is_url, load_image, local_root, parse_url_schemes
+from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, ImageAccess, is_remote, is_url, load_image, local_root, parse_url_schemes
 from layerfuse.pipeline.data.images import decode_image
 from layerfuse.pipeline.data.stream import is_pipe, read_members, spool_path
 from layerfuse.pipeline.data.synthetic import synthetic_plan
@@ -172,10 +172,9 @@ class ExtractConfig:
             raise ExtractError("--spool takes auto, none or a folder, not an empty value")
         if self.spool != "auto":
             return Path(self.spool)
-        out = local_root(self.out)  # a file:// (or local://) --out is a local folder
-        if is_url(out):
+        if is_remote(self.out):
             return Path(self.run_dir) / "spool" / fingerprint({"out": self.out})
-        return Path(os.path.abspath(out.rstrip("/")) + ".spool")
+        return Path(os.path.abspath(local_root(self.out).rstrip("/")) + ".spool")  # a file:// (or local://) --out: a folder
 
     def vision_path(self) -> str:
         """Where the tower is loaded from: RUN_DIR/vision for the embedded default, else `vision` (id or folder)."""
@@ -475,8 +474,7 @@ class _ShardBuffer:
         return self.filled == self.stop - self.start
 
     def result(self) -> ShardResult:
-        for values in self.parts.values():  # rows without an image are stored as zeros
-            values[self.status != OK] = 0
+        FeaturePool.blank(self.parts, self.status)
         parts = dict(self.parts)
         return ShardResult(self.index, self.start, self.stop, parts.pop(FEATURES), self.turns, self.mean, self.num_turns, self.status,
                            self.size, self.errors, parts, self.stats)

@@ -432,7 +432,8 @@ class FeaturePool:
         self._lock = threading.Lock()
 
     def take(self, n: int) -> dict[str, np.ndarray]:
-        """Parts of n rows [n, K+V, ...]; their values are whatever the last shard left (every row gets written)."""
+        """Parts of n rows [n, K+V, ...]; their values are whatever the last shard left (every image row gets
+        written, `blank` zeroes the others)."""
         with self._lock:
             for i, parts in enumerate(self._free):
                 if len(parts[FEATURES]) == n:
@@ -445,3 +446,10 @@ class FeaturePool:
     def give(self, parts: dict[str, np.ndarray]) -> None:
         with self._lock:
             self._free.append(parts)
+
+    @staticmethod
+    def blank(parts: dict[str, np.ndarray], status: np.ndarray) -> None:
+        """Zero the rows of a shard's parts [n, ...] that have no image (status [n] not OK): the cache stores them as
+        zeros, and a recycled buffer still holds the last shard's values there."""
+        for values in parts.values():
+            values[status != OK] = 0

@@ -100,6 +100,12 @@ def local_root(root: str) -> str:
     return root
 
 
+def is_remote(path: str) -> bool:
+    """Whether a path or URL names something off the local disk: a URL other than file:// and local:// (the project's
+    one rule for where a shard, a root or --out lives)."""
+    return is_url(local_root(path))
+
+
 
 
 _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),

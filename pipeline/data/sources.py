@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from layerfuse.core.atomic import commit, temp_path
 from layerfuse.core.errors import MissingError
-from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, is_url, local_root
+from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, is_remote, is_url, local_root
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
 from layerfuse.pipeline.data.stream import ShardTape, SpoolError, is_pipe, open_local, open_stream, spool_path
 
@@ -748,7 +748,7 @@ def _open_headers(shard: str) -> BinaryIO:
     """A seekable shard opened to read its member headers and small text members without its other data: a local
     file unbuffered (every read fetches the bytes asked for, seeks skip member data), an fsspec file without readahead
     (cache_type "none": each header and each .json/.txt is one ranged read of its own bytes)."""
-    if not is_url(local_root(shard)):
+    if not is_remote(shard):
         return open_local(local_root(shard))
     return fsspec.open(shard, "rb", cache_type="none").open()
 
@@ -762,7 +762,7 @@ def _plan_shard(shard: str, split: str, plan: Plan, max_image_bytes: int, spool_
     compressed = ("<shard>", "compressed tar shards are not supported (random access needs an uncompressed .tar)")
     # streamed whole: a command (it cannot seek), and a remote shard that is spooled (one sequential read at the store's
     # bandwidth instead of a ranged request per member header)
-    streamed = is_pipe(shard) or (spool_dir is not None and is_url(local_root(shard)))
+    streamed = is_pipe(shard) or (spool_dir is not None and is_remote(shard))
     try:
         f = open_stream(shard) if streamed else _open_headers(shard)
     except FileNotFoundError:

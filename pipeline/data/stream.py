@@ -43,7 +43,7 @@ from webdataset.gopen import gopen
 
 from layerfuse.core.errors import StateError
 from layerfuse.core.fingerprint import fingerprint
-from layerfuse.pipeline.data.access import is_url, local_root
+from layerfuse.pipeline.data.access import is_remote, local_root
 from layerfuse.pipeline.data.records import SampleError
 
 __all__ = ["PIPE_PREFIX", "STREAM_BLOCK", "SpoolError", "is_pipe", "open_local", "open_stream", "spool_path", "ShardTape", "read_members"]
@@ -60,8 +60,10 @@ def is_pipe(url: str) -> bool:
 
 def open_stream(url: str) -> BinaryIO:
     """A shard opened for one sequential read (module docstring). Raises FileNotFoundError / OSError."""
-    if is_pipe(url) or not is_url(url) or url.startswith("file://"):
+    if is_pipe(url):
         return gopen(url, "rb")
+    if not is_remote(url):
+        return gopen(local_root(url), "rb")
     return fsspec.open(url, "rb", block_size=STREAM_BLOCK, cache_type="readahead").open()
 
 
@@ -247,7 +249,7 @@ def read_members(url: str, wanted: Mapping[tuple[str, int], Any], max_bytes: int
     if not left:
         return
     source = str(spool) if spool is not None else url
-    if not is_pipe(source) and not is_url(local_root(source)):
+    if not is_pipe(source) and not is_remote(source):
         yield from _read_local_members(local_root(source), url, left, max_bytes)
         return
     try:

@@ -19,13 +19,13 @@ import zarr
 from layerfuse.pipeline.cache import extract as extract_mod
 from layerfuse.pipeline.cache.extract import run_extract, tar_batches
 from layerfuse.pipeline.cache.reader import FeatureCache
-from layerfuse.pipeline.data.access import read_image_bytes
+from layerfuse.pipeline.data.access import is_remote, read_image_bytes
 from layerfuse.pipeline.data.images import decode_image
 from layerfuse.pipeline.data.records import SampleError, SampleRecord
 from layerfuse.pipeline.data.sources import expand_shards, plan_webdataset
 from layerfuse.core.errors import MissingError
 from layerfuse.pipeline.data import stream as stream_mod
-from layerfuse.pipeline.data.stream import ShardTape, SpoolError, read_members, spool_path
+from layerfuse.pipeline.data.stream import ShardTape, SpoolError, open_stream, read_members, spool_path
 from layerfuse.pipeline.models.encoder import load_vision_encoder
 
 from tests.pipeline.cache.test_extract_hostile import test_hostile_webdataset_shard_is_contained as hostile_members
@@ -444,3 +444,15 @@ def test_shards_planned_at_once_give_the_plan_of_one_at_a_time(tmp_path):
     with pytest.raises(MissingError, match="shard not found"):
         plan_webdataset(f"{base}/a.tar,{base}/gone.tar,{base}/a.tar", threads=3)
     fsspec.filesystem("memory").rm(base.replace("memory://", "/"), recursive=True)
+
+
+def test_one_rule_says_which_shards_are_remote(tmp_path):
+    """access.is_remote: plain paths, file:// and local:// are on this disk (opened as files, never spooled), any other
+    URL is not; open_stream reads a local:// or file:// shard as the plain path does."""
+    assert not any(is_remote(u) for u in ("/d/a.tar", "a.tar", "file:///d/a.tar", "local:///d/a.tar"))
+    assert all(is_remote(u) for u in ("s3://b/a.tar", "https://h/a.tar", "memory://a.tar"))
+    shard = tmp_path / "a.tar"
+    shard.write_bytes(b"tar bytes")
+    for url in (str(shard), f"file://{shard}", f"local://{shard}"):
+        with open_stream(url) as f:
+            assert f.read() == b"tar bytes", url
