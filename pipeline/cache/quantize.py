@@ -48,27 +48,30 @@ class QuantizeError(InputError):
     """A block or stored part a scheme cannot use: wrong rank or shape, non-finite values, missing parts."""
 
 
-def _check_block(x: Tensor, scheme: str) -> Tensor:
-    """x [B, K, T, D] floating and finite -> float32."""
+def _check_shape(x: Tensor, scheme: str) -> None:
     if x.ndim != 4 or not x.is_floating_point():
         raise QuantizeError(f"{scheme}: expected a float block [B, K, T, D], got {tuple(x.shape)} {x.dtype}")
-    x = x.float()
-    if not bool(torch.isfinite(x).all()):
+
+
+def _check_finite(values: Tensor, scheme: str) -> None:
+    """Raises unless every value is finite (a block, or its token absmax: a nan or inf in a token makes it non-finite)."""
+    if not bool(torch.isfinite(values).all()):
         raise QuantizeError(f"{scheme}: the block holds non-finite values (nan or inf); they cannot be quantised")
+
+
+def _check_block(x: Tensor, scheme: str) -> Tensor:
+    """x [B, K, T, D] floating and finite -> float32."""
+    _check_shape(x, scheme)
+    x = x.float()
+    _check_finite(x, scheme)
     return x
 
 
 def _float_copy(x: Tensor, scheme: str) -> Tensor:
     """x [B, K, T, D] floating -> a float32 copy of it, the caller's to change in place (finiteness is checked later,
-    on the token absmax: a nan or inf anywhere in a token makes its absmax non-finite)."""
-    if x.ndim != 4 or not x.is_floating_point():
-        raise QuantizeError(f"{scheme}: expected a float block [B, K, T, D], got {tuple(x.shape)} {x.dtype}")
+    on the token absmax)."""
+    _check_shape(x, scheme)
     return x.to(torch.float32, copy=True)
-
-
-def _check_finite(absmax: Tensor, scheme: str) -> None:
-    if not bool(torch.isfinite(absmax).all()):
-        raise QuantizeError(f"{scheme}: the block holds non-finite values (nan or inf); they cannot be quantised")
 
 
 def _part(parts: Parts, name: str, scheme: str) -> Tensor:
@@ -119,12 +122,8 @@ def _int8_token_clip_counts(scheme: "QuantScheme", x: Tensor, parts: Parts) -> T
     return torch.zeros(x.shape[1], dtype=torch.int64, device=x.device)
 
 
-def _to_int8(y: Tensor) -> Tensor:
-    return torch.round(y).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-
-
 def _to_int8_(y: Tensor) -> Tensor:
-    """`_to_int8` rounding y in place (y is a temporary)."""
+    """Symmetric int8 codes of y, rounding y in place (y is a temporary)."""
     return y.round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
 
 
@@ -204,7 +203,7 @@ class ChannelInt8(QuantScheme):
 
     def quantize(self, x: Tensor) -> Parts:
         x = _check_block(x, self.name)
-        return {"q": _to_int8(_divide(x, self._scale_for(x)))}
+        return {"q": _to_int8_(_divide(x, self._scale_for(x)))}  # _divide returns a new tensor
 
     def dequantize(self, parts: Parts, dtype: torch.dtype = torch.float32) -> Tensor:
         q = _part(parts, "q", self.name)
