@@ -42,6 +42,7 @@ FEATURES = "features"
 SCALE = "quant/scale"
 OUTLIERS = "quant/outliers"
 QUANT_KEY = "quant"  # storage.quant in the metadata
+PART_KEYS = {FEATURES: "q", SCALE: "scale", OUTLIERS: "outliers"}  # stored part -> the scheme's part (quantize.Parts)
 
 CALIBRATION_IMAGES = 32  # the first images (in storage order) whose absmax chooses the int8 outlier channels
 OUTLIER_FACTOR = 2.0  # an outlier channel's absmax exceeds this many times its layer's median channel absmax
@@ -168,19 +169,32 @@ class FeatureEncoding:
     def encode_into(self, x: Tensor, out: Mapping[str, np.ndarray], stats: ErrorStats | None = None) -> None:
         """`encode`, written into out[part] ([B, K, ...] host arrays, e.g. rows of an extraction shard buffer): one
         converting copy per part from x's device straight into place (no intermediate host array: at ViT-L/14-336 a
-        batch of 18 is 531 MB of fp16, and each extra host copy of it cost 70 ms per image in fresh pages)."""
+        batch of 18 is 531 MB of fp16, and each extra host copy of it cost 70 ms per image in fresh pages).
+
+        Quantised dtypes go one stored layer at a time (float32 temporaries of [B, 1, T, D], not [B, K, T, D]). On a
+        CPU each layer's parts are written into `out` directly; elsewhere into device buffers of out's shape, copied
+        to the host once per part: a layer of `out` is a strided view, and a strided copy from a GPU goes through a
+        pageable temporary, where the whole block is one copy into pinned memory."""
+        host = {p: host_tensor(a, self.dtype) if p == FEATURES else torch.from_numpy(a) for p, a in out.items()}
         if self.scheme is None:
-            host_tensor(out[FEATURES], self.dtype).copy_(x)
+            host[FEATURES].copy_(x)
             return
-        for k in range(x.shape[1]):  # one stored layer at a time: float32 temporaries of [B, 1, T, D], not [B, K, T, D]
+        staged = host if x.device.type == "cpu" else {p: torch.empty(t.shape, dtype=t.dtype, device=x.device) for p, t in host.items()}
+        self.quantize_into(x, staged, stats)
+        if staged is not host:
+            for p, t in host.items():
+                t.copy_(staged[p])
+
+    def quantize_into(self, x: Tensor, out: Mapping[str, Tensor], stats: ErrorStats | None = None) -> None:
+        """The quantised parts of x [B, K, T, D] written into the tensors out[part] ([B, K, ...], on any device), one
+        stored layer at a time, its error added to `stats`; nothing here waits for x's device."""
+        for k in range(x.shape[1]):
             scheme, xk = self.scheme.layer(k), x[:, k : k + 1]
             parts = scheme.quantize(xk)  # float32 inside, on x's device
             if stats is not None:
-                stats.update_layer(k, xk[:, 0], scheme.dequantize(parts)[:, 0], int(scheme.clip_counts(xk, parts)[0]))
-            host_tensor(out[FEATURES][:, k : k + 1], self.dtype).copy_(parts["q"])
-            torch.from_numpy(out[SCALE][:, k : k + 1]).copy_(parts["scale"])
-            if self.num_outliers:
-                torch.from_numpy(out[OUTLIERS][:, k : k + 1]).copy_(parts["outliers"])
+                stats.update_layer(k, xk[:, 0], scheme.dequantize(parts)[:, 0], scheme.clip_counts(xk, parts)[0])
+            for p, t in out.items():
+                t[:, k : k + 1].copy_(parts[PART_KEYS[p]])
 
     def decode(self, parts: Mapping[str, np.ndarray], positions: Sequence[int] | np.ndarray | None = None) -> Tensor:
         """The stored parts [B, k, ...] (numpy) of the stored layers/views at `positions` (None: all K, in order) ->

@@ -457,11 +457,12 @@ class _TextStage:
 class _ShardBuffer:
     """Accumulates one output shard's rows until all are filled."""
 
-    def __init__(self, index: int, start: int, stop: int, pool: FeaturePool, max_turns: int, text_dim: int):
+    def __init__(self, index: int, start: int, stop: int, pool: FeaturePool, max_turns: int, text_dim: int, device: torch.device):
         n = stop - start
         self.index, self.start, self.stop, self.filled = index, start, stop, 0
         self.parts = pool.take(n)  # features [n, K+V, T, D] (+ quant/scale, quant/outliers), recycled: rows written below
-        self.stats = ErrorStats(pool.feat_shape[0]) if pool.encoding.scheme is not None else None  # this shard's quantisation error
+        # this shard's quantisation error, summed on the extraction device (no host sync per layer)
+        self.stats = ErrorStats(pool.feat_shape[0], device) if pool.encoding.scheme is not None else None
         self.turns = np.zeros((n, max_turns, text_dim), np.float32)
         self.mean = np.zeros((n, text_dim), np.float32)
         self.num_turns = np.zeros(n, np.int16)
@@ -477,7 +478,7 @@ class _ShardBuffer:
         FeaturePool.blank(self.parts, self.status)
         parts = dict(self.parts)
         return ShardResult(self.index, self.start, self.stop, parts.pop(FEATURES), self.turns, self.mean, self.num_turns, self.status,
-                           self.size, self.errors, parts, self.stats)
+                           self.size, self.errors, parts, None if self.stats is None else self.stats.host())
 
 
 class _Storer:
@@ -787,7 +788,7 @@ def _process(
             emb = texts.get([it["row"] for it in items], [s == OK for s in status])  # computed ahead, in its own thread
             for it in items:
                 if (k := it["row"] // writer.shard_samples) not in buffers:
-                    buffers[k] = _ShardBuffer(k, *writer.shard_rows(k), pool, max_turns, text.dim)
+                    buffers[k] = _ShardBuffer(k, *writer.shard_rows(k), pool, max_turns, text.dim, device)
             image_rows = np.asarray([it["row"] for it, st in zip(items, status) if st == OK], np.int64)
             if hs is not None and len(image_rows):  # a batch never straddles an output shard (shard_batches)
                 buf = buffers[int(image_rows[0]) // writer.shard_samples]

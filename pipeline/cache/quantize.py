@@ -19,7 +19,8 @@ int8 is symmetric (-127..127, round half to even). Per-token scales are the toke
 (/ 448 for fp8), rounded *up* to float16 so that no value exceeds the range. All-zero tokens (rows of text-only
 samples) get scale 0 and come back as exact zeros. `channel` clips values beyond the calibration range; `fp8`
 saturates at +-448 (float8_e4m3fn has no infinity). `clipped(x)` tells which values a scheme clips, and
-`clip_counts(x, parts)` counts them per layer (the int8 token schemes without a pass over x where nothing can clip).
+`clip_counts(x, parts)` counts them per layer (on a CPU, the int8 token schemes without a pass over x where nothing can
+clip; on an accelerator without a host sync).
 
 `ErrorStats` accumulates, per stored layer, the relative RMS error, the largest absolute error, the mean per-token
 cosine similarity and the clip rate (what a cache records per layer); `layer_errors` is the one-block form.
@@ -113,6 +114,8 @@ def _int8_token_clip_counts(scheme: "QuantScheme", x: Tensor, parts: Parts) -> T
     """`clip_counts` of the per-token int8 schemes without a pass over x where nothing can clip: a token whose scale
     lies strictly between 0 and the float16 maximum has |x| <= 127 x scale < 127.5 x scale (the scale is rounded up),
     and an outlier below the float16 maximum is stored as it is; any other token or outlier gets `clipped`."""
+    if x.device.type != "cpu":  # on an accelerator the pass over x costs less than the host sync of the test below
+        return scheme.clipped(x).sum(dim=(0, 2, 3))
     scale = parts["scale"]
     suspect = bool(((scale == 0) | (scale >= SCALE_MAX)).any())
     if "outliers" in parts:
@@ -129,6 +132,15 @@ def _to_int8_(y: Tensor) -> Tensor:
 
 def _to_fp8(y: Tensor) -> Tensor:
     return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _float64_device(device: torch.device) -> torch.device:
+    """`device` if it holds float64 tensors (CPU, CUDA), else the CPU (e.g. Apple's MPS has no float64)."""
+    try:
+        torch.zeros(1, dtype=torch.float64, device=device)
+    except (RuntimeError, TypeError):
+        return torch.device("cpu")
+    return device
 
 
 class QuantScheme:
@@ -385,9 +397,12 @@ class LayerError:
 
 @dataclass
 class ErrorStats:
-    """Per-layer error sums over blocks x [B, K, T, D] and their reconstructions (float64 accumulators, on the CPU)."""
+    """Per-layer error sums over blocks x [B, K, T, D] and their reconstructions: float64 accumulators on `device` (the
+    blocks' device where it has float64, else the CPU), so that adding a block never waits for the device; `host()`
+    and `to_json` bring them to the host, once per shard."""
 
     num_layers: int
+    device: torch.device | str = "cpu"
     sq_err: Tensor = field(init=False)  # [K] sum (x - x^)^2
     sq_ref: Tensor = field(init=False)  # [K] sum x^2
     max_abs: Tensor = field(init=False)  # [K]
@@ -396,11 +411,12 @@ class ErrorStats:
     clips: Tensor = field(init=False)  # [K] clipped values
     values: Tensor = field(init=False)  # [K] values seen
 
-    def __post_init__(self) -> None:
-        for name in ("sq_err", "sq_ref", "max_abs", "cos_sum", "tokens", "clips", "values"):
-            setattr(self, name, torch.zeros(self.num_layers, dtype=torch.float64))
-
     FIELDS: ClassVar[tuple[str, ...]] = ("sq_err", "sq_ref", "max_abs", "cos_sum", "tokens", "clips", "values")
+
+    def __post_init__(self) -> None:
+        self.device = _float64_device(torch.device(self.device))
+        for name in self.FIELDS:
+            setattr(self, name, torch.zeros(self.num_layers, dtype=torch.float64, device=self.device))
 
     def update(self, x: Tensor, x_hat: Tensor, clipped: Tensor | None = None) -> None:
         """Add a block x [B, K, T, D], its reconstruction x_hat (same shape) and its clip mask (bool, same shape).
@@ -412,37 +428,52 @@ class ErrorStats:
             raise QuantizeError(f"error stats over {self.num_layers} layers: got blocks {tuple(x.shape)} and {tuple(x_hat.shape)}")
         counts = clipped.sum(dim=(0, 2, 3)) if clipped is not None else None
         for k in range(self.num_layers):
-            self.update_layer(k, x[:, k], x_hat[:, k], None if counts is None else int(counts[k]))
+            self.update_layer(k, x[:, k], x_hat[:, k], None if counts is None else counts[k])
 
-    def update_layer(self, k: int, x: Tensor, x_hat: Tensor, clips: int | None = None) -> None:
-        """`update` for stored layer k alone: x, x_hat [B, T, D] and its count of clipped values."""
+    def update_layer(self, k: int, x: Tensor, x_hat: Tensor, clips: Tensor | int | None = None) -> None:
+        """`update` for stored layer k alone: x, x_hat [B, T, D] and its count of clipped values (a tensor on any
+        device, or an int). Tensor ops only: nothing here waits for x's device."""
         if x.shape != x_hat.shape or x.ndim != 3 or not 0 <= k < self.num_layers:
             raise QuantizeError(f"error stats of layer {k} of {self.num_layers}: got blocks {tuple(x.shape)} and {tuple(x_hat.shape)}")
         xk, hk = x.to(torch.float32, copy=True), x_hat.float()  # [B, T, D]; xk becomes the error below
         norm = torch.linalg.vector_norm(xk, dim=-1).double()  # [B, T]
         cos = (xk * hk).sum(-1).double() / (norm * torch.linalg.vector_norm(hk, dim=-1).double()).clamp_min(1e-300)
         err = xk.sub_(hk)
-        self.sq_err[k] += float(torch.linalg.vector_norm(err, dim=-1).double().square().sum())
-        self.sq_ref[k] += float(norm.square().sum())
-        self.max_abs[k] = max(float(self.max_abs[k]), float(err.abs_().amax()) if err.numel() else 0.0)
         live = norm > 0
-        self.cos_sum[k] += float(torch.where(live, cos, 0.0).sum())
-        self.tokens[k] += float(live.sum())
+        add = {
+            "sq_err": torch.linalg.vector_norm(err, dim=-1).double().square().sum(),
+            "sq_ref": norm.square().sum(),
+            "cos_sum": torch.where(live, cos, 0.0).sum(),
+            "tokens": live.sum(),
+        }
         if clips is not None:
-            self.clips[k] += float(clips)
+            add["clips"] = torch.as_tensor(clips)
+        for name, v in add.items():
+            getattr(self, name)[k] += v.to(self.device, torch.float64)
+        if err.numel():
+            self.max_abs[k] = torch.fmax(self.max_abs[k], err.abs_().amax().to(self.device, torch.float64))  # a nan error is skipped
         self.values[k] += float(x.numel())
+
+    def host(self) -> "ErrorStats":
+        """These sums on the CPU (itself when they are there already)."""
+        if self.device.type == "cpu":
+            return self
+        out = ErrorStats(self.num_layers)
+        for name in self.FIELDS:
+            setattr(out, name, getattr(self, name).cpu())
+        return out
 
     def merge(self, other: "ErrorStats") -> None:
         """Add the sums of `other` (another shard's or rank's blocks of the same layers)."""
         if other.num_layers != self.num_layers:
             raise QuantizeError(f"error stats over {self.num_layers} layers cannot merge stats over {other.num_layers}")
         for name in self.FIELDS:
-            mine, theirs = getattr(self, name), getattr(other, name)
+            mine, theirs = getattr(self, name), getattr(other, name).to(self.device)
             setattr(self, name, torch.maximum(mine, theirs) if name == "max_abs" else mine + theirs)
 
     def to_json(self) -> dict[str, list[float]]:
         """The sums, as stored in a shard marker."""
-        return {name: getattr(self, name).tolist() for name in self.FIELDS}
+        return {name: getattr(self, name).tolist() for name in self.FIELDS}  # one sync per field, on the host
 
     @classmethod
     def from_json(cls, data: dict[str, list[float]]) -> "ErrorStats":
@@ -452,10 +483,11 @@ class ErrorStats:
         return stats
 
     def per_layer(self) -> list[LayerError]:
-        rel = torch.where(self.sq_ref > 0, self.sq_err / self.sq_ref.clamp_min(1e-300), torch.where(self.sq_err > 0, float("inf"), 0.0)).sqrt()
-        cos = torch.where(self.tokens > 0, self.cos_sum / self.tokens.clamp_min(1), 1.0)
-        clip = self.clips / self.values.clamp_min(1)
-        return [LayerError(float(rel[k]), float(self.max_abs[k]), float(cos[k]), float(clip[k])) for k in range(self.num_layers)]
+        s = self.host()
+        rel = torch.where(s.sq_ref > 0, s.sq_err / s.sq_ref.clamp_min(1e-300), torch.where(s.sq_err > 0, float("inf"), 0.0)).sqrt()
+        cos = torch.where(s.tokens > 0, s.cos_sum / s.tokens.clamp_min(1), 1.0)
+        clip = s.clips / s.values.clamp_min(1)
+        return [LayerError(float(rel[k]), float(s.max_abs[k]), float(cos[k]), float(clip[k])) for k in range(self.num_layers)]
 
 
 def layer_errors(scheme: QuantScheme, x: Tensor) -> list[LayerError]:

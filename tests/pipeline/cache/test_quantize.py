@@ -261,9 +261,31 @@ def test_error_stats_of_each_layer_alone_are_the_block_stats():
     x_hat, clipped = scheme.dequantize(scheme.quantize(x)), scheme.clipped(x)
     block, layers = ErrorStats(K), ErrorStats(K)
     block.update(x, x_hat, clipped)
+    tensors = ErrorStats(K)  # clip counts as tensors (what encoding passes, so that no count waits for the device)
     for k in range(K):
         layers.update_layer(k, x[:, k], x_hat[:, k], int(clipped[:, k].sum()))
+        tensors.update_layer(k, x[:, k], x_hat[:, k], clipped[:, k].sum())
     for name, values in block.to_json().items():  # the float16 overflow of the outlier makes some sums nan
-        assert torch.equal(torch.tensor(values).nan_to_num(7.0), torch.tensor(layers.to_json()[name]).nan_to_num(7.0)), name
+        for other in (layers, tensors):
+            assert torch.equal(torch.tensor(values).nan_to_num(7.0), torch.tensor(other.to_json()[name]).nan_to_num(7.0)), name
+    assert tensors.host() is tensors  # on the CPU already
     with pytest.raises(QuantizeError, match="layer 3 of 3"):
         layers.update_layer(3, x[:, 0], x_hat[:, 0])
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_a_layers_error_is_added_without_waiting_for_its_device(name):
+    """Extraction on a GPU adds each stored layer's error where the layer is: a host sync there (a float(), int() or
+    bool() of a device tensor) would stall the GPU once per layer. The meta device has shapes and no values, so any
+    such read fails on it: clip counts and error sums must run there as tensor ops, the sums kept on that device."""
+    x = _edge_features()
+    scheme = calibrate(name, features())
+    parts = {p: t.to("meta") for p, t in scheme.quantize(x).items()}
+    xm = x.to("meta")
+    counts = scheme.clip_counts(xm, parts)  # the int8 token schemes' CPU shortcut tests the scales on the host
+    assert counts.device.type == "meta" and counts.shape == (K,)
+    x_hat = scheme.dequantize(parts)
+    stats = ErrorStats(K, xm.device)
+    for k in range(K):
+        stats.update_layer(k, xm[:, k], x_hat[:, k], counts[k])
+    assert all(getattr(stats, f).device.type == "meta" for f in ErrorStats.FIELDS)

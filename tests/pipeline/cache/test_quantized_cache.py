@@ -137,7 +137,7 @@ def test_storer_writes_runs_of_rows_into_a_recycled_shard_buffer(dtype):
     for v in stale.values():
         v[...] = 1  # what a previous shard left
     pool.give(stale)
-    buf = _ShardBuffer(0, 0, 6, pool, 1, 4)
+    buf = _ShardBuffer(0, 0, 6, pool, 1, 4, torch.device("cpu"))
     assert buf.parts[FEATURES] is stale[FEATURES]  # recycled, not allocated again
     hs = torch.randn(4, 3, 7, 16, generator=torch.Generator().manual_seed(0))
     rows = np.array([0, 1, 3, 4])  # row 2: a skipped image; row 5: text only
@@ -154,6 +154,31 @@ def test_storer_writes_runs_of_rows_into_a_recycled_shard_buffer(dtype):
         for name, v in alone.to_json().items():
             np.testing.assert_allclose(got[name], v, rtol=1e-12, err_msg=name)
     assert torch.allclose(storer.block(hs)[:, 2], hs[:, 1:3].mean(1))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+def test_quantised_parts_staged_apart_equal_those_written_in_place(dtype):
+    """Off the CPU, encode_into quantises a block into buffers of its own (on the device) and copies each part to the
+    host once; on the CPU into the host rows directly. quantize_into fills either the same: here the staged buffers
+    are fresh CPU tensors, the direct ones rows of a bigger shard buffer."""
+    x = torch.randn(5, 3, 7, 16, generator=torch.Generator().manual_seed(1))
+    x[..., 4] *= 30  # an outlier channel for int8
+    x[2] = 0  # a row without an image
+    enc = FeatureEncoding.calibrate(dtype, running_absmax(None, x), 3)
+    direct = {p: np.full((8, *v.shape[1:]), 3, v.dtype) for p, v in enc.encode(x).items()}  # rows 2..6 of a shard of 8
+    direct_stats, staged_stats = ErrorStats(3), ErrorStats(3)
+    enc.encode_into(x, {p: v[2:7] for p, v in direct.items()}, direct_stats)
+    want = enc.encode(x)
+    staged = {p: torch.empty(v.shape, dtype=torch.from_numpy(v).dtype) for p, v in want.items()}
+    if dtype == "float8_e4m3fn":
+        staged[FEATURES] = torch.empty(want[FEATURES].shape, dtype=torch.float8_e4m3fn)
+    enc.quantize_into(x, staged, staged_stats)
+    for p, v in want.items():
+        assert np.array_equal(direct[p][2:7], v), p
+        assert not (direct[p][[0, 1, 7]] != 3).any(), p  # the rows around are untouched
+        got = staged[p].view(torch.uint8) if staged[p].dtype == torch.float8_e4m3fn else staged[p]
+        assert np.array_equal(got.numpy(), v), p
+    assert direct_stats.to_json() == staged_stats.to_json()
 
 
 def test_killed_extraction_resumes_to_the_same_cache_and_errors(tmp_path, monkeypatch, outlier_tower, caches):
