@@ -453,6 +453,14 @@ HISTORY = (  # measured by hand around the change it describes; not re-measured 
     "s), and ViT-L/14-336 reached 0.91 whole and 0.94 in the steady state, ViT-B/16 0.92 and 1.02, the tiny default"
     " 0.40 and 0.49, with pairs as far apart as before (0.81 to 0.92 at ViT-L); `--dtype int8` at ViT-L/14-336 1.04"
     " in the steady state, 0.58 whole, where the calibration pass costs 32 extra forwards for 36 images."
+    " Tried by hand on the EPYC afterwards, not adopted: the tiny default's forward at one intra-op thread, leaving "
+    "the other core to decoding, text embedding and writing. Alone, one thread runs this tower's forward only "
+    "1.13-1.19x slower than two (its operations are too small to split well; a 2048x2048 matmul runs 1.8-1.9x faster "
+    "on two), with the same bits. In the pipeline it did not pay: steady state 157-194 images/s at one thread against "
+    "158-175 at two (two rounds each, 1024 images), and per-thread CPU times showed the main thread busy for 6.2 of "
+    "the run's 7.4 s, so at one thread the forward itself set the pace. Threads beside it that hold the GIL were not "
+    "the cause: a text-embedding or a zstd thread left the one-thread forward at 4.8-5.0 ms per image (5.6 alone, "
+    "within this VM's noise), while a pure-Python loop thread slowed it 15x."
 )
 
 
