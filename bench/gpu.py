@@ -123,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t = args.tiny
     args.images = args.images or (48 if t else 2048)
     args.batch = args.batch or (16 if t else 64)
+    # extraction's own default on a GPU for one rank (ExtractConfig.loader_workers), which this script cannot import
+    # before gpu_env has set up the environment; training's loader takes the same number here
     args.workers = args.workers or (2 if t else max(2, (os.cpu_count() or 4) - 4))
     args.train_batch = args.train_batch or (4 if t else 32)
     args.train_steps = args.train_steps or (2 if t else 20)

@@ -15,6 +15,7 @@ class DistContext:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE)
     owns_group: bool = False
 
     @classmethod
@@ -37,7 +38,7 @@ class DistContext:
                 torch.cuda.set_device(local % torch.cuda.device_count())
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
             owns = True
-        return cls(rank=rank, world=world, local_rank=local, owns_group=owns)
+        return cls(rank=rank, world=world, local_rank=local, local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), owns_group=owns)
 
     @property
     def is_main(self) -> bool:

@@ -284,7 +284,8 @@ def data_synthetic(out_dir: str, n: int, seed: int, shard_size: int, quiet: bool
 @config_option(EXTRACT, "--max-image-bytes", type=click.IntRange(min=1), help="Largest image file or tar member read; larger ones are skipped.")
 @config_option(EXTRACT, "--batch-size", type=click.IntRange(min=1),
                help="Images per encoder forward. [default: 32 on a GPU; on a CPU as many as hold 4096 tokens, at most 32]")
-@config_option(EXTRACT, "--workers", type=click.IntRange(min=0), help="DataLoader workers for decoding.")
+@config_option(EXTRACT, "--workers", type=click.IntRange(min=0),
+               help="DataLoader workers for decoding. [default: 2 on a CPU; on a GPU the usable cores minus 4, split among a node's ranks]")
 @config_option(EXTRACT, "--device", help="auto | cpu | cuda | cuda:N")
 @config_option(EXTRACT, "--compute-dtype", type=click.Choice(["auto", *StorageDtype.float_names()]), help="Encoder dtype (auto: bf16 on CUDA, fp32 on CPU).")
 @config_option(EXTRACT, "--strict", is_flag=True, help="Stop at the first bad or repaired sample instead of skipping or repairing and recording it.")

@@ -67,6 +67,12 @@ ACCELERATOR_BATCH = 32  # images per forward on a GPU (--batch-size)
 # 6 images per forward (3.5k tokens) ran at its speed alone, and alone they are as fast per image (BENCHMARKS.md
 # "Extraction").
 CPU_BATCH_TOKENS = 4096
+CPU_WORKERS = 2  # DataLoader workers on a CPU (--workers): the forward takes the other cores
+# On an accelerator the workers decode for a forward of hundreds of images/s: a 336-px image costs 3.5 ms of decode and
+# preprocessing per core here (BENCHMARKS.md "Extraction"), a LLaVA-sized JPEG more, so 2 workers would cap a run near
+# 300-500 images/s. They get the cores this process may use but these, kept for the main thread (forward and copies),
+# the text thread and the writer threads.
+ACCELERATOR_SPARE_CORES = 4
 
 
 @dataclass
@@ -100,7 +106,7 @@ class ExtractConfig:
     run_dir: str = "runs/default"  # the default tower is built in RUN_DIR/vision: that path is in the cache record
     # runtime only: does not change the cache
     batch_size: int | None = runtime(default=None)  # images per forward; None: `forward_batch` chooses
-    workers: int = runtime(default=2)
+    workers: int | None = runtime(default=None)  # DataLoader workers for decoding; None: `loader_workers` chooses
     device: str = runtime(default="auto")
     compute_dtype: str = runtime(default="auto")  # auto (bf16 on CUDA, fp32 on CPU) or a StorageDtype name
     text_batch_size: int = runtime(default=128)
@@ -120,6 +126,16 @@ class ExtractConfig:
         if device.type != "cpu":
             return ACCELERATOR_BATCH
         return max(1, min(ACCELERATOR_BATCH, CPU_BATCH_TOKENS // max(1, num_tokens)))
+
+    def loader_workers(self, device: torch.device, local_world: int = 1) -> int:
+        """DataLoader workers: --workers, else CPU_WORKERS on a CPU and, on an accelerator, the cores this process may
+        use minus ACCELERATOR_SPARE_CORES, shared among the `local_world` ranks of a node (at least CPU_WORKERS)."""
+        if self.workers is not None:
+            return self.workers
+        if device.type == "cpu":
+            return CPU_WORKERS
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(CPU_WORKERS, (cores - ACCELERATOR_SPARE_CORES) // max(1, local_world))
 
     def source_spec(self) -> dict[str, Any]:
         given = [k for k in ("llava", "wds", "builtin") if getattr(self, k) is not None]
@@ -335,11 +351,12 @@ class _StreamDataset(IterableDataset):
 
 
 def _loader(cfg: ExtractConfig, records: Sequence[SampleRecord], batches: list[list[int]], pre: ImagePreprocessor,
-            device: torch.device) -> DataLoader:
+            device: torch.device, local_world: int = 1) -> DataLoader:
     """The DataLoader of `batches`: WebDataset rows streamed by input shard (`_StreamDataset`), the others by record
-    (`_ImageDataset`)."""
-    common: dict[str, Any] = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                                  worker_init_fn=worker_init_fn(cfg.workers), prefetch_factor=4 if cfg.workers else None)
+    (`_ImageDataset`); `cfg.loader_workers` processes."""
+    workers = cfg.loader_workers(device, local_world)
+    common: dict[str, Any] = dict(num_workers=workers, pin_memory=device.type == "cuda",
+                                  worker_init_fn=worker_init_fn(workers), prefetch_factor=4 if workers else None)
     if cfg.source_spec()["kind"] == "webdataset":
         ds = _StreamDataset(records, batches, pre, cfg.max_pixels, cfg.image_access(), sources.pipe_shards(cfg.wds or ""),
                             cfg.spool_dir())
@@ -754,7 +771,7 @@ def _process(
     max_turns = int(writer.meta["text"]["max_turns"])
     batches = list(shard_batches(writer, shards, cfg.forward_batch(device, info.num_tokens)))
     rows = [r for b in batches for r in b]
-    loader = _loader(cfg, records, batches, enc.preprocessor(cfg.pad_to_square), device)
+    loader = _loader(cfg, records, batches, enc.preprocessor(cfg.pad_to_square), device, ctx.local_world)
     # Fork the DataLoader workers now, before the text thread runs torch code: a worker forked while another thread holds
     # a libc lock (e.g. glibc's atexit lock, taken when torch first registers a static destructor) hangs for ever.
     loaded = iter(loader)

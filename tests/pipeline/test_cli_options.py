@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 
 from layerfuse.core.config import choices
@@ -89,9 +90,11 @@ def test_make_extract_builds_the_config_it_always_did(monkeypatch):
                   vision_revision=None, vision_pretrain_steps=None, pad_to_square=False, dtype="float16",
                   text_model="all-MiniLM-L6-v2", shard_samples=None, shard_mib=512, chunk_kib=256,
                   codec="zstd", clevel=1,  # was blosc zstd-3 until BENCHMARKS.md "Codecs" chose zstd-1
-                  max_pixels=89_478_485, run_dir="runs/default", batch_size=None, workers=2, device="auto", compute_dtype="auto",
+                  max_pixels=89_478_485, run_dir="runs/default", batch_size=None, device="auto", compute_dtype="auto",
+                  workers=None,  # was 2; None is still 2 on a CPU (ExtractConfig.loader_workers), more on a GPU
                   strict=False, overwrite=False, progress=True)
     got = asdict(seen[0])
+    assert seen[0].loader_workers(torch.device("cpu")) == 2
     assert {k: got[k] for k in before} == before
     assert got["suffixes"] == seen[0].__class__().suffixes and got["storage_options"] == {}
 

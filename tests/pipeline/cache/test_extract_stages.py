@@ -4,12 +4,14 @@ shard and surfaces the first error."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
 import torch
 import pytest
-from layerfuse.pipeline.cache.extract import CPU_BATCH_TOKENS, ExtractConfig, _TextStage
+from layerfuse.core.distributed import DistContext
+from layerfuse.pipeline.cache.extract import ACCELERATOR_SPARE_CORES, CPU_BATCH_TOKENS, CPU_WORKERS, ExtractConfig, _TextStage
 from layerfuse.pipeline.cache.writer import ShardWriterPool
 from layerfuse.pipeline.data.synthetic import synthetic_plan
 from layerfuse.pipeline.models.text import TEXT_CPU_THREADS, TextBatch, max_human_turns
@@ -153,3 +155,33 @@ def test_images_per_forward_default_by_device_and_tokens():
     assert [auto.forward_batch(cpu, t) for t in (65, 197, 577, 5000)] == [32, 20, 7, 1]  # default tower, ViT-B/16, ViT-L/14-336
     assert auto.forward_batch(cuda, 577) == 32
     assert ExtractConfig(batch_size=12).forward_batch(cpu, 577) == 12
+
+
+def test_decoding_workers_default_by_device_cores_and_ranks(monkeypatch):
+    """--workers wins (0 included); by default 2 on a CPU, where the forward takes the other cores, and on an
+    accelerator the cores this process may use minus ACCELERATOR_SPARE_CORES, split among a node's ranks, at least 2."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = ExtractConfig()
+    assert auto.workers is None and (CPU_WORKERS, ACCELERATOR_SPARE_CORES) == (2, 4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))  # the lent H200 machine's 16 cores
+    assert auto.loader_workers(cpu) == 2
+    assert auto.loader_workers(cuda) == 12
+    assert auto.loader_workers(cuda, local_world=4) == 3  # 4 ranks on the node share the 12
+    assert auto.loader_workers(cuda, local_world=8) == 2  # never below 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))
+    assert auto.loader_workers(cuda) == 2
+    assert ExtractConfig(workers=0).loader_workers(cuda) == 0 and ExtractConfig(workers=5).loader_workers(cpu) == 5
+
+
+def test_ranks_on_a_node_come_from_torchrun(monkeypatch):
+    """DistContext.local_world is torchrun's LOCAL_WORLD_SIZE (what the ranks of a node divide their cores by); a
+    single process has its node to itself."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert DistContext.from_env().local_world == 1
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # a group already joined: nothing to start
+    ctx = DistContext.from_env()
+    assert (ctx.rank, ctx.world, ctx.local_rank, ctx.local_world, ctx.owns_group) == (5, 8, 1, 4, False)
