@@ -343,6 +343,31 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def _int8_on_device(dev: str, tiny: bool) -> dict[str, Any]:
+    """One block encoded as int8 on `dev` (on CUDA: quantised there, gathered in device buffers, one copy per part)
+    against the same block encoded on the CPU (written into the host rows layer by layer): which parts have the same
+    bits, and whether the error sums agree (float32 sums in another order: to 1e-5)."""
+    import numpy as np
+    import torch
+
+    from layerfuse.pipeline.cache.encoding import FeatureEncoding, running_absmax
+    from layerfuse.pipeline.cache.quantize import ErrorStats
+
+    shape = (4, 3, 17, 64) if tiny else (8, 5, 577, 1024)  # [B, K, T, D]: MMFuser's 5 stored layers at ViT-L/14-336
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    x[..., 7] *= 40  # an outlier channel, kept in float16
+    x[1] = 0  # a row without an image
+    enc = FeatureEncoding.calibrate("int8", running_absmax(None, x), shape[1])
+    got = {}
+    for where in ("cpu", dev):
+        stats = ErrorStats(shape[1], where)
+        got[where] = enc.encode(x.to(where), stats), stats.host().to_json()
+    (cpu_parts, cpu_stats), (dev_parts, dev_stats) = got["cpu"], got[dev]
+    equal = {p: bool(np.array_equal(cpu_parts[p], dev_parts[p])) for p in cpu_parts}
+    stats_close = all(np.allclose(cpu_stats[k], dev_stats[k], rtol=1e-5, atol=0) for k in cpu_stats)
+    return {"shape": list(shape), "parts_equal": equal, "stats_close": stats_close, "ok": all(equal.values()) and stats_close}
+
+
 def part_extract(args: argparse.Namespace) -> PartResult:
     """Forward-only images/s of the encoder on preprocessed pixels, then whole `run_extract` runs (fp16, int8)."""
     import numpy as np
@@ -399,9 +424,12 @@ def part_extract(args: argparse.Namespace) -> PartResult:
             return PartResult("failed", f"{dtype}: {ok} of {n} images extracted", data={"runs": runs})
         if dtype == "int8" and dev == "cuda":
             shutil.rmtree(out, ignore_errors=True)  # the float16 cache stays for the training part
+    int8 = _int8_on_device(dev, args.tiny)
     data = {"images": n, "batch": args.batch, "workers": args.workers, "compute": compute, "layers": layers,
             "tokens": info.num_tokens, "hidden": info.hidden_size, "blocks": info.num_layers, "text": text_how,
-            "forward_images": len(pix), "forward_images_per_s": fwd, "runs": runs}
+            "forward_images": len(pix), "forward_images_per_s": fwd, "runs": runs, "int8_on_device": int8}
+    if not int8["ok"]:
+        return PartResult("failed", f"int8 encoding on {dev} differs from the CPU's: {int8}", data=data)
     return PartResult("ok", data=data)
 
 
@@ -614,6 +642,11 @@ def render(results: dict[str, PartResult], machine: str, args: argparse.Namespac
         best = max((r["ratio"] for r in d["runs"].values()), default=None)
         lines += ["", f"Goal: pipeline / forward-only >= {GOALS['extract_pipeline_ratio']} at this shape (best storage "
                   f"{_f(best)}: {_goal(best, GOALS['extract_pipeline_ratio'])})."]
+        if q := d.get("int8_on_device"):
+            same = [p for p, ok in q["parts_equal"].items() if ok]
+            lines += ["", f"int8 encoding of a {q['shape']} block on {args.device} against the CPU: parts with the same bits: "
+                      f"{', '.join(same) or 'none'} of {len(q['parts_equal'])}; error sums {'agree' if q['stats_close'] else 'DIFFER'} "
+                      "(to 1e-5)."]
     tr = results.get("train")
     if tr and tr.data.get("rows"):
         d = tr.data

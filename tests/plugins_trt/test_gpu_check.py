@@ -211,6 +211,8 @@ def test_tiny_parts_run_on_the_cpu_and_write_their_section(tmp_path, msda_target
     assert {p: r["status"] for p, r in report["parts"].items()} == {p: "ok" for p in parts.split(",")}
     extract = report["parts"]["extract"]["data"]
     assert set(extract["runs"]) == {"float16", "int8"} and extract["runs"]["int8"]["images"] == 48
+    int8 = extract["int8_on_device"]  # on a GPU: the device path against the CPU's; here the CPU's against itself
+    assert int8["ok"] and set(int8["parts_equal"]) == {"features", "quant/scale", "quant/outliers"} and "int8 encoding of a" in text
     train = report["parts"]["train"]["data"]
     assert train["rows"][0]["attn"] == "sdpa" and train["skipped"] == {"flash_attention_2": "needs CUDA"}
     assert report["parts"]["onnx"]["data"]["rows"][0]["max_abs_diff"] < 1e-4
