@@ -222,7 +222,7 @@ def _acc(v: list[float]) -> str:
 
 
 def verdicts(tables: dict[str, dict], ref: str = "float16") -> dict[tuple[str, str], dict[str, Any]]:
-    """(cache, fuser) -> overall mean inside ref's seed range?, on which side of it (inside, above, below), how many
+    """(cache, fuser) -> where the overall mean lies against ref's seed range (inside, above, below), how many
     categories' means are inside theirs, the overall mean difference in units of ref's std over seeds."""
     out = {}
     for cache, table in tables.items():
@@ -236,7 +236,7 @@ def verdicts(tables: dict[str, dict], ref: str = "float16") -> dict[tuple[str, s
             std = float(np.std(base["overall"], ddof=1)) if len(base["overall"]) > 1 else float("nan")
             diff = float(np.mean(metrics["overall"]) - np.mean(base["overall"]))
             side = "inside" if inside["overall"] else "above" if diff > 0 else "below"  # above the range is no loss
-            out[cache, fuser] = {"overall": inside["overall"], "side": side, "categories_inside": sum(inside[m] for m in inside if m != "overall"),
+            out[cache, fuser] = {"side": side, "categories_inside": sum(inside[m] for m in inside if m != "overall"),
                                  "categories": len(inside) - 1, "diff": diff, "diff_std": diff / std if std > 0 else float("nan"),
                                  "outside": sorted(m for m, ok in inside.items() if not ok and m != "overall")}
     return out
@@ -336,6 +336,11 @@ def render(cmd: str, args: argparse.Namespace, rows: list[dict], reads: dict | N
     return "\n".join(lines) + "\n"
 
 
+# where a row's overall mean lies against float16's seed range, as BENCHMARKS.md (detailed) and docs/ablations.md say it
+SIDE_DETAILED = {"inside": "inside the range", "above": "**above** the range, no loss", "below": "**below** the range, a loss"}
+SIDE_SHORT = {"inside": "yes", "above": "above it: no loss", "below": "**no**: below it"}
+
+
 def verdict_text(vd: dict[str, Any] | None, *, detailed: bool) -> str:
     """A cache x fuser row's verdict against float16's seed range (None: the float16 reference itself); detailed for
     BENCHMARKS.md, short for docs/ablations.md."""
@@ -343,10 +348,9 @@ def verdict_text(vd: dict[str, Any] | None, *, detailed: bool) -> str:
         return "reference"
     numbers = f"{vd['diff']:+.3f}, {vd['diff_std']:+.1f} std"
     inside = f"{vd['categories_inside']}/{vd['categories']} categories inside"
-    where = {"inside": "inside the range", "above": "**above** the range, no loss", "below": "**below** the range, a loss"}[vd["side"]]
     if detailed:
-        return (f"overall {where} ({numbers}); {inside}" + (f" (not: {', '.join(vd['outside'])})" if vd["outside"] else ""))
-    return f"{ {'inside': 'yes', 'above': 'above it: no loss', 'below': '**no**: below it'}[vd['side']]} ({numbers}; {inside})"
+        return (f"overall {SIDE_DETAILED[vd['side']]} ({numbers}); {inside}" + (f" (not: {', '.join(vd['outside'])})" if vd["outside"] else ""))
+    return f"{SIDE_SHORT[vd['side']]} ({numbers}; {inside})"
 
 
 def criterion_line(verdict: dict[tuple[str, str], dict[str, Any]]) -> str:

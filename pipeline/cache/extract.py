@@ -47,7 +47,7 @@ from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_
 from layerfuse.pipeline.models.encoder import DEFAULT_VISION, ImagePreprocessor, VisionEncoder, load_vision_encoder
 from layerfuse.pipeline.data import sources
 from layerfuse.pipeline.data.records import Plan, SampleError, SampleIssue, SampleRecord
-from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, ImageAccess, is_remote, is_url, load_image, local_root, parse_url_schemes
+from layerfuse.pipeline.data.access import DEFAULT_MAX_IMAGE_BYTES, ImageAccess, is_remote, load_image, local_root, parse_url_schemes
 from layerfuse.pipeline.data.images import decode_image
 from layerfuse.pipeline.data.stream import is_pipe, read_members, spool_path
 from layerfuse.pipeline.data.synthetic import synthetic_plan
