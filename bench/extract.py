@@ -179,7 +179,11 @@ def breakdown(r: dict, repeats: int, fixed_cost: bool) -> dict:
     hs = enc(r["pix"][:bs])
     fp16, shard_buf = FeatureEncoding(StorageDtype.FLOAT16), np.zeros(tuple(hs.shape), np.float16)
     shard_buf.fill(0)  # touched once, as a recycled shard buffer is
-    cast = median_time(lambda: fp16.encode_into(hs, {FEATURES: shard_buf}), repeats) / hs.shape[0]
+    def store() -> None:  # as `_Storer.write`: the check of every image, then one converting copy
+        with torch.inference_mode():
+            fp16.encode_into(hs, {FEATURES: shard_buf}, None, fp16.check(hs)[1])
+
+    cast = median_time(store, repeats) / hs.shape[0]
     cache = FeatureCache(r["cache"])
     max_turns = int(cache.meta["text"]["max_turns"])
     convs = [rec.conversations for rec in records[:m]]
@@ -205,7 +209,7 @@ def breakdown(r: dict, repeats: int, fixed_cost: bool) -> dict:
     stages = {
         "decode + preprocess (DataLoader workers)": decode,
         "encoder forward (main thread)": r["fwd_s"] / r["n"],
-        "hidden states -> shard buffer, fp16, `encode_into` (main thread)": cast,
+        "hidden states -> shard buffer, fp16, `check` + `encode_into` (main thread)": cast,
         f"text embedding, once per distinct instruction of an output shard ({TEXT_WHERE})": embed,
         "zarr shard write incl. marker CRCs (writer threads)": write,
     }

@@ -346,7 +346,8 @@ def _dir_bytes(path: Path) -> int:
 def _int8_on_device(dev: str, tiny: bool) -> dict[str, Any]:
     """One block encoded as int8 on `dev` (on CUDA: quantised there, gathered in device buffers, one copy per part)
     against the same block encoded on the CPU (written into the host rows layer by layer): which parts have the same
-    bits, and whether the error sums agree (float32 sums in another order: to 1e-5)."""
+    bits, and whether the error sums agree (float32 sums in another order: to 1e-5). Both are given extraction's
+    check (`valid`, one row refused), so the device runs extraction's path, with no host sync per stored layer."""
     import numpy as np
     import torch
 
@@ -356,12 +357,14 @@ def _int8_on_device(dev: str, tiny: bool) -> dict[str, Any]:
     shape = (4, 3, 17, 64) if tiny else (8, 5, 577, 1024)  # [B, K, T, D]: MMFuser's 5 stored layers at ViT-L/14-336
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     x[..., 7] *= 40  # an outlier channel, kept in float16
-    x[1] = 0  # a row without an image
+    x[1] = 0  # a row the check refused (zeroed)
+    valid = torch.ones(shape[0], dtype=torch.bool)
+    valid[1] = False
     enc = FeatureEncoding.calibrate("int8", running_absmax(None, x), shape[1])
     got = {}
     for where in ("cpu", dev):
         stats = ErrorStats(shape[1], where)
-        got[where] = enc.encode(x.to(where), stats), stats.host().to_json()
+        got[where] = enc.encode(x.to(where), stats, valid.to(where)), stats.host().to_json()
     (cpu_parts, cpu_stats), (dev_parts, dev_stats) = got["cpu"], got[dev]
     equal = {p: bool(np.array_equal(cpu_parts[p], dev_parts[p])) for p in cpu_parts}
     stats_close = all(np.allclose(cpu_stats[k], dev_stats[k], rtol=1e-5, atol=0) for k in cpu_stats)

@@ -72,6 +72,13 @@ class StorageDtype(str, Enum):
         return np.dtype(_ZARR[self])
 
     @property
+    def overflow(self) -> float:
+        """The smallest |x| (float32 or narrower) this dtype does not store finite, rounding to nearest: 65520 for
+        float16 (its largest value is 65504), (2 - 2^-8) x 2^127 for bfloat16, inf for float32 and for the quantised
+        dtypes, which scale each token (a token beyond their float16 scales clips, and the clip is counted)."""
+        return _OVERFLOW.get(self, float("inf"))
+
+    @property
     def itemsize(self) -> int:
         return self.zarr_dtype.itemsize
 
@@ -80,3 +87,4 @@ _TORCH = {StorageDtype.FLOAT16: torch.float16, StorageDtype.BFLOAT16: torch.bflo
           StorageDtype.INT8: torch.int8, StorageDtype.FLOAT8: torch.float8_e4m3fn}
 _ZARR = {StorageDtype.FLOAT16: "float16", StorageDtype.BFLOAT16: "uint16", StorageDtype.FLOAT32: "float32",
          StorageDtype.INT8: "int8", StorageDtype.FLOAT8: "uint8"}
+_OVERFLOW = {StorageDtype.FLOAT16: 65520.0, StorageDtype.BFLOAT16: (2 - 2**-8) * 2.0**127}

@@ -7,7 +7,8 @@ Shard k+1 is read and converted while a writer thread compresses and writes shar
 waits). Under torchrun rank r takes DST's shards k = r (mod world), as extraction does; rank 0 plans and finalizes.
 
 DST keeps SRC's samples, rows, shards, conversations, embeddings, group-mean views and issue records; only the stored
-layers and the data type change. To int8, the outlier channels are calibrated on SRC's first images as extraction does
+layers and the data type change. A row whose values DST's dtype cannot hold finite (a float32 or bfloat16 SRC with
+|x| >= 65520, derived to float16) is stored as skipped with an `encoder` issue, as extraction in that dtype would have. To int8, the outlier channels are calibrated on SRC's first images as extraction does
 (on SRC's stored values: a float16 SRC gives what extraction in float16 compute would), and DST records its own
 quantisation error against SRC's values. Its config record is SRC's plus `derived_from` (SRC's URL and config hash) and the new `layers` /
 `dtype`; its fingerprint is therefore its own, and a rerun with other settings is refused unless `overwrite`.
@@ -29,8 +30,8 @@ from layerfuse.core.errors import StateError
 from layerfuse.core.fingerprint import fingerprint
 from layerfuse.pipeline.cache.encoding import CALIBRATION_IMAGES, FeatureEncoding, running_absmax
 from layerfuse.pipeline.cache.quantize import ErrorStats
-from layerfuse.pipeline.cache.reader import ATTRS_KEY, OK, FeatureCache, open_group
-from layerfuse.pipeline.cache.selection import stored_layers
+from layerfuse.pipeline.cache.reader import ATTRS_KEY, OK, SKIPPED, FeatureCache, open_group
+from layerfuse.pipeline.cache.selection import input_name, stored_layers
 from layerfuse.pipeline.cache.writer import CacheWriter, FeaturePool, ShardResult, ShardWriterPool
 from layerfuse.pipeline.data.records import SampleIssue, SampleRecord
 
@@ -141,7 +142,9 @@ def _plan(source: FeatureCache, out: str, config: dict[str, Any], chash: str, ke
 def _calibration_absmax(source: FeatureCache, inputs: list[int | tuple[int, ...]]) -> torch.Tensor | None:
     """absmax [K, D] over SRC's first CALIBRATION_IMAGES images (storage order) of the layers/views DST keeps."""
     rows = np.flatnonzero(source.table("samples/status") == OK)[:CALIBRATION_IMAGES]
-    return running_absmax(None, source.features_at(rows, inputs)) if len(rows) else None
+    x = source.features_at(rows, inputs)
+    x = x[FeatureEncoding(StorageDtype.INT8).check(x)[1]]  # rows DST will not store do not calibrate it
+    return running_absmax(None, x) if len(x) else None
 
 
 def _image_errors(source: FeatureCache) -> dict[int, dict[str, Any]]:
@@ -154,21 +157,30 @@ def _shard(source: FeatureCache, writer: CacheWriter, k: int, inputs: list[int |
     """Shard k of DST from the same rows of SRC (every read checked); its feature parts in a recycled buffer."""
     a, b = writer.shard_rows(k)
     rows = np.arange(a, b)
-    status = source.table("samples/status")[a:b]
+    status = source.table("samples/status")[a:b].astype(np.uint8)  # a copy: refused rows become SKIPPED below
     x = source.features_at(rows, inputs)  # [n, K+V, T, D]: SRC's values
     stats = ErrorStats(x.shape[1]) if encoding.scheme is not None else None
     parts = pool.take(b - a)
     images = np.flatnonzero(status == OK)
+    issues = [{k2: errors[r][k2] for k2 in ("row", "id", "stage", "reason", "where")} for r in range(a, b) if r in errors]
+    turns = np.asarray(source.checked_rows("text/turns", rows))
+    mean = np.asarray(source.checked_rows("text/mean", rows))
+    num_turns = source.table("text/num_turns")[a:b].astype(np.int16)
     if images.size:  # (every row an image, the usual case: x itself, not a copy of its rows)
-        encoding.encode_rows(x if images.size == len(rows) else x[torch.from_numpy(images)], parts, images, stats)
+        block = x if images.size == len(rows) else x[torch.from_numpy(images)]
+        absmax, valid = encoding.check(block)
+        encoding.encode_rows(block, parts, images, stats, valid)
+        names = [input_name(i) for i in inputs]
+        for i, why in ((i, encoding.refusal(m, names)) for i, m in enumerate(absmax.numpy())):
+            if why is not None:  # as extraction in DST's dtype records it: no features, no instruction embedding
+                r = int(images[i])
+                status[r], turns[r], mean[r], num_turns[r] = SKIPPED, 0, 0, 0
+                issues.append({"row": a + r, "id": str(source.table("samples/id")[a + r]), "stage": "encoder", "reason": why,
+                               "where": str(source.table("samples/image_ref")[a + r])})
     FeaturePool.blank(parts, status)  # rows without an image are zeros, as extraction leaves them
     parts = dict(parts)
     data = parts.pop("features")
-    turns = np.asarray(source.checked_rows("text/turns", rows))
-    mean = np.asarray(source.checked_rows("text/mean", rows))
     return ShardResult(
-        k, a, b, data, turns, mean, source.table("text/num_turns")[a:b].astype(np.int16), status.astype(np.uint8),
-        source.table("samples/image_size")[a:b].astype(np.int32),
-        [{k2: errors[r][k2] for k2 in ("row", "id", "stage", "reason", "where")} for r in range(a, b) if r in errors],
+        k, a, b, data, turns, mean, num_turns, status, source.table("samples/image_size")[a:b].astype(np.int32), issues,
         parts, stats,
     )

@@ -1,7 +1,8 @@
 """How a cache stores its features: plain floats, or 1-byte codes with scales beside them (docs/cache-format.md 3.2).
 
     enc = FeatureEncoding.calibrate("int8", absmax)        # extraction: absmax [K, D] of the first images' blocks
-    parts = enc.encode(x, stats)                            # x [B, K, T, D] on the extraction device -> host numpy parts
+    absmax, valid = enc.check(x)                            # extraction: which samples store finite (the others zeroed)
+    parts = enc.encode(x, stats, valid)                     # x [B, K, T, D] on the extraction device -> host numpy parts
     x_hat = enc.decode(parts)                               # a reader (loader worker): parts -> float16 [B, K, T, D]
     enc = FeatureEncoding.from_storage(meta["storage"])     # what the cache's metadata says
 
@@ -149,24 +150,51 @@ class FeatureEncoding:
         return self.dtype.read_dtype.value
 
     # --- values -----------------------------------------------------------------------------------------------
-    def encode(self, x: Tensor, stats: ErrorStats | None = None) -> dict[str, np.ndarray]:
+    def check(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, K, T, D] -> absmax [B, K] float32 (nan where a value is nan), valid [B] bool: whether every value of
+        a sample is finite and stored finite (`StorageDtype.overflow`: float16 holds |x| < 65520). The rows not valid
+        are zeroed in place (on a CPU only when there are some), so `encode_into(..., valid)` can skip its own tests.
+        Two fused reductions, with no host sync off the CPU; x must be writable (under inference mode for an inference
+        tensor such as the encoder's output)."""
+        absmax = torch.maximum(x.amax((2, 3)), x.amin((2, 3)).neg()).float()  # no |x| temporary; a nan propagates
+        valid = (absmax < self.dtype.overflow).all(1)  # a nan compares False
+        if x.device.type != "cpu" or not bool(valid.all()):
+            x.masked_fill_(~valid[:, None, None, None], 0)
+        return absmax, valid
+
+    def refusal(self, absmax: np.ndarray, names: Sequence[str]) -> str | None:
+        """Why a sample is not stored, from its absmax [K] (`check`) and the names of its K inputs, or None."""
+        bad = np.flatnonzero(~(absmax < self.dtype.overflow))
+        if not bad.size:
+            return None
+        more = f" and {bad.size - 1} more stored input(s)" if bad.size > 1 else ""
+        if not np.isfinite(absmax[bad]).all():
+            first = next(int(k) for k in bad if not np.isfinite(absmax[k]))
+            return f"non-finite hidden states: nan or inf in {names[first]}{more} of the vision encoder's output"
+        return (f"hidden states beyond {self.dtype}: |x| up to {float(absmax[bad].max()):.4g} in {names[int(bad[0])]}{more}, "
+                f"and {self.dtype} stores |x| < {self.dtype.overflow:g} (--dtype bfloat16 or int8 stores them)")
+
+    def encode(self, x: Tensor, stats: ErrorStats | None = None, valid: Tensor | None = None) -> dict[str, np.ndarray]:
         """x [B, K, T, D] (any float dtype, on the extraction device) -> the stored parts on the host (new arrays).
 
-        Quantised dtypes quantise where x is and add this block's error to `stats` (computed there too)."""
+        Quantised dtypes quantise where x is and add this block's error to `stats` (computed there too); `valid` as in
+        `encode_into`."""
         dt = self.part_dtypes()
         out = {p: np.empty((x.shape[0], x.shape[1], *s), dt[p]) for p, s in self.part_shapes(x.shape[2], x.shape[3]).items()}
-        self.encode_into(x, out, stats)
+        self.encode_into(x, out, stats, valid)
         return out
 
-    def encode_rows(self, x: Tensor, out: Mapping[str, np.ndarray], rows: np.ndarray, stats: ErrorStats | None = None) -> None:
+    def encode_rows(self, x: Tensor, out: Mapping[str, np.ndarray], rows: np.ndarray, stats: ErrorStats | None = None,
+                    valid: Tensor | None = None) -> None:
         """`encode_into` of x [B, ...] into rows `rows` [B] of out[part] ([N, ...] each, e.g. a shard buffer): one
         converting copy per run of consecutive rows."""
         breaks = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist()
         for a, b in zip([0, *breaks], [*breaks, len(rows)]):
             r0, r1 = int(rows[a]), int(rows[b - 1]) + 1
-            self.encode_into(x[a:b], {p: v[r0:r1] for p, v in out.items()}, stats)
+            self.encode_into(x[a:b], {p: v[r0:r1] for p, v in out.items()}, stats, None if valid is None else valid[a:b])
 
-    def encode_into(self, x: Tensor, out: Mapping[str, np.ndarray], stats: ErrorStats | None = None) -> None:
+    def encode_into(self, x: Tensor, out: Mapping[str, np.ndarray], stats: ErrorStats | None = None,
+                    valid: Tensor | None = None) -> None:
         """`encode`, written into out[part] ([B, K, ...] host arrays, e.g. rows of an extraction shard buffer): one
         converting copy per part from x's device straight into place (no intermediate host array: at ViT-L/14-336 a
         batch of 18 is 531 MB of fp16, and each extra host copy of it cost 70 ms per image in fresh pages).
@@ -174,25 +202,31 @@ class FeatureEncoding:
         Quantised dtypes go one stored layer at a time (float32 temporaries of [B, 1, T, D], not [B, K, T, D]). On a
         CPU each layer's parts are written into `out` directly; elsewhere into device buffers of out's shape, copied
         to the host once per part: a layer of `out` is a strided view, and a strided copy from a GPU goes through a
-        pageable temporary, where the whole block is one copy into pinned memory."""
+        pageable temporary, where the whole block is one copy into pinned memory.
+
+        `valid` [B] bool (on x's device) is the caller's check of x: its rows are finite and the other rows zero. The
+        error sums then count the valid rows only, and the schemes skip their own finiteness test (off the CPU a host
+        sync per stored layer)."""
         host = {p: host_tensor(a, self.dtype) if p == FEATURES else torch.from_numpy(a) for p, a in out.items()}
         if self.scheme is None:
             host[FEATURES].copy_(x)
             return
         staged = host if x.device.type == "cpu" else {p: torch.empty(t.shape, dtype=t.dtype, device=x.device) for p, t in host.items()}
-        self.quantize_into(x, staged, stats)
+        self.quantize_into(x, staged, stats, valid)
         if staged is not host:
             for p, t in host.items():
                 t.copy_(staged[p])
 
-    def quantize_into(self, x: Tensor, out: Mapping[str, Tensor], stats: ErrorStats | None = None) -> None:
+    def quantize_into(self, x: Tensor, out: Mapping[str, Tensor], stats: ErrorStats | None = None,
+                      valid: Tensor | None = None) -> None:
         """The quantised parts of x [B, K, T, D] written into the tensors out[part] ([B, K, ...], on any device), one
-        stored layer at a time, its error added to `stats`; nothing here waits for x's device."""
+        stored layer at a time, its error added to `stats` (`valid`: as in `encode_into`). With `valid` given, nothing
+        here waits for x's device; without it each layer's finiteness test does."""
         for k in range(x.shape[1]):
             scheme, xk = self.scheme.layer(k), x[:, k : k + 1]
-            parts = scheme.quantize(xk)  # float32 inside, on x's device
+            parts = scheme.quantize(xk, checked=valid is not None)  # float32 inside, on x's device
             if stats is not None:
-                stats.update_layer(k, xk[:, 0], scheme.dequantize(parts)[:, 0], scheme.clip_counts(xk, parts)[0])
+                stats.update_layer(k, xk[:, 0], scheme.dequantize(parts)[:, 0], scheme.clip_counts(xk, parts)[0], valid)
             for p, t in out.items():
                 t[:, k : k + 1].copy_(parts[PART_KEYS[p]])
 

@@ -1,6 +1,7 @@
 """Phase one: run a frozen vision tower once over a source and store every layer in a cache.
 
     source -> plan (records) -> DataLoader workers (load, decode, preprocess) -> batched encoder forward
+           -> check (nan, inf, the storage dtype's range: a refused image is a recorded bad sample)
            -> shard buffers -> writer threads (zarr, overlapped with compute; bounded queue of shards) -> markers -> finalize
     records -> text thread (each batch's instruction embeddings, ahead of the forward) -> shard buffers
 
@@ -37,7 +38,7 @@ from layerfuse.core.fingerprint import fingerprint, runtime
 from layerfuse.core import __version__
 from layerfuse.core.dtypes import StorageDtype
 from layerfuse.pipeline.cache.plan import free_bytes, plan_cache
-from layerfuse.pipeline.cache.selection import ALL as ALL_LAYERS, stored_layers, view_groups
+from layerfuse.pipeline.cache.selection import ALL as ALL_LAYERS, input_name, stored_layers, view_groups
 from layerfuse.pipeline.cache.encoding import CALIBRATION_IMAGES, FEATURES, FeatureEncoding, running_absmax
 from layerfuse.pipeline.cache.quantize import ErrorStats
 from layerfuse.pipeline.cache.reader import ATTRS_KEY, FORMAT_VERSION, OK, SKIPPED, TEXT_ONLY, open_group
@@ -500,7 +501,13 @@ class _ShardBuffer:
 
 class _Storer:
     """The tower's hidden states as the cache stores them: the stored layers, then the group-mean views (computed in
-    float32 from the tower's output), encoded (quantised for int8/float8) on the device before the copy to the host."""
+    float32 from the tower's output), checked, and encoded (quantised for int8/float8) on the device before the copy
+    to the host.
+
+    The check: an image whose stored inputs hold nan or inf, or values beyond what the storage dtype holds finite
+    (float16: |x| >= 65520), is not stored. Its row is zeroed and recorded as skipped (issue stage "encoder"), like an
+    image that does not decode: a tower computing in float16 can overflow on one image, and a million-image run should
+    neither stop there nor store infinities that poison every mean a fuser takes over them."""
 
     def __init__(self, storage: dict[str, Any], num_layers: int, device: torch.device,
                  encoding: FeatureEncoding | None = None):
@@ -508,6 +515,7 @@ class _Storer:
         self.views = [torch.tensor(v, device=device) for v in storage.get("views", [])]
         self.select = None if stored == list(range(num_layers + 1)) else torch.tensor(stored, device=device)
         self.inputs = len(stored) + len(self.views)  # K + V
+        self.names = [input_name(i) for i in stored] + [input_name(v) for v in storage.get("views", [])]
         self.encoding = encoding or FeatureEncoding.from_storage(storage)
 
     def block(self, hs: torch.Tensor) -> torch.Tensor:
@@ -518,11 +526,20 @@ class _Storer:
         kept = hs if self.select is None else hs.index_select(1, self.select)  # [B, K, T, D]
         return torch.cat([kept.float(), *means], dim=1) if means else kept
 
-    def write(self, hs: torch.Tensor, buf: _ShardBuffer, rows: np.ndarray) -> None:
+    def problem(self, absmax: np.ndarray) -> str | None:
+        """Why an image is not stored, from its absmax [K+V] (`FeatureEncoding.check`), or None when it is."""
+        return self.encoding.refusal(absmax, self.names)
+
+    @torch.inference_mode()
+    def write(self, hs: torch.Tensor, buf: _ShardBuffer, rows: np.ndarray) -> np.ndarray:
         """The stored parts of hs [B, L+1, T, D] (images of one output shard) written into buf's rows `rows` [B]
-        (shard-relative), one converting copy from the device per run of consecutive rows; the quantisation error is
-        added to buf.stats."""
-        self.encoding.encode_rows(self.block(hs), buf.parts, rows, buf.stats)
+        (shard-relative), one converting copy from the device per run of consecutive rows; the quantisation error of
+        the valid images is added to buf.stats. Returns absmax [B, K+V] (`FeatureEncoding.check`) on the host:
+        `problem` of a row says why it holds zeros instead."""
+        block = self.block(hs)
+        absmax, valid = self.encoding.check(block)
+        self.encoding.encode_rows(block, buf.parts, rows, buf.stats, valid)
+        return absmax.cpu().numpy()  # after the copies above: no wait left on the device
 
 
 def _calibrate(cfg: ExtractConfig, enc: VisionEncoder, storage: dict[str, Any], records: Sequence[SampleRecord],
@@ -543,9 +560,13 @@ def _calibrate(cfg: ExtractConfig, enc: VisionEncoder, storage: dict[str, Any], 
             batches = [window[i:i + bs] for i in range(0, len(window), bs)]
             for batch in _loader(serial, records, batches, pre, device):  # the extraction's own reading path
                 if batch["pixels"] is not None:  # bad images are recorded when their shard is extracted
-                    absmax = running_absmax(absmax, storer.block(enc(batch["pixels"].to(device))))  # [b, K+V, T, D]
-                    seen += len(batch["pixels"])
-                    bar.update(len(batch["pixels"]))
+                    with torch.inference_mode():
+                        block = storer.block(enc(batch["pixels"].to(device)))  # [b, K+V, T, D]
+                        block = block[storer.encoding.check(block)[1]]  # images the cache will not store do not calibrate it
+                    if len(block):
+                        absmax = running_absmax(absmax, block)
+                    seen += len(block)
+                    bar.update(len(block))
     return FeatureEncoding.calibrate(cfg.dtype, absmax, storer.inputs)
 
 
@@ -807,24 +828,33 @@ def _process(
                 if (k := it["row"] // writer.shard_samples) not in buffers:
                     buffers[k] = _ShardBuffer(k, *writer.shard_rows(k), pool, max_turns, text.dim, device)
             image_rows = np.asarray([it["row"] for it, st in zip(items, status) if st == OK], np.int64)
+            unstored: dict[int, str] = {}  # row -> why the encoder's output of its image is not stored
             if hs is not None and len(image_rows):  # a batch never straddles an output shard (shard_batches)
                 buf = buffers[int(image_rows[0]) // writer.shard_samples]
-                storer.write(hs, buf, image_rows - buf.start)
+                absmax = storer.write(hs, buf, image_rows - buf.start)  # [b, K+V]
+                unstored = {int(row): why for row, a in zip(image_rows, absmax) if (why := storer.problem(a)) is not None}
             for i, (it, st) in enumerate(zip(items, status)):
                 row = it["row"]
                 k = row // writer.shard_samples
                 buf = buffers[k]
                 r = row - buf.start
+                rec = records[row]
+                stage, why = ("encoder", unstored[row]) if row in unstored else ("image", it["error"])
+                if row in unstored:
+                    st = SKIPPED
+                    if cfg.strict:
+                        raise ExtractError(f"--strict: sample {rec.id} ({rec.image_ref or rec.locator}): {why}")
                 buf.status[r], buf.size[r] = st, it["size"]
-                buf.turns[r], buf.mean[r], buf.num_turns[r] = emb.turns[i], emb.mean[i], emb.num_turns[i]
-                if st == SKIPPED:
-                    rec = records[row]
-                    buf.errors.append({"row": row, "id": rec.id, "stage": "image", "reason": it["error"], "where": rec.image_ref})
+                if st == SKIPPED:  # no features, no instruction embedding (as for every skipped row)
+                    buf.turns[r], buf.mean[r], buf.num_turns[r] = 0, 0, 0
+                    buf.errors.append({"row": row, "id": rec.id, "stage": stage, "reason": why, "where": rec.image_ref})
                     n_skipped += 1
+                else:
+                    buf.turns[r], buf.mean[r], buf.num_turns[r] = emb.turns[i], emb.mean[i], emb.num_turns[i]
                 buf.filled += 1
                 if buf.full:
                     sink.submit(buffers.pop(k).result())
-            n_images += len(image_rows)
+            n_images += len(image_rows) - len(unstored)
             bar.update(len(items))
             if n_skipped:
                 bar.set_postfix(skipped=n_skipped, refresh=False)

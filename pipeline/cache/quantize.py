@@ -54,17 +54,19 @@ def _check_shape(x: Tensor, scheme: str) -> None:
         raise QuantizeError(f"{scheme}: expected a float block [B, K, T, D], got {tuple(x.shape)} {x.dtype}")
 
 
-def _check_finite(values: Tensor, scheme: str) -> None:
-    """Raises unless every value is finite (a block, or its token absmax: a nan or inf in a token makes it non-finite)."""
-    if not bool(torch.isfinite(values).all()):
+def _check_finite(values: Tensor, scheme: str, checked: bool = False) -> None:
+    """Raises unless every value is finite (a block, or its token absmax: a nan or inf in a token makes it non-finite).
+    `checked`: the caller has checked the block already (extraction, once per image), and this test, a host sync off
+    the CPU, is skipped."""
+    if not checked and not bool(torch.isfinite(values).all()):
         raise QuantizeError(f"{scheme}: the block holds non-finite values (nan or inf); they cannot be quantised")
 
 
-def _check_block(x: Tensor, scheme: str) -> Tensor:
+def _check_block(x: Tensor, scheme: str, checked: bool = False) -> Tensor:
     """x [B, K, T, D] floating and finite -> float32."""
     _check_shape(x, scheme)
     x = x.float()
-    _check_finite(x, scheme)
+    _check_finite(x, scheme, checked)
     return x
 
 
@@ -102,10 +104,12 @@ def _divide(x: Tensor, scale: Tensor) -> Tensor:
 
 
 def _divide_tokens_(y: Tensor, scale: Tensor) -> Tensor:
-    """y [..., D] float32 / scale [...] float16, in place: `_divide` for per-token scales (0 in tokens of scale 0)."""
+    """y [..., D] float32 / scale [...] float16, in place: `_divide` for per-token scales (0 in tokens of scale 0).
+    On a CPU the fill runs only where some scale is 0; elsewhere always (a pass costs less than the host sync of
+    that test)."""
     zero = scale == 0
     y.div_(torch.where(zero, torch.ones_like(scale), scale).float()[..., None])
-    if bool(zero.any()):
+    if y.device.type != "cpu" or bool(zero.any()):
         y.masked_fill_(zero[..., None], 0.0)
     return y
 
@@ -149,7 +153,9 @@ class QuantScheme:
 
     name: ClassVar[str]
 
-    def quantize(self, x: Tensor) -> Parts:
+    def quantize(self, x: Tensor, *, checked: bool = False) -> Parts:
+        """x [B, K, T, D] -> the stored parts. A QuantizeError for non-finite values, unless `checked` (the caller
+        has found every value finite: the test is skipped)."""
         raise NotImplementedError
 
     def dequantize(self, parts: Parts, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -213,8 +219,8 @@ class ChannelInt8(QuantScheme):
             raise QuantizeError(f"channel: calibrated for [K, D] = {list(self.scale.shape)}, got a block {tuple(x.shape)}")
         return self.scale.to(x.device)[None, :, None, :]  # [1, K, 1, D]
 
-    def quantize(self, x: Tensor) -> Parts:
-        x = _check_block(x, self.name)
+    def quantize(self, x: Tensor, *, checked: bool = False) -> Parts:
+        x = _check_block(x, self.name, checked)
         return {"q": _to_int8_(_divide(x, self._scale_for(x)))}  # _divide returns a new tensor
 
     def dequantize(self, parts: Parts, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -235,10 +241,10 @@ class TokenInt8(QuantScheme):
 
     name: ClassVar[str] = "token"
 
-    def quantize(self, x: Tensor) -> Parts:
+    def quantize(self, x: Tensor, *, checked: bool = False) -> Parts:
         y = _float_copy(x, self.name)
         absmax = y.abs().amax(-1)  # [B, K, T]
-        _check_finite(absmax, self.name)
+        _check_finite(absmax, self.name, checked)
         scale = _scale_of(absmax, INT8_MAX)
         return {"q": _to_int8_(_divide_tokens_(y, scale)), "scale": scale}
 
@@ -299,14 +305,14 @@ class TokenOutlierInt8(QuantScheme):
         index = self._index(x)
         return x.scatter(3, index, 0.0), x.gather(3, index)
 
-    def quantize(self, x: Tensor) -> Parts:
+    def quantize(self, x: Tensor, *, checked: bool = False) -> Parts:
         y = _float_copy(x, self.name)
         index = self._index(y)
         outliers = y.gather(3, index)  # [B, K, T, n]
         inner = y.scatter_(3, index, 0.0)
         absmax = inner.abs().amax(-1)  # [B, K, T]
-        _check_finite(absmax, self.name)
-        _check_finite(outliers, self.name)
+        _check_finite(absmax, self.name, checked)
+        _check_finite(outliers, self.name, checked)
         scale = _scale_of(absmax, INT8_MAX)
         return {"q": _to_int8_(_divide_tokens_(inner, scale)), "scale": scale, "outliers": outliers.to(SCALE_DTYPE)}
 
@@ -330,8 +336,8 @@ class Float8(QuantScheme):
 
     name: ClassVar[str] = "fp8"
 
-    def quantize(self, x: Tensor) -> Parts:
-        return {"q": _to_fp8(_check_block(x, self.name))}
+    def quantize(self, x: Tensor, *, checked: bool = False) -> Parts:
+        return {"q": _to_fp8(_check_block(x, self.name, checked))}
 
     def dequantize(self, parts: Parts, dtype: torch.dtype = torch.float32) -> Tensor:
         return _part(parts, "q", self.name).float().to(dtype)
@@ -347,10 +353,10 @@ class Float8Token(QuantScheme):
 
     name: ClassVar[str] = "fp8+token"
 
-    def quantize(self, x: Tensor) -> Parts:
+    def quantize(self, x: Tensor, *, checked: bool = False) -> Parts:
         y = _float_copy(x, self.name)
         absmax = y.abs().amax(-1)  # [B, K, T]
-        _check_finite(absmax, self.name)
+        _check_finite(absmax, self.name, checked)
         scale = _scale_of(absmax, FP8_MAX)
         return {"q": _divide_tokens_(y, scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), "scale": scale}
 
@@ -430,9 +436,11 @@ class ErrorStats:
         for k in range(self.num_layers):
             self.update_layer(k, x[:, k], x_hat[:, k], None if counts is None else counts[k])
 
-    def update_layer(self, k: int, x: Tensor, x_hat: Tensor, clips: Tensor | int | None = None) -> None:
+    def update_layer(self, k: int, x: Tensor, x_hat: Tensor, clips: Tensor | int | None = None,
+                     valid: Tensor | None = None) -> None:
         """`update` for stored layer k alone: x, x_hat [B, T, D] and its count of clipped values (a tensor on any
-        device, or an int). Tensor ops only: nothing here waits for x's device."""
+        device, or an int). `valid` [B] bool marks the samples that count (the others are zero, not stored values:
+        images extraction skipped); None: all. Tensor ops only: nothing here waits for x's device."""
         if x.shape != x_hat.shape or x.ndim != 3 or not 0 <= k < self.num_layers:
             raise QuantizeError(f"error stats of layer {k} of {self.num_layers}: got blocks {tuple(x.shape)} and {tuple(x_hat.shape)}")
         xk, hk = x.to(torch.float32, copy=True), x_hat.float()  # [B, T, D]; xk becomes the error below
@@ -452,7 +460,10 @@ class ErrorStats:
             getattr(self, name)[k] += v.to(self.device, torch.float64)
         if err.numel():
             self.max_abs[k] = torch.fmax(self.max_abs[k], err.abs_().amax().to(self.device, torch.float64))  # a nan error is skipped
-        self.values[k] += float(x.numel())
+        if valid is None:
+            self.values[k] += float(x.numel())
+        else:
+            self.values[k] += valid.sum().to(self.device, torch.float64) * float(x.shape[1] * x.shape[2])
 
     def host(self) -> "ErrorStats":
         """These sums on the CPU (itself when they are there already)."""

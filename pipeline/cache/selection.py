@@ -56,3 +56,8 @@ def describe_layers(layers: list[int], num_blocks: int) -> str:
     if layers == list(range(num_blocks + 1)):
         return f"all {num_blocks + 1} (hs[0..{num_blocks}])"
     return f"hs{layers} ({len(layers)} of {num_blocks + 1})"
+
+
+def input_name(item: int | tuple[int, ...] | list[int]) -> str:
+    """A stored input by its name: hidden state 'hs[12]', or group-mean view 'mean(hs[1..12])'."""
+    return f"hs[{item}]" if isinstance(item, int) else f"mean(hs[{item[0]}..{item[-1]}])"

@@ -25,8 +25,9 @@ from layerfuse.pipeline.cache.reader import (
     FeatureCache,
     split_url,
 )
-from layerfuse.pipeline.cache.selection import describe_layers
+from layerfuse.pipeline.cache.selection import describe_layers, input_name
 from layerfuse.pipeline.cache.writer import CacheWriter
+from layerfuse.pipeline.data.records import SKIP_STAGES
 
 
 def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[
         info["splits"] = dict(Counter(map(str, cache.splits)))
         info["categories"] = dict(Counter(map(str, cache.categories)))
         issues = cache.issues()
-        info["skipped"] = [i for i in issues if i["stage"] in ("plan", "image")]
+        info["skipped"] = [i for i in issues if i["stage"] == "plan" or i["stage"] in SKIP_STAGES]
         info["skipped_reasons"] = dict(Counter(_reason_kind(i["reason"]) for i in info["skipped"]))
         info["notes"] = [i for i in issues if i["stage"] == "note"]
     return info
@@ -77,7 +78,7 @@ def _quantization(cache: FeatureCache) -> dict[str, Any] | None:
     quant = cache.meta["storage"].get("quant")
     if not quant:
         return None
-    names = [f"hs[{i}]" if isinstance(i, int) else f"mean(hs[{i[0]}..{i[-1]}])" for i in cache.inputs]
+    names = [input_name(i) for i in cache.inputs]
     errors = quant.get("errors") or [None] * len(names)
     channels = quant.get("outlier_channels") or [[] for _ in names]
     return {"scheme": quant["scheme"], "outliers": cache.encoding.num_outliers,
@@ -189,7 +190,7 @@ def verify_cache(url: str, storage_options: dict[str, Any] | None = None, *, pro
     bad_status = np.flatnonzero(~np.isin(status, (OK, TEXT_ONLY, SKIPPED)))
     if bad_status.size:
         problem(f"{bad_status.size} rows have no final status (e.g. row {bad_status[0]}: {STATUS_NAMES.get(int(status[bad_status[0]]), status[bad_status[0]])})")
-    issue_rows = Counter(r for r, st in zip(tables["issues/row"], tables["issues/stage"]) if str(st) == "image")
+    issue_rows = Counter(r for r, st in zip(tables["issues/row"], tables["issues/stage"]) if str(st) in SKIP_STAGES)
     for r in np.flatnonzero(status == SKIPPED):
         if issue_rows.get(int(r), 0) != 1:
             problem(f"row {r} is skipped but has {issue_rows.get(int(r), 0)} issue records")

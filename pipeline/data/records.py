@@ -53,12 +53,16 @@ class SampleRecord:
         return cls(**d)
 
 
+SKIP_STAGES = ("image", "encoder")  # issue stages of a sample whose row is stored as skipped (no features)
+
+
 @dataclass(frozen=True)
 class SampleIssue:
     """A recorded problem with one input sample.
 
-    stage: "plan" (the record itself is malformed), "image" (loading/decoding failed), or "note"
-    (the sample was kept after a repair, e.g. a missing `<image>` token was added).
+    stage: "plan" (the record itself is malformed), "image" (loading/decoding failed), "encoder" (the vision encoder's
+    hidden states of the image were not finite, or beyond what the storage dtype holds), or "note" (the sample was
+    kept after a repair, e.g. a missing `<image>` token was added).
     """
 
     id: str

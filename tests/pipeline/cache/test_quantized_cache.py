@@ -181,6 +181,39 @@ def test_quantised_parts_staged_apart_equal_those_written_in_place(dtype):
     assert direct_stats.to_json() == staged_stats.to_json()
 
 
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+def test_a_checked_block_is_quantised_without_waiting_for_its_device(dtype):
+    """Extraction checks each image once (`_Storer.check`) and passes `valid`: then no stored layer's quantisation
+    reads a value on the host (the finiteness test, the zero-scale test), which on a GPU would be a sync per layer. The
+    meta device has shapes and no values, so any such read fails there; without `valid` the finiteness test reads."""
+    x = torch.randn(5, 3, 7, 16, generator=torch.Generator().manual_seed(2))
+    x[..., 4] *= 30
+    enc = FeatureEncoding.calibrate(dtype, running_absmax(None, x), 3)
+    dtypes = {p: torch.from_numpy(v).dtype for p, v in enc.encode(x).items()}
+    out = {p: torch.empty((5, *v.shape[1:]), dtype=dtypes[p], device="meta") for p, v in enc.encode(x).items()}
+    stats = ErrorStats(3, "meta")
+    enc.quantize_into(x.to("meta"), out, stats, torch.ones(5, dtype=torch.bool, device="meta"))
+    assert all(getattr(stats, f).device.type == "meta" for f in ErrorStats.FIELDS)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        enc.quantize_into(x.to("meta"), out, ErrorStats(3, "meta"))
+
+
+def test_rows_extraction_did_not_store_count_in_no_error_sum():
+    """A row `valid` marks False (an image the check refused, zeroed) adds nothing to the error sums, its values
+    included: the clip rate is over stored values."""
+    x = torch.randn(5, 3, 7, 16, generator=torch.Generator().manual_seed(3))
+    x[0, 1, 2, 3] = 1e7  # beyond int8's float16 scales: clips
+    x[2] = 0
+    enc = FeatureEncoding.calibrate("int8", running_absmax(None, x), 3)
+    kept = torch.tensor([True, True, False, True, True])
+    with_valid, alone = ErrorStats(3), ErrorStats(3)
+    enc.encode_into(x, enc.encode(x), with_valid, kept)
+    enc.encode(x[kept], alone)
+    for name, v in alone.to_json().items():
+        np.testing.assert_allclose(with_valid.to_json()[name], v, rtol=1e-12, err_msg=name)
+    assert with_valid.values.tolist() == [4 * 7 * 16] * 3 and with_valid.clips[1] > 0
+
+
 def test_killed_extraction_resumes_to_the_same_cache_and_errors(tmp_path, monkeypatch, outlier_tower, caches):
     out = str(tmp_path / "int8")
     real = CacheWriter.write_shard
