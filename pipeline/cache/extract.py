@@ -74,6 +74,10 @@ CPU_WORKERS = 2  # DataLoader workers on a CPU (--workers): the forward takes th
 # 300-500 images/s. They get the cores this process may use but these, kept for the main thread (forward and copies),
 # the text thread and the writer threads.
 ACCELERATOR_SPARE_CORES = 4
+# When every one of a run's first REFUSED_PROBE encoded images is refused by the check of the encoder's output (nan,
+# inf, beyond the storage dtype), the run stops: the tower or the dtypes are wrong for this data (a float16 tower that
+# overflows, hidden states beyond float16), and going on would skip every image of the source.
+REFUSED_PROBE = 64
 
 
 @dataclass
@@ -801,7 +805,8 @@ def _process(
     texts = _TextStage(text, records, batches, max_turns, writer.shard_samples, background=TEXT_THREAD.get(device.type, True),
                        device=device)
     buffers: dict[int, _ShardBuffer] = {}
-    n_images = n_skipped = 0
+    n_images = n_skipped = n_encoded = 0
+    first_refusal = ""
     bar = tqdm(
         total=len(rows),
         unit="img",
@@ -833,6 +838,15 @@ def _process(
                 buf = buffers[int(image_rows[0]) // writer.shard_samples]
                 absmax = storer.write(hs, buf, image_rows - buf.start)  # [b, K+V]
                 unstored = {int(row): why for row, a in zip(image_rows, absmax) if (why := storer.problem(a)) is not None}
+                n_encoded += len(image_rows)
+                if unstored and not first_refusal:
+                    row, why = next(iter(unstored.items()))
+                    first_refusal = f"sample {records[row].id}: {why}"
+                if n_images == 0 and len(unstored) == len(image_rows) and n_encoded >= REFUSED_PROBE:
+                    raise ExtractError(
+                        f"the first {n_encoded} images encoded were all refused, so none would be stored (e.g. {first_refusal}); "
+                        "store another --dtype (bfloat16 or int8 hold large values) or compute in another --compute-dtype, "
+                        "with --overwrite")
             for i, (it, st) in enumerate(zip(items, status)):
                 row = it["row"]
                 k = row // writer.shard_samples

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 
 from layerfuse.pipeline.cache.derive import derive_cache
 from layerfuse.pipeline.cache.encoding import FeatureEncoding
-from layerfuse.pipeline.cache.extract import ExtractError, _Storer, run_extract
+from layerfuse.pipeline.cache.extract import REFUSED_PROBE, ExtractError, _Storer, run_extract
 from layerfuse.pipeline.cache.reader import OK, SKIPPED, FeatureCache
 from layerfuse.pipeline.cache.verify import cache_info, format_info, verify_cache
 from layerfuse.pipeline.models.encoder import VisionEncoder
@@ -46,13 +47,13 @@ def source(tmp_path):
     return js
 
 
-def _poison(monkeypatch, value: float) -> None:
-    """The tower's output of every solid-colour image gets `value` at hs[LAYER][TOKEN, CHANNEL]."""
+def _poison(monkeypatch, value: float, every: bool = False) -> None:
+    """The tower's output of every solid-colour image (or of every image) gets `value` at hs[LAYER][TOKEN, CHANNEL]."""
     real = VisionEncoder.forward
 
     def forward(self, pixel_values):
         hs = real(self, pixel_values)  # [B, L+1, T, D], an inference tensor
-        solid = pixel_values.flatten(2).std(-1).amax(-1) == 0  # [B]
+        solid = (pixel_values.flatten(2).std(-1).amax(-1) == 0) | every  # [B]
         with torch.inference_mode():
             hs[solid, LAYER, TOKEN, CHANNEL] = value
         return hs
@@ -120,6 +121,17 @@ def test_strict_stops_at_the_first_image_whose_hidden_states_cannot_be_stored(tm
     _poison(monkeypatch, float("inf"))
     with pytest.raises(ExtractError, match=rf"--strict: sample {SOLID} \(.*solid.png\): non-finite hidden states: nan or inf in hs\[{LAYER}\]"):
         _extract(tmp_path / "c", vision_dir, source, strict=True)
+
+
+def test_a_run_whose_first_images_are_all_refused_stops(tmp_path, vision_dir, monkeypatch):
+    """A tower or dtype wrong for the data would skip every image of a million-image run: after REFUSED_PROBE
+    encoded images and none stored, the run stops with one clear error."""
+    _poison(monkeypatch, 1e6, every=True)
+    with pytest.raises(ExtractError) as e:
+        run_extract(extract_config(str(tmp_path / "c"), vision_dir, builtin=120, batch_size=8, shard_samples=16))
+    m = re.fullmatch(r"the first (\d+) images encoded were all refused, so none would be stored \(e\.g\. sample \S+: "
+                     r"hidden states beyond float16: \|x\| up to 1e\+06 in hs\[5\], .*\); store another --dtype .*", str(e.value))
+    assert m and REFUSED_PROBE <= int(m[1]) < REFUSED_PROBE + 8, str(e.value)  # stopped at the batch that reached the probe
 
 
 def test_the_check_waits_for_no_device():
