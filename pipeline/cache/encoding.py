@@ -152,13 +152,14 @@ class FeatureEncoding:
     # --- values -----------------------------------------------------------------------------------------------
     def check(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, K, T, D] -> absmax [B, K] float32 (nan where a value is nan), valid [B] bool: whether every value of
-        a sample is finite and stored finite (`StorageDtype.overflow`: float16 holds |x| < 65520). The rows not valid
-        are zeroed in place (on a CPU only when there are some), so `encode_into(..., valid)` can skip its own tests.
-        Two fused reductions, with no host sync off the CPU; x must be writable (under inference mode for an inference
-        tensor such as the encoder's output)."""
+        a sample is finite and stored finite (`StorageDtype.overflow`: float16 holds |x| < 65520). For the quantised
+        dtypes the rows not valid are zeroed in place (on a CPU only when there are some), so `encode_into(..., valid)`
+        can skip its own tests; float rows are stored as they are, and the caller zeroes the rows it does not keep
+        (`FeaturePool.blank`). Two fused reductions, with no host sync off the CPU; x must be writable when quantised
+        (under inference mode for an inference tensor such as the encoder's output)."""
         absmax = torch.maximum(x.amax((2, 3)), x.amin((2, 3)).neg()).float()  # no |x| temporary; a nan propagates
         valid = (absmax < self.dtype.overflow).all(1)  # a nan compares False
-        if x.device.type != "cpu" or not bool(valid.all()):
+        if self.scheme is not None and (x.device.type != "cpu" or not bool(valid.all())):
             x.masked_fill_(~valid[:, None, None, None], 0)
         return absmax, valid
 
