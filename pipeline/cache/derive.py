@@ -7,11 +7,12 @@ Shard k+1 is read and converted while a writer thread compresses and writes shar
 waits). Under torchrun rank r takes DST's shards k = r (mod world), as extraction does; rank 0 plans and finalizes.
 
 DST keeps SRC's samples, rows, shards, conversations, embeddings, group-mean views and issue records; only the stored
-layers and the data type change. A row whose values DST's dtype cannot hold finite (a float32 or bfloat16 SRC with
-|x| >= 65520, derived to float16) is stored as skipped with an `encoder` issue, as extraction in that dtype would have. To int8, the outlier channels are calibrated on SRC's first images as extraction does
-(on SRC's stored values: a float16 SRC gives what extraction in float16 compute would), and DST records its own
-quantisation error against SRC's values. Its config record is SRC's plus `derived_from` (SRC's URL and config hash) and the new `layers` /
-`dtype`; its fingerprint is therefore its own, and a rerun with other settings is refused unless `overwrite`.
+layers and the data type change. A row whose values DST's dtype cannot hold finite (a float32 or bfloat16 SRC with |x|
+>= 65520, derived to float16) is stored as skipped with an `encoder` issue, as extraction in that dtype would have. To
+int8, the outlier channels are calibrated on SRC's first images as extraction does (on SRC's stored values: a float16
+SRC gives what extraction in float16 compute would), and DST records its own quantisation error against SRC's values.
+Its config record is SRC's plus `derived_from` (SRC's URL and config hash) and the new `layers` / `dtype`; its
+fingerprint is therefore its own, and a rerun with other settings is refused unless `overwrite`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """How a cache stores its features: plain floats, or 1-byte codes with scales beside them (docs/cache-format.md 3.2).
 
     enc = FeatureEncoding.calibrate("int8", absmax)        # extraction: absmax [K, D] of the first images' blocks
-    absmax, valid = enc.check(x)                            # extraction: which samples store finite (the others zeroed)
+    absmax, valid = enc.check(x)                            # extraction: which samples store finite
     parts = enc.encode(x, stats, valid)                     # x [B, K, T, D] on the extraction device -> host numpy parts
     x_hat = enc.decode(parts)                               # a reader (loader worker): parts -> float16 [B, K, T, D]
     enc = FeatureEncoding.from_storage(meta["storage"])     # what the cache's metadata says
@@ -205,9 +205,9 @@ class FeatureEncoding:
         to the host once per part: a layer of `out` is a strided view, and a strided copy from a GPU goes through a
         pageable temporary, where the whole block is one copy into pinned memory.
 
-        `valid` [B] bool (on x's device) is the caller's check of x: its rows are finite and the other rows zero. The
-        error sums then count the valid rows only, and the schemes skip their own finiteness test (off the CPU a host
-        sync per stored layer)."""
+        `valid` [B] bool (on x's device) is the caller's `check` of x (which zeroed the other rows of a quantised x):
+        the error sums then count the valid rows only, and the schemes skip their own finiteness test (off the CPU a
+        host sync per stored layer)."""
         host = {p: host_tensor(a, self.dtype) if p == FEATURES else torch.from_numpy(a) for p, a in out.items()}
         if self.scheme is None:
             host[FEATURES].copy_(x)
