@@ -332,8 +332,9 @@ def extract(out: str | None, suffixes: tuple[str, ...], quiet: bool, **settings:
     s = res.summary
     tower = "" if res.tower_seconds is None else f"tower ready in {res.tower_seconds:.1f} s; "
     click.echo(
-        f"cache {res.url}: {s['ok']} images, {s['text_only']} text-only, {s['skipped']} skipped at decode, "
-        f"{s['plan_skipped']} malformed records, {s['notes']} repaired; {tower}extracted in {res.seconds:.1f} s"
+        f"cache {res.url}: {s['ok']} images, {s['text_only']} text-only, {s['skipped'] - s['refused']} skipped at decode, "
+        f"{s['refused']} refused after the encoder (nan, inf or out of the dtype's range), {s['plan_skipped']} malformed "
+        f"records, {s['notes']} repaired; {tower}extracted in {res.seconds:.1f} s"
     )
     if s["skipped"] or s["plan_skipped"] or s["notes"]:
         from layerfuse.pipeline.cache.reader import FeatureCache

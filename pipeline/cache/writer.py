@@ -357,6 +357,7 @@ class CacheWriter:
             "ok": int((status == OK).sum()),
             "text_only": int((status == TEXT_ONLY).sum()),
             "skipped": int((status == SKIPPED).sum()),
+            "refused": sum(1 for i in issues if i["stage"] == "encoder"),  # of the skipped: the encoder's output not storable
             "plan_skipped": sum(1 for i in issues if i["stage"] == "plan"),
             "notes": sum(1 for i in issues if i["stage"] == "note"),
         }

@@ -135,5 +135,6 @@ def test_extract_ends_with_a_summary_naming_skipped_samples(tmp_path, vision_dir
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "0 images" in r.stdout and "2 skipped at decode" in r.stdout and "1 malformed records" in r.stdout
+    assert "0 refused after the encoder" in r.stdout
     assert "repaired; extracted in " in r.stdout and "tower" not in r.stdout  # a given --vision: no tower to build
     assert "skipped: gone: image not found" in r.stdout and "skipped: zero: empty file" in r.stdout and "skipped: bad:" in r.stdout

@@ -156,7 +156,7 @@ def test_bad_images_are_skipped_and_recorded(tmp_path, vision_dir):
     js.write_text(json.dumps(recs))
     out = tmp_path / "cache"
     res = run_extract(extract_config(str(out), vision_dir, builtin=None, llava=str(js), image_root=str(root), shard_samples=3))
-    assert res.summary == {"ok": 3, "text_only": 1, "skipped": 3, "plan_skipped": 1, "notes": 1}
+    assert res.summary == {"ok": 3, "text_only": 1, "skipped": 3, "refused": 0, "plan_skipped": 1, "notes": 1}
     cache = FeatureCache(out)
     assert cache.ids == ["a", "e", "f", "g"]
     assert list(cache.has_image) == [True, True, False, True]

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from click.testing import CliRunner
 
 from layerfuse.pipeline.cache.derive import derive_cache
 from layerfuse.pipeline.cache.encoding import FeatureEncoding
 from layerfuse.pipeline.cache.extract import REFUSED_PROBE, ExtractError, _Storer, run_extract
 from layerfuse.pipeline.cache.reader import OK, SKIPPED, FeatureCache
 from layerfuse.pipeline.cache.verify import cache_info, format_info, verify_cache
+from layerfuse.pipeline.cli import main
 from layerfuse.pipeline.models.encoder import VisionEncoder
 from tests.support import extract_config
 
@@ -75,7 +77,7 @@ def test_an_image_with_non_finite_hidden_states_is_a_recorded_bad_sample(tmp_pat
     clean = FeatureCache(_extract(tmp_path / "clean", vision_dir, source).url)
     _poison(monkeypatch, float("nan"))
     res = _extract(tmp_path / "bad", vision_dir, source, dtype=dtype)  # int8 and float8 used to stop here (QuantizeError)
-    assert res.summary == {"ok": 5, "text_only": 0, "skipped": 1, "plan_skipped": 0, "notes": 0}
+    assert res.summary == {"ok": 5, "text_only": 0, "skipped": 1, "refused": 1, "plan_skipped": 0, "notes": 0}
     assert verify_cache(res.url).ok
     cache = FeatureCache(res.url)
     [issue] = cache.issues()
@@ -115,6 +117,15 @@ def test_hidden_states_beyond_float16_are_refused_there_and_stored_in_bfloat16(t
     row = _rows(cache)[SOLID]
     assert cache.status[cache.storage_rows([row])[0]] == OK
     assert float(cache.features([row], [LAYER])[0, 0, TOKEN, CHANNEL]) == float(torch.tensor(1e5).bfloat16())
+
+
+def test_the_extract_summary_counts_the_refused_images_apart(tmp_path, vision_dir, source, monkeypatch):
+    _poison(monkeypatch, float("nan"))
+    r = CliRunner().invoke(main, ["extract", "--llava", str(source), "--out", str(tmp_path / "c"), "--vision", str(vision_dir),
+                                  "--workers", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "5 images, 0 text-only, 0 skipped at decode, 1 refused after the encoder (nan, inf or out of the dtype's range)" in r.output
+    assert f"skipped: {SOLID}: non-finite hidden states" in r.output  # and named below it
 
 
 def test_strict_stops_at_the_first_image_whose_hidden_states_cannot_be_stored(tmp_path, vision_dir, source, monkeypatch):

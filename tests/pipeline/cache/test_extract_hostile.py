@@ -76,7 +76,7 @@ def test_hostile_llava_source_is_contained(tmp_path, vision_dir):
         res = finishes_within(300, lambda: run_extract(cfg), unblock=release_fifo(root / "pipe.png"))
         assert not connected(), "an ftp:// image opened a connection"
 
-    assert res.summary == {"ok": 2, "text_only": 0, "skipped": 8, "plan_skipped": 3, "notes": 0}
+    assert res.summary == {"ok": 2, "text_only": 0, "skipped": 8, "refused": 0, "plan_skipped": 3, "notes": 0}
     cache = FeatureCache(out)
     assert cache.ids == ["good", "remote"]
     reasons = issue_reasons(cache)
@@ -120,7 +120,7 @@ def test_hostile_webdataset_shard_is_contained(tmp_path, vision_dir):
             tar.addfile(ti, io.BytesIO(data))
     out = tmp_path / "cache"
     res = run_extract(extract_config(str(out), vision_dir, builtin=None, wds=str(shard), max_image_bytes=20_000, shard_samples=4))
-    assert res.summary == {"ok": 1, "text_only": 0, "skipped": 1, "plan_skipped": 7, "notes": 0}
+    assert res.summary == {"ok": 1, "text_only": 0, "skipped": 1, "refused": 0, "plan_skipped": 7, "notes": 0}
     reasons = issue_reasons(FeatureCache(out))
     assert reasons["s.tar/../up.png"] == ("plan", "unsafe member name '../up.png' (a '..' component); skipped")
     assert reasons["s.tar//abs.txt"] == ("plan", "unsafe member name '/abs.txt' (an absolute path); skipped")

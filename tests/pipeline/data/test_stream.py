@@ -312,7 +312,7 @@ def test_extract_streams_each_input_shard_once_and_resumes_by_input_shard(tmp_pa
     out = tmp_path / "cache"
     cfg = dict(builtin=None, wds=",".join(shards), shard_samples=4, batch_size=3, workers=2)
     res = run_extract(extract_config(str(out), vision_dir, **cfg))
-    assert res.summary == {"ok": 15, "text_only": 1, "skipped": 0, "plan_skipped": 0, "notes": 0}
+    assert res.summary == {"ok": 15, "text_only": 1, "skipped": 0, "refused": 0, "plan_skipped": 0, "notes": 0}
     assert opened() == ["in-0.tar", "in-1.tar", "in-2.tar"]
     cache = FeatureCache(out)
     first = cache.features(list(range(16)), layers=[0, 3]).numpy()  # [16, 2, T, D] float16
