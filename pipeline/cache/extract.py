@@ -530,20 +530,17 @@ class _Storer:
         kept = hs if self.select is None else hs.index_select(1, self.select)  # [B, K, T, D]
         return torch.cat([kept.float(), *means], dim=1) if means else kept
 
-    def problem(self, absmax: np.ndarray) -> str | None:
-        """Why an image is not stored, from its absmax [K+V] (`FeatureEncoding.check`), or None when it is."""
-        return self.encoding.refusal(absmax, self.names)
-
     @torch.inference_mode()
-    def write(self, hs: torch.Tensor, buf: _ShardBuffer, rows: np.ndarray) -> np.ndarray:
+    def write(self, hs: torch.Tensor, buf: _ShardBuffer, rows: np.ndarray) -> dict[int, str]:
         """The stored parts of hs [B, L+1, T, D] (images of one output shard) written into buf's rows `rows` [B]
         (shard-relative), one converting copy from the device per run of consecutive rows; the quantisation error of
-        the valid images is added to buf.stats. Returns absmax [B, K+V] (`FeatureEncoding.check`) on the host:
-        `problem` of a row says why it holds zeros instead."""
+        the valid images is added to buf.stats. Returns {i: why} for the images `FeatureEncoding.check` refused
+        (positions in the batch), whose rows the caller records as skipped."""
         block = self.block(hs)
         absmax, valid = self.encoding.check(block)
         self.encoding.encode_rows(block, buf.parts, rows, buf.stats, valid)
-        return absmax.cpu().numpy()  # after the copies above: no wait left on the device
+        refused = torch.nonzero(~valid).flatten().tolist()  # after the copies above: no wait left on the device
+        return {i: self.encoding.refusal(absmax[i].cpu().numpy(), self.names) for i in refused}
 
 
 def _calibrate(cfg: ExtractConfig, enc: VisionEncoder, storage: dict[str, Any], records: Sequence[SampleRecord],
@@ -806,7 +803,6 @@ def _process(
                        device=device)
     buffers: dict[int, _ShardBuffer] = {}
     n_images = n_skipped = n_encoded = 0
-    first_refusal = ""
     bar = tqdm(
         total=len(rows),
         unit="img",
@@ -836,26 +832,24 @@ def _process(
             unstored: dict[int, str] = {}  # row -> why the encoder's output of its image is not stored
             if hs is not None and len(image_rows):  # a batch never straddles an output shard (shard_batches)
                 buf = buffers[int(image_rows[0]) // writer.shard_samples]
-                absmax = storer.write(hs, buf, image_rows - buf.start)  # [b, K+V]
-                unstored = {int(row): why for row, a in zip(image_rows, absmax) if (why := storer.problem(a)) is not None}
+                refused = storer.write(hs, buf, image_rows - buf.start)
+                unstored = {int(image_rows[i]): why for i, why in refused.items()}
                 n_encoded += len(image_rows)
-                if unstored and not first_refusal:
-                    row, why = next(iter(unstored.items()))
-                    first_refusal = f"sample {records[row].id}: {why}"
                 if n_images == 0 and len(unstored) == len(image_rows) and n_encoded >= REFUSED_PROBE:
+                    row, why = next(iter(unstored.items()))
                     raise ExtractError(
-                        f"the first {n_encoded} images encoded were all refused, so none would be stored (e.g. {first_refusal}); "
-                        "store another --dtype (bfloat16 or int8 hold large values) or compute in another --compute-dtype, "
-                        "with --overwrite")
+                        f"the first {n_encoded} images encoded were all refused, so none would be stored (e.g. sample "
+                        f"{records[row].id}: {why}); store another --dtype (bfloat16 or int8 hold large values) or compute "
+                        "in another --compute-dtype, with --overwrite")
             for i, (it, st) in enumerate(zip(items, status)):
                 row = it["row"]
                 k = row // writer.shard_samples
                 buf = buffers[k]
                 r = row - buf.start
                 rec = records[row]
-                stage, why = ("encoder", unstored[row]) if row in unstored else ("image", it["error"])
+                stage, why = "image", it["error"]
                 if row in unstored:
-                    st = SKIPPED
+                    st, stage, why = SKIPPED, "encoder", unstored[row]
                     if cfg.strict:
                         raise ExtractError(f"--strict: sample {rec.id} ({rec.image_ref or rec.locator}): {why}")
                 buf.status[r], buf.size[r] = st, it["size"]

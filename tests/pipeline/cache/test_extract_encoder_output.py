@@ -154,7 +154,7 @@ def test_the_check_waits_for_no_device():
     assert absmax.shape == (3, 4) and valid.shape == (3,) and valid.device.type == "meta"
     FeatureEncoding.calibrate("float8_e4m3fn", None, 4).check(block)  # quantised: the refused rows zeroed, unconditionally
     assert storer.names == ["hs[0]", "hs[1]", "hs[2]", "mean(hs[1..2])"]
-    assert storer.problem(np.asarray([1.0, 7e4, np.nan, 1.0], np.float32)) == (
+    assert storer.encoding.refusal(np.asarray([1.0, 7e4, np.nan, 1.0], np.float32), storer.names) == (
         "non-finite hidden states: nan or inf in hs[2] and 1 more stored input(s) of the vision encoder's output")
 
 
