@@ -111,7 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny shapes (implied by --device cpu)")
     p.add_argument("--images", type=_positive(int), default=None, help="extraction images (default 2048, tiny 48)")
     p.add_argument("--batch", type=_positive(int), default=None, help="extraction batch (default 64, tiny 16)")
-    p.add_argument("--workers", type=_positive(int), default=None, help="DataLoader workers (default cores - 4, >= 2)")
+    p.add_argument("--workers", type=_positive(int), default=None,
+                   help="DataLoader workers (default: extraction's own, ExtractConfig.loader_workers; tiny 2)")
     p.add_argument("--train-batch", type=_positive(int), default=None, help="training batch (default 32, tiny 4)")
     p.add_argument("--train-steps", type=_positive(int), default=None, help="timed steps per mode (default 20, tiny 2)")
     p.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # internal: run one part in this process
@@ -123,9 +124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t = args.tiny
     args.images = args.images or (48 if t else 2048)
     args.batch = args.batch or (16 if t else 64)
-    # extraction's own default on a GPU for one rank (ExtractConfig.loader_workers), which this script cannot import
-    # before gpu_env has set up the environment; training's loader takes the same number here
-    args.workers = args.workers or (2 if t else max(2, (os.cpu_count() or 4) - 4))
+    # None: each part takes extraction's own default for one rank (`resolved_workers`, in the part's process, where
+    # layerfuse is importable once gpu_env has set up the environment); training's loader takes the same number
+    args.workers = args.workers or (2 if t else None)
     args.train_batch = args.train_batch or (4 if t else 32)
     args.train_steps = args.train_steps or (2 if t else 20)
     return args
@@ -149,8 +150,10 @@ def run_part_process(part: str, args: argparse.Namespace, timeout: float, env: d
     result.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", part, "--result", str(result),
            "--workdir", str(args.workdir), "--device", args.device, "--images", str(args.images), "--batch",
-           str(args.batch), "--workers", str(args.workers), "--train-batch", str(args.train_batch), "--train-steps",
+           str(args.batch), "--train-batch", str(args.train_batch), "--train-steps",
            str(args.train_steps), "--wheels", str(args.wheels), "--out", str(args.out)]
+    if args.workers is not None:
+        cmd += ["--workers", str(args.workers)]
     if args.tiny:
         cmd.append("--tiny")
     t = time.perf_counter()
@@ -180,6 +183,16 @@ def _sync(device: str) -> None:
 
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def resolved_workers(args: argparse.Namespace) -> int:
+    """DataLoader workers of the extraction and training runs: --workers, else extraction's own default for one rank on
+    this device (`ExtractConfig.loader_workers`: the cores less its spare ones on an accelerator)."""
+    import torch
+
+    from layerfuse.pipeline.cache.extract import ExtractConfig  # after the environment setup of this script
+
+    return ExtractConfig(workers=args.workers).loader_workers(torch.device(args.device))
 
 
 def build_vision(out: Path, tiny: bool, device: str) -> Path:
@@ -382,7 +395,7 @@ def part_extract(args: argparse.Namespace) -> PartResult:
     from layerfuse.pipeline.models.encoder import load_vision_encoder
     from layerfuse.core.dtypes import StorageDtype
 
-    work, dev, n = args.workdir, args.device, args.images
+    work, dev, n, workers = args.workdir, args.device, args.images, resolved_workers(args)
     compute = "bfloat16" if dev == "cuda" else "float32"
     vision = build_vision(work / "vision", args.tiny, dev)
     text, text_how = text_model(args.wheels, work)
@@ -410,7 +423,7 @@ def part_extract(args: argparse.Namespace) -> PartResult:
     for dtype in ("float16", "int8"):
         out = work / f"extract-{dtype}"
         cfg = ExtractConfig(out=str(out), builtin=n, vision=str(vision), run_dir=str(work), layers=layers, dtype=dtype,
-                            text_model=text, batch_size=args.batch, workers=args.workers, device=dev,
+                            text_model=text, batch_size=args.batch, workers=workers, device=dev,
                             compute_dtype=compute, progress=False, overwrite=True)
         t = time.perf_counter()
         res = run_extract(cfg)
@@ -428,7 +441,7 @@ def part_extract(args: argparse.Namespace) -> PartResult:
         if dtype == "int8" and dev == "cuda":
             shutil.rmtree(out, ignore_errors=True)  # the float16 cache stays for the training part
     int8 = _int8_on_device(dev, args.tiny)
-    data = {"images": n, "batch": args.batch, "workers": args.workers, "compute": compute, "layers": layers,
+    data = {"images": n, "batch": args.batch, "workers": workers, "compute": compute, "layers": layers,
             "tokens": info.num_tokens, "hidden": info.hidden_size, "blocks": info.num_layers, "text": text_how,
             "forward_images": len(pix), "forward_images_per_s": fwd, "runs": runs, "int8_on_device": int8}
     if not int8["ok"]:
@@ -456,7 +469,7 @@ def part_train(args: argparse.Namespace) -> PartResult:
     from layerfuse.pipeline.cache.extract import ExtractConfig, run_extract
     from layerfuse.pipeline.training.train import TrainConfig, prepare_training, train_step
 
-    work, dev = args.workdir, args.device
+    work, dev, workers = args.workdir, args.device, resolved_workers(args)
     warmup, steps, batch = 3 if not args.tiny else 1, args.train_steps, args.train_batch
     cache = work / "extract-float16"
     how = "the extract part's float16 cache"
@@ -465,7 +478,7 @@ def part_train(args: argparse.Namespace) -> PartResult:
         text, _ = text_model(args.wheels, work)
         cache = work / "train-cache"
         run_extract(ExtractConfig(out=str(cache), builtin=batch * (warmup + steps), vision=str(vision), run_dir=str(work),
-                                  layers="mmfuser", text_model=text, batch_size=args.batch, workers=args.workers,
+                                  layers="mmfuser", text_model=text, batch_size=args.batch, workers=workers,
                                   device=dev, progress=False, overwrite=True))
         how = f"a cache of {batch * (warmup + steps)} images extracted for it"
     llm = build_llm(work / "llm", args.tiny, dev)
@@ -476,7 +489,7 @@ def part_train(args: argparse.Namespace) -> PartResult:
             skipped[attn] = "flash_attn is not importable" if dev == "cuda" else "needs CUDA"
             continue
         cfg = TrainConfig(cache=str(cache), out=str(work / f"train-{attn}"), stage=1, template="v1", fuser="mmfuser",
-                          llm=str(llm), batch_size=batch, max_steps=warmup + steps, workers=args.workers,
+                          llm=str(llm), batch_size=batch, max_steps=warmup + steps, workers=workers,
                           max_length=1024, progress=False, tensorboard=False, buffer_rows=max(batch, 256),
                           attn_implementation=attn, device=dev, precision="bf16" if dev == "cuda" else "fp32",
                           fuser_options={"heads": 4} if args.tiny else {}).resolved()
@@ -518,7 +531,7 @@ def part_train(args: argparse.Namespace) -> PartResult:
             torch.cuda.empty_cache()
     if not rows:
         return PartResult("error", f"no attention implementation could train: {skipped}")
-    return PartResult("ok", data={"batch": batch, "warmup": warmup, "steps": steps, "workers": args.workers,
+    return PartResult("ok", data={"batch": batch, "warmup": warmup, "steps": steps, "workers": workers,
                                   "cache": how, "rows": rows, "skipped": skipped})
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from layerfuse.pipeline.cache.extract import ACCELERATOR_SPARE_CORES
 from layerfuse.plugins_trt import build as msda_build
 from layerfuse.plugins_trt import kernel as msda_kernel
 
@@ -42,6 +43,16 @@ def test_arguments_defaults_and_tiny():
     assert (args.images, args.batch, args.train_batch) == (2048, 64, 32)
     cpu = gpu.parse_args(["--device", "cpu", "--parts", "onnx,extract"])
     assert cpu.tiny and cpu.parts == ["extract", "onnx"] and cpu.images == 48
+
+
+def test_workers_default_is_extractions_own(monkeypatch):
+    """Without --workers a part takes ExtractConfig.loader_workers for one rank on its device (one rule, not a copy)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    args = gpu.parse_args([])
+    assert args.workers is None
+    assert gpu.resolved_workers(args) == 16 - ACCELERATOR_SPARE_CORES
+    assert gpu.resolved_workers(gpu.parse_args(["--workers", "3"])) == 3
+    assert gpu.resolved_workers(gpu.parse_args(["--device", "cpu"])) == 2
 
 
 @pytest.mark.parametrize("argv, message", [
