@@ -15,6 +15,9 @@ Measured in one run, on the built-in synthetic dataset, with the default extract
 3. On-disk bytes of the `features` array per sample vs raw fp16 (L+1)*T*D*2, for every cache.
 4. Pipeline vs forward-only at the ViT-L/14-336 shape again with `--dtype int8` (what the README advises for
    LLaVA-scale data: quantised in the main thread after each forward, half the bytes to write).
+5. Where the CPU goes inside a run: one more fp16 pipeline run of each shape after the timed ones, with the CPU seconds
+   of each of its threads (`ThreadCPU`: the main thread inside and outside the forward, the forward's OpenMP team, the
+   text and writer threads, the DataLoader worker processes) against the forward-only CPU seconds.
 
 Each pipeline run also gives its steady state: images/s between the first and the last output shard's hand-off to the
 writer threads (every run spans at least two shards), which leaves out what a run pays once (model loads, worker
@@ -32,9 +35,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,7 +56,7 @@ from layerfuse.pipeline.cache.encoding import CALIBRATION_IMAGES, FEATURES, Feat
 from layerfuse.pipeline.cache.reader import FeatureCache  # noqa: E402
 from layerfuse.pipeline.cache.writer import CacheWriter, ShardResult, ShardWriterPool  # noqa: E402
 from layerfuse.pipeline.models.default_vision import DefaultVisionConfig, build_default_vision  # noqa: E402
-from layerfuse.pipeline.models.encoder import DEFAULT_VISION, load_vision_encoder  # noqa: E402
+from layerfuse.pipeline.models.encoder import DEFAULT_VISION, VisionEncoder, load_vision_encoder  # noqa: E402
 from layerfuse.pipeline.cache.extract import TEXT_THREAD, ExtractConfig, run_extract, storage_layout  # noqa: E402
 from layerfuse.pipeline.data.access import load_image  # noqa: E402
 from layerfuse.pipeline.data.synthetic import synthetic_plan  # noqa: E402
@@ -126,14 +131,114 @@ def timed_extract(out: Path, n: int, vision: str, run_dir: Path, cpu: list[float
     return seconds
 
 
+class ThreadCPU:
+    """CPU seconds of each thread of this process while the block runs, by role, and of the child processes it reaps
+    (the DataLoader workers), and the main thread's CPU seconds inside `VisionEncoder.__call__` (instrumentation of
+    this benchmark: wraps the call for the duration).
+
+    Threads are read from /proc/self/task/*/stat every `interval` seconds (Linux; elsewhere `roles` is empty), so a
+    thread that ends between two reads loses its last slice: `roles["unaccounted"]` is the process's own CPU seconds
+    (getrusage) less the sum of the threads read. Roles: Python threads by name (the main thread split into the
+    forward and the rest), native threads that Python does not know (the forward's OpenMP team) apart."""
+
+    MAIN_FORWARD, MAIN_REST, NATIVE, WORKERS = ("main thread: encoder forward", "main thread: the rest (model loads, plan, hand-offs, finalize)",
+                                                 "native threads: the forward's OpenMP team", "DataLoader workers (processes)")
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.roles, self._ticks = interval, {}, os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._seen: dict[int, float] = {}  # tid -> CPU seconds at the latest read
+        self._first: dict[int, float] = {}  # tid -> CPU seconds at the first read (0 for threads started inside)
+        self._names: dict[int, str] = {}
+        self._forward = 0.0
+        self._stop = threading.Event()
+
+    def _read(self, first: bool = False) -> None:
+        for t in threading.enumerate():
+            if t.native_id is not None:
+                self._names[t.native_id] = t.name
+        try:
+            tids = os.listdir("/proc/self/task")
+        except OSError:
+            return
+        for tid in map(int, tids):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # ended since the listing
+                continue
+            cpu = (int(fields[11]) + int(fields[12])) / self._ticks  # utime + stime
+            self._seen[tid] = cpu
+            self._first.setdefault(tid, cpu if first else 0.0)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._read()
+
+    def role(self, tid: int) -> str:
+        name = self._names.get(tid)
+        if name is None:
+            return self.NATIVE
+        if name.startswith("layerfuse-cache-writer"):
+            return "writer threads: compress, write, mark"
+        if name == "layerfuse-text":
+            return "text thread: instruction embedding"
+        return "other Python threads: zarr's I/O loop, DataLoader queues, tqdm"
+
+    def __enter__(self) -> "ThreadCPU":
+        call = self._call = VisionEncoder.__call__
+
+        def timed(enc, *a, **k):
+            c = time.thread_time()
+            try:
+                return call(enc, *a, **k)
+            finally:
+                if threading.current_thread() is threading.main_thread():
+                    self._forward += time.thread_time() - c
+
+        VisionEncoder.__call__ = timed
+        self._own = resource.getrusage(resource.RUSAGE_SELF)
+        self._kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._read(first=True)
+        self._thread = threading.Thread(target=self._sample, name="bench-thread-cpu", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._read()
+        VisionEncoder.__call__ = self._call
+        if not self._seen:
+            return
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        sampler = self._thread.native_id
+        main = threading.main_thread().native_id
+        roles: dict[str, float] = {}
+        for tid, cpu in self._seen.items():
+            if tid == sampler:
+                continue
+            spent = cpu - self._first[tid]
+            if tid == main:
+                roles[self.MAIN_FORWARD] = self._forward
+                roles[self.MAIN_REST] = spent - self._forward
+            else:
+                roles[self.role(tid)] = roles.get(self.role(tid), 0.0) + spent
+        roles[self.WORKERS] = kids.ru_utime + kids.ru_stime - self._kids.ru_utime - self._kids.ru_stime
+        process = own.ru_utime + own.ru_stime - self._own.ru_utime - self._own.ru_stime
+        sampled = sum(v for k, v in roles.items() if k != self.WORKERS)
+        roles["unaccounted"] = process - sampled - (self._seen.get(sampler, 0.0) - self._first.get(sampler, 0.0))
+        self.roles = roles
+
+
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def compare_encoder(name: str, vision: str, vision_dir: Path, n: int, run_dir: Path, repeats: int, shard_samples: int | None = None,
-                    dtype: str | None = None) -> dict:
+                    dtype: str | None = None, account: bool = False) -> dict:
     """Forward-only and pipeline images/s (interleaved repeats, medians), steady-state pipeline images/s, model-load
-    seconds, one cache (stored in `dtype`; None: the default)."""
+    seconds, one cache (stored in `dtype`; None: the default). `account`: one more pipeline run after the timed ones,
+    with the CPU seconds of each of its threads (`ThreadCPU`; kept apart so the sampling does not touch the timings)."""
     t = time.perf_counter()
     enc = load_vision_encoder(str(vision_dir))
     text = InstructionEmbedder()
@@ -162,8 +267,14 @@ def compare_encoder(name: str, vision: str, vision_dir: Path, n: int, run_dir: P
         load.append(os.getloadavg()[0])
         print(f"{name} run {i + 1}/{repeats}: forward-only {fwd[-1]:.2f} s ({fwd_cpu[-1]:.1f} CPU s), pipeline {pipe[-1]:.2f} s "
               f"({pipe_cpu[-1]:.1f} CPU s), steady {steady[-1]:.2f} img/s vs forward-only {n / fwd[-1]:.2f}", file=sys.stderr)
+    threads: dict = {}
+    if account:
+        with ThreadCPU() as clock:
+            threads["wall"] = timed_extract(run_dir / f"cache-{name}-threads", n, vision, run_dir, shard_samples=shard_samples, dtype=dtype)
+        threads["roles"] = clock.roles
     info = enc.info
     return {
+        "threads": threads, "fwd_cpu_runs": fwd_cpu,
         "name": name, "n": n, "load_s": load_s, "steady": steady, "fwd_s": statistics.median(fwd), "pipe_s": statistics.median(pipe), "runs": (fwd, pipe), "cpu": (statistics.median(fwd_cpu), statistics.median(pipe_cpu)), "loadavg": max(load),
         "cache": out, "shard": shard, "raw_fp16": (info.num_layers + 1) * info.num_tokens * info.hidden_size * 2,
         "run_dir": run_dir, "enc": enc, "text": text, "records": records, "pix": pix, "batch": bs,
@@ -311,6 +422,28 @@ def render(cmd: str, pipes: list[dict], reads: list[dict], extra: list[dict]) ->
     def stage(p, prefix):
         return next(v for k, v in p["bd"]["stages"].items() if k.startswith(prefix))
 
+    counted = [p for p in pipes if p["threads"].get("roles")]
+    trows, bound = [], {}
+    if counted:
+        order = [ThreadCPU.MAIN_FORWARD, ThreadCPU.NATIVE, ThreadCPU.MAIN_REST]
+        order += sorted({k for p in counted for k in p["threads"]["roles"]} - {*order, "unaccounted"}) + ["unaccounted"]
+        total = {p["name"]: sum(p["threads"]["roles"].values()) for p in counted}
+        tcell = lambda p, v: f"{ms(v / p['n'])} ({v / total[p['name']]:.0%})"  # noqa: E731
+        trows = ["| Thread (CPU per image; % of the run's CPU) | " + " | ".join(p["short"] for p in counted) + " |",
+                 "|---|" + "---|" * len(counted)]
+        trows += [f"| {k} | " + " | ".join(tcell(p, p["threads"]["roles"].get(k, 0.0)) for p in counted) + " |" for k in order]
+        trows.append("| **the run's CPU** (process + workers) | " + " | ".join(f"**{ms(total[p['name']] / p['n'])}**" for p in counted) + " |")
+        trows.append("| the run's wall time x cores | " + " | ".join(ms(p["threads"]["wall"] * (os.cpu_count() or 1) / p["n"]) for p in counted) + " |")
+        trows.append("| forward-only: CPU (process) | " + " | ".join(ms(statistics.median(p["fwd_cpu_runs"]) / p["n"]) for p in counted) + " |")
+        for p in counted:
+            roles = p["threads"]["roles"]
+            inside = roles[ThreadCPU.MAIN_FORWARD] + roles.get(ThreadCPU.NATIVE, 0.0)
+            alone = statistics.median(p["fwd_cpu_runs"])
+            rest = total[p["name"]] - inside
+            # a perfect packing: the forward at its own CPU cost, every other stage in its gaps, all cores busy
+            bound[p["name"]] = {"inside": inside / p["n"], "alone": alone / p["n"], "rest": rest / p["n"],
+                                "ceiling": p["fwd_s"] / ((alone + rest) / (os.cpu_count() or 1))}
+
     def others(p):
         return sorted(((v, k.split(" (")[0].split(",")[0]) for k, v in p["bd"]["stages"].items() if not k.startswith("encoder")), reverse=True)
 
@@ -336,6 +469,17 @@ def render(cmd: str, pipes: list[dict], reads: list[dict], extra: list[dict]) ->
            f"{(sum_t - text_t - fwd_t) / fwd_t:.0%} of its forward, so 0.9 needs cores the forward does not use (on a GPU, every "
            "host core), and no change of the pipeline reaches it on this CPU." if fwd_t / sum_t < 0.9 else "."),
     ]
+    if counted:
+        text.append(
+            "Where the CPU goes inside a run (the thread table; one more pipeline run of each shape after the timed ones, its "
+            "threads read from /proc every 50 ms): "
+            + "; ".join(f"{p['short']}: the forward (the main thread inside it and the OpenMP team) took {ms(bound[p['name']]['inside'])} "
+                        f"of CPU per image against {ms(bound[p['name']]['alone'])} alone ({bound[p['name']]['inside'] / bound[p['name']]['alone']:.2f}x), "
+                        f"everything else {ms(bound[p['name']]['rest'])}, so even a perfect packing on {cores} cores (the forward at its own "
+                        f"cost, every other stage in its gaps) would reach {bound[p['name']]['ceiling']:.2f} of forward-only speed over the whole run" for p in counted)
+            + ". Where the forward costs more CPU inside the pipeline than alone, the likeliest cause is its thread team "
+            "waiting, spinning, at the end of each parallel region for a member that another stage has preempted (this "
+            "table does not separate it from cache effects).")
     text.append("Text stage, before / after embedding per output shard (commit dc29553), each timed alone over one shard: "
                 + "; ".join(f"{p['short']} {ms(p['bd']['text_before'])} / {ms(stage(p, 'text'))} per image "
                             f"({p['bd']['text_before'] / stage(p, 'text'):.1f}x; {p['bd']['distinct'][1]} distinct instructions "
@@ -394,6 +538,7 @@ def render(cmd: str, pipes: list[dict], reads: list[dict], extra: list[dict]) ->
         "(the pipeline runs them concurrently on the same cores; zarr write = one whole "
         + " / ".join(str(p["bd"]["rows"]) for p in pipes) + "-row shard):", "",
         head, rule, *brows, "",
+        *(["CPU seconds of each thread inside one pipeline run (the threads' own clocks, not timed alone):", "", *trows, ""] if trows else []),
         " ".join(text), "",
         HISTORY, "",
     ])
@@ -498,16 +643,16 @@ def main() -> None:
         tmp = Path(tmp)
         tiny_dir = build_default_vision(tmp / "tiny" / "vision", DefaultVisionConfig(pretrain_steps=0))
         run_extract(extract_config(tmp / "warmup", 64, DEFAULT_VISION, tmp / "tiny"))  # warm-up: imports, file cache
-        tiny = compare_encoder("tiny", DEFAULT_VISION, tiny_dir, n_tiny, tmp / "tiny", repeats)
+        tiny = compare_encoder("tiny", DEFAULT_VISION, tiny_dir, n_tiny, tmp / "tiny", repeats, account=True)
         tiny["label"], tiny["short"] = "tiny default CLIP (24 blocks, 65x64)", "tiny default"
         tiny["bd"] = breakdown(tiny, repeats, fixed_cost=True)
         reads = layer_reads(tiny["cache"], n_rows, repeats)
         vitb_dir = build_vitb(tmp / "vitb" / "vision")
-        vitb = compare_encoder("vitb", str(vitb_dir), vitb_dir, n_vitb, tmp / "vitb", big_repeats, shard_vitb)
+        vitb = compare_encoder("vitb", str(vitb_dir), vitb_dir, n_vitb, tmp / "vitb", big_repeats, shard_vitb, account=True)
         vitb["label"], vitb["short"] = "ViT-B/16-shaped CLIP (12 blocks, 197x768)", "ViT-B/16-shaped"
         vitb["bd"] = breakdown(vitb, repeats, fixed_cost=False)
         vitl_dir = build_vitl(tmp / "vitl" / "vision")
-        vitl = compare_encoder("vitl", str(vitl_dir), vitl_dir, n_vitl, tmp / "vitl", goal_repeats, shard_vitl)
+        vitl = compare_encoder("vitl", str(vitl_dir), vitl_dir, n_vitl, tmp / "vitl", goal_repeats, shard_vitl, account=True)
         vitl["label"], vitl["short"] = "ViT-L/14-336-shaped CLIP (24 blocks, 577x1024)", "ViT-L/14-336-shaped"
         vitl["bd"] = breakdown(vitl, big_repeats, fixed_cost=False)
         vitl8 = compare_encoder("vitl-int8", str(vitl_dir), vitl_dir, n_vitl, tmp / "vitl", big_repeats, shard_vitl, dtype="int8")
