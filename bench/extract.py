@@ -618,13 +618,20 @@ HISTORY = (  # measured by hand around the change it describes; not re-measured 
     "busy, which leaves about 0.93 as this machine's ceiling at that shape; the rounds scatter around it. Between the "
     "two runs the fp16 path on a CPU did not change (commit b549527 changed how the int8 codes and their error sums "
     "are gathered, commit d52a355 the workers on an accelerator); ViT-B/16 gave 0.84 whole and 0.89 steady against "
-    "0.92 and 1.02 in the run before, the spread of this VM. The table above is the third run on the EPYC, the first "
+    "0.92 and 1.02 in the run before, the spread of this VM. The third run on the EPYC was the first "
     "with the check of the encoder's output before it is stored (commit 63cad5a: two reductions per batch, nan, inf "
     "and the storage dtype's range): at the ViT-L/14-336 shape the check and the copy take 7.22 ms per image against "
     "3.62 for the copy alone in the run before, 0.1% of the forward, and the ratios are 0.91 whole and 0.92 steady "
     "(0.91 and 0.93 before). The tiny default's forward alone ran at 4.08 ms per image against 2.94 in the run "
     "before (the VM was busier, load average up to 2.1), and that alone raised its ratios to 0.52 whole and 0.67 "
     "steady: its pipeline ran at 126 images/s against 144."
+    " The table above is the fourth run on the EPYC, the first with the thread table (one more pipeline run of each "
+    "shape, its threads' own CPU clocks); the pipeline did not change since the third. In the tiny default's run the "
+    "process and its workers spent 13.87 ms of CPU per image of the 15.80 ms that 2 cores offered, the forward took "
+    "1.37x its CPU alone and every other stage 4.07 ms per image together, so even a perfect packing of that run would "
+    "reach 0.64 (the stages timed alone gave 0.58): at this tower's size 0.9 needs more cores than the forward uses. "
+    "At the ViT-L/14-336 shape the same accounting leaves room (a perfect packing would reach 1.01), and the medians "
+    "were 0.92 whole and 0.94 steady."
 )
 
 
