@@ -171,11 +171,11 @@ def _shard(source: FeatureCache, writer: CacheWriter, k: int, inputs: list[int |
         block = x if images.size == len(rows) else x[torch.from_numpy(images)]
         absmax, valid = encoding.check(block)
         encoding.encode_rows(block, parts, images, stats, valid)
-        for i in np.flatnonzero(~valid.numpy()):  # as extraction in DST's dtype records it: no features, no instruction embedding
+        refused = encoding.refusals(absmax, valid, [input_name(j) for j in inputs])
+        for i, why in refused.items():  # as extraction in DST's dtype records it: no features, no instruction embedding
             r = int(images[i])
             status[r], turns[r], mean[r], num_turns[r] = SKIPPED, 0, 0, 0
-            issues.append({"row": a + r, "id": str(source.table("samples/id")[a + r]), "stage": "encoder",
-                           "reason": encoding.refusal(absmax[i].numpy(), [input_name(j) for j in inputs]),
+            issues.append({"row": a + r, "id": str(source.table("samples/id")[a + r]), "stage": "encoder", "reason": why,
                            "where": str(source.table("samples/image_ref")[a + r])})
     FeaturePool.blank(parts, status)  # rows without an image are zeros, as extraction leaves them
     parts = dict(parts)

@@ -3,6 +3,7 @@
     enc = FeatureEncoding.calibrate("int8", absmax)        # extraction: absmax [K, D] of the first images' blocks
     absmax, valid = enc.check(x)                            # extraction: which samples store finite
     parts = enc.encode(x, stats, valid)                     # x [B, K, T, D] on the extraction device -> host numpy parts
+    why = enc.refusals(absmax, valid, names)                # after the copies: why the refused are not stored
     x_hat = enc.decode(parts)                               # a reader (loader worker): parts -> float16 [B, K, T, D]
     enc = FeatureEncoding.from_storage(meta["storage"])     # what the cache's metadata says
 
@@ -174,6 +175,12 @@ class FeatureEncoding:
             return f"non-finite hidden states: nan or inf in {names[first]}{more} of the vision encoder's output"
         return (f"hidden states beyond {self.dtype}: |x| up to {float(absmax[bad].max()):.4g} in {names[int(bad[0])]}{more}, "
                 f"and {self.dtype} stores |x| < {self.dtype.overflow:g} (--dtype bfloat16 or int8 stores them)")
+
+    def refusals(self, absmax: Tensor, valid: Tensor, names: Sequence[str]) -> dict[int, str]:
+        """{i: why} for the samples `check` refused (positions in x's batch), from its absmax [B, K] and valid [B]: one
+        host read of `valid` (call it after the copies of the block, so that no wait is left on the device), then the
+        `refusal` text of each refused sample only."""
+        return {i: self.refusal(absmax[i].cpu().numpy(), names) for i in torch.nonzero(~valid).flatten().tolist()}
 
     def encode(self, x: Tensor, stats: ErrorStats | None = None, valid: Tensor | None = None) -> dict[str, np.ndarray]:
         """x [B, K, T, D] (any float dtype, on the extraction device) -> the stored parts on the host (new arrays).

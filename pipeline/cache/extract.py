@@ -539,8 +539,7 @@ class _Storer:
         block = self.block(hs)
         absmax, valid = self.encoding.check(block)
         self.encoding.encode_rows(block, buf.parts, rows, buf.stats, valid)
-        refused = torch.nonzero(~valid).flatten().tolist()  # after the copies above: no wait left on the device
-        return {i: self.encoding.refusal(absmax[i].cpu().numpy(), self.names) for i in refused}
+        return self.encoding.refusals(absmax, valid, self.names)  # after the copies above: no wait left on the device
 
 
 def _calibrate(cfg: ExtractConfig, enc: VisionEncoder, storage: dict[str, Any], records: Sequence[SampleRecord],

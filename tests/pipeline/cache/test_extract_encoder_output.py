@@ -145,6 +145,16 @@ def test_a_run_whose_first_images_are_all_refused_stops(tmp_path, vision_dir, mo
     assert m and REFUSED_PROBE <= int(m[1]) < REFUSED_PROBE + 8, str(e.value)  # stopped at the batch that reached the probe
 
 
+def test_refusals_name_only_the_refused_samples():
+    enc = FeatureEncoding.calibrate("float16", None, 2)
+    x = torch.zeros(4, 2, 3, 5)
+    x[1, 1, 0, 0], x[3, 0, 2, 4] = float("nan"), 7e4
+    absmax, valid = enc.check(x)
+    assert enc.refusals(absmax, valid, ["hs[3]", "hs[7]"]) == {
+        1: "non-finite hidden states: nan or inf in hs[7] of the vision encoder's output",
+        3: "hidden states beyond float16: |x| up to 7e+04 in hs[3], and float16 stores |x| < 65520 (--dtype bfloat16 or int8 stores them)"}
+
+
 def test_the_check_waits_for_no_device():
     """On a GPU the check runs with the forward's stream: no host read of a value. The meta device has shapes and no
     values, so any such read fails there."""
