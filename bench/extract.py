@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -196,8 +195,7 @@ class ThreadCPU:
                     self._forward += time.thread_time() - c
 
         VisionEncoder.__call__ = timed
-        self._own = resource.getrusage(resource.RUSAGE_SELF)
-        self._kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._own, self._kids = cpu_seconds(children=False), cpu_seconds(own=False)
         self._read(first=True)
         self._thread = threading.Thread(target=self._sample, name="bench-thread-cpu", daemon=True)
         self._thread.start()
@@ -210,7 +208,6 @@ class ThreadCPU:
         VisionEncoder.__call__ = self._call
         if not self._seen:
             return
-        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         sampler = self._thread.native_id
         main = threading.main_thread().native_id
         roles: dict[str, float] = {}
@@ -222,9 +219,10 @@ class ThreadCPU:
                 roles[self.MAIN_FORWARD] = self._forward
                 roles[self.MAIN_REST] = spent - self._forward
             else:
-                roles[self.role(tid)] = roles.get(self.role(tid), 0.0) + spent
-        roles[self.WORKERS] = kids.ru_utime + kids.ru_stime - self._kids.ru_utime - self._kids.ru_stime
-        process = own.ru_utime + own.ru_stime - self._own.ru_utime - self._own.ru_stime
+                role = self.role(tid)
+                roles[role] = roles.get(role, 0.0) + spent
+        roles[self.WORKERS] = cpu_seconds(own=False) - self._kids
+        process = cpu_seconds(children=False) - self._own
         sampled = sum(v for k, v in roles.items() if k != self.WORKERS)
         roles["unaccounted"] = process - sampled - (self._seen.get(sampler, 0.0) - self._first.get(sampler, 0.0))
         self.roles = roles
@@ -422,6 +420,7 @@ def render(cmd: str, pipes: list[dict], reads: list[dict], extra: list[dict]) ->
     def stage(p, prefix):
         return next(v for k, v in p["bd"]["stages"].items() if k.startswith(prefix))
 
+    cores = os.cpu_count()
     counted = [p for p in pipes if p["threads"].get("roles")]
     trows, bound = [], {}
     if counted:
@@ -433,7 +432,7 @@ def render(cmd: str, pipes: list[dict], reads: list[dict], extra: list[dict]) ->
                  "|---|" + "---|" * len(counted)]
         trows += [f"| {k} | " + " | ".join(tcell(p, p["threads"]["roles"].get(k, 0.0)) for p in counted) + " |" for k in order]
         trows.append("| **the run's CPU** (process + workers) | " + " | ".join(f"**{ms(total[p['name']] / p['n'])}**" for p in counted) + " |")
-        trows.append("| the run's wall time x cores | " + " | ".join(ms(p["threads"]["wall"] * (os.cpu_count() or 1) / p["n"]) for p in counted) + " |")
+        trows.append("| the run's wall time x cores | " + " | ".join(ms(p["threads"]["wall"] * (cores or 1) / p["n"]) for p in counted) + " |")
         trows.append("| forward-only: CPU (process) | " + " | ".join(ms(statistics.median(p["fwd_cpu_runs"]) / p["n"]) for p in counted) + " |")
         for p in counted:
             roles = p["threads"]["roles"]
@@ -442,14 +441,13 @@ def render(cmd: str, pipes: list[dict], reads: list[dict], extra: list[dict]) ->
             rest = total[p["name"]] - inside
             # a perfect packing: the forward at its own CPU cost, every other stage in its gaps, all cores busy
             bound[p["name"]] = {"inside": inside / p["n"], "alone": alone / p["n"], "rest": rest / p["n"],
-                                "ceiling": p["fwd_s"] / ((alone + rest) / (os.cpu_count() or 1))}
+                                "ceiling": p["fwd_s"] / ((alone + rest) / (cores or 1))}
 
     def others(p):
         return sorted(((v, k.split(" (")[0].split(",")[0]) for k, v in p["bd"]["stages"].items() if not k.startswith("encoder")), reverse=True)
 
     tb = tiny["bd"]
     fwd_t, text_t, sum_t = stage(tiny, "encoder"), stage(tiny, "text"), sum(tb["stages"].values())
-    cores = os.cpu_count()
     text = [
         "Design: the DataLoader workers decode and preprocess; the main thread runs the forward and one converting copy per "
         f"batch from the device straight into the rows of a recycled shard buffer (pinned on CUDA); the instructions of each "

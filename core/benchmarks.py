@@ -52,10 +52,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
 
 
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its reaped children (e.g. DataLoader workers) so far."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+def cpu_seconds(*, own: bool = True, children: bool = True) -> float:
+    """User + system CPU seconds so far of this process (`own`) and of its reaped children (`children`: e.g. the
+    DataLoader workers), both by default."""
+    who = [resource.RUSAGE_SELF] * own + [resource.RUSAGE_CHILDREN] * children
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, who))
 
 
 SMOKE = "tiny sizes for a smoke run (numbers are not meaningful)"
